@@ -1,0 +1,486 @@
+"""Everything between files on disk and a normalized batch on the device.
+
+Loading and validating MNIST (IDX) and Kaggle CSV files, device and precision choice,
+batching, batched on-device augmentation, normalization, and checkpoint files.
+Scripts import from here; `python data.py export-kaggle --out DIR` writes Kaggle-format CSVs from MNIST.
+"""
+import argparse
+import contextlib
+import gzip
+import math
+import os
+import platform
+import struct
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+
+MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
+NORMALIZATION = {"mean": MNIST_MEAN, "std": MNIST_STD}
+IMAGE_SIZE = 28
+NUM_PIXELS = IMAGE_SIZE * IMAGE_SIZE
+PIXEL_COLUMNS = [f"pixel{i}" for i in range(NUM_PIXELS)]
+KAGGLE_INPUT = Path("/kaggle/input/digit-recognizer")
+DEFAULT_DATA_DIR = os.environ.get("MNIST_DATA_DIR", "data")  # folder holding MNIST/raw
+
+
+class UserError(Exception):
+    """A problem the user can fix (bad file, bad flag); scripts print it as one line and exit with code 2."""
+
+
+def run_cli(main):
+    """Run a script's main(); a UserError becomes one line on stderr and exit code 2, Ctrl-C exit code 130."""
+    try:
+        main()
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+# ----------------------------------------------------------------------------- MNIST (IDX files)
+
+IDX_IMAGES_MAGIC, IDX_LABELS_MAGIC = 2051, 2049
+MNIST_FILES = {
+    True: ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    False: ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+
+
+def find_idx_file(raw_dir, stem):
+    """The .gz file if present, else the extracted one, else None."""
+    for candidate in (raw_dir / f"{stem}.gz", raw_dir / stem):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def read_idx(path, expected_magic):
+    """Read one IDX file into a uint8 tensor, checking the magic number and that the size matches the header."""
+    try:
+        opener = gzip.open if path.suffix == ".gz" else open
+        with opener(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError) as error:
+        raise UserError(f"{path}: cannot read ({error})") from None
+    ndim = expected_magic - 2048  # 1 for labels, 3 for images
+    header_size = 4 + 4 * ndim
+    if len(raw) < header_size:
+        raise UserError(f"{path}: truncated IDX header ({len(raw)} bytes)")
+    magic, *dims = struct.unpack(f">{1 + ndim}I", raw[:header_size])
+    if magic != expected_magic:
+        raise UserError(f"{path}: not an IDX {'image' if ndim == 3 else 'label'} file (magic {magic}, expected {expected_magic})")
+    if ndim == 3 and tuple(dims[1:]) != (IMAGE_SIZE, IMAGE_SIZE):
+        raise UserError(f"{path}: images are {dims[1]}x{dims[2]}, expected {IMAGE_SIZE}x{IMAGE_SIZE}")
+    expected_bytes = header_size + math.prod(dims)
+    if len(raw) != expected_bytes:
+        raise UserError(f"{path}: {len(raw)} bytes, but its header announces {dims[0]} items ({expected_bytes} bytes): truncated or corrupt")
+    return torch.frombuffer(bytearray(raw), dtype=torch.uint8, offset=header_size).view(*dims)
+
+
+def download_mnist(data_dir, train):
+    """Fetch MNIST with torchvision into data_dir/MNIST/raw (only called when the files are missing)."""
+    from torchvision.datasets import MNIST
+    try:
+        MNIST(str(data_dir), train=train, download=True)
+    except Exception as error:  # network errors come in many types; all mean the same to the user
+        raise UserError(f"MNIST files not found in {data_dir}/MNIST/raw and the download failed ({error})") from None
+
+
+def load_mnist(data_dir, train=True):
+    """MNIST as (images uint8 [N, 28, 28], labels int64 [N]), read straight from data_dir/MNIST/raw."""
+    raw_dir = Path(data_dir) / "MNIST" / "raw"
+    stems = MNIST_FILES[train]
+    if any(find_idx_file(raw_dir, stem) is None for stem in stems):
+        download_mnist(data_dir, train)
+    images = read_idx(find_idx_file(raw_dir, stems[0]), IDX_IMAGES_MAGIC)
+    labels = read_idx(find_idx_file(raw_dir, stems[1]), IDX_LABELS_MAGIC)
+    if len(images) != len(labels):
+        raise UserError(f"{raw_dir}: {len(images)} images but {len(labels)} labels")
+    if labels.numel() and labels.max() > 9:
+        raise UserError(f"{raw_dir}: label {labels.max().item()} is not a digit 0..9")
+    return images, labels.long()
+
+
+# ----------------------------------------------------------------------------- Kaggle CSV files
+
+def default_kaggle_csv(name):
+    """Inside a Kaggle kernel the competition data is mounted read-only under /kaggle/input."""
+    folder = KAGGLE_INPUT if KAGGLE_INPUT.is_dir() else Path("data/digit-recognizer")
+    return folder / name
+
+
+def check_integers_in_range(path, frame, low, high):
+    """Raise a UserError naming the first cell that is missing, not an integer, or outside low..high."""
+    for column in frame.columns:
+        values = frame[column]
+        if values.dtype.kind in "iu" and values.min() >= low and values.max() <= high:
+            continue  # the common case, checked in one vectorized pass
+        numeric = values if values.dtype.kind in "iuf" else pd.to_numeric(values, errors="coerce")
+        bad = numeric.isna() | (numeric != np.floor(numeric)) | (numeric < low) | (numeric > high)
+        row = int(np.flatnonzero(bad.to_numpy())[0])
+        value = values.iloc[row]
+        if isinstance(value, float) and math.isnan(value):
+            problem = "missing value"
+        else:
+            problem = f"value {value!r} is not an integer in {low}..{high}"
+        raise UserError(f"{path}: line {row + 2}, column {column}: {problem}")
+
+
+def load_csv(path, labelled):
+    """A Kaggle Digit Recognizer CSV as (images uint8 [N, 28, 28], labels int64 [N] or None), validated."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: no such file")
+    try:
+        frame = pd.read_csv(path, engine="c", low_memory=False)
+    except pd.errors.EmptyDataError:
+        raise UserError(f"{path}: the file is empty") from None
+    except (pd.errors.ParserError, UnicodeDecodeError, ValueError) as error:
+        raise UserError(f"{path}: not a readable CSV ({str(error).splitlines()[0]})") from None
+    expected = (["label"] if labelled else []) + PIXEL_COLUMNS
+    columns = [str(c) for c in frame.columns]
+    if columns != expected:
+        missing = [c for c in expected if c not in columns]
+        extra = [c for c in columns if c not in expected]
+        if missing:
+            detail = f"missing column {missing[0]}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+        elif extra:
+            detail = f"unexpected column {extra[0]}"
+        else:
+            detail = "columns are out of order"
+        kind = "label, pixel0..pixel783" if labelled else "pixel0..pixel783"
+        raise UserError(f"{path}: {detail}; expected the columns {kind} ({len(expected)} in all)")
+    if len(frame) == 0:
+        raise UserError(f"{path}: has a header but no rows")
+    check_integers_in_range(path, frame[PIXEL_COLUMNS], 0, 255)
+    images = torch.from_numpy(frame[PIXEL_COLUMNS].to_numpy(dtype=np.uint8)).view(-1, IMAGE_SIZE, IMAGE_SIZE)
+    if not labelled:
+        return images, None
+    check_integers_in_range(path, frame[["label"]], 0, 9)
+    return images, torch.from_numpy(frame["label"].to_numpy(dtype=np.int64))
+
+
+def write_csv(path, images, labels=None):
+    """Write images (and labels) in Kaggle's format; used to export MNIST and by tests."""
+    frame = pd.DataFrame(images.reshape(len(images), NUM_PIXELS).numpy(), columns=PIXEL_COLUMNS)
+    if labels is not None:
+        frame.insert(0, "label", labels.numpy())
+    with atomic_path(path) as tmp:
+        frame.to_csv(tmp, index=False)
+
+
+# ----------------------------------------------------------------------------- splits and batches
+
+def stratified_split(labels, fraction, seed):
+    """Seeded stratified split of range(len(labels)) into (kept, held_out) index tensors."""
+    from sklearn.model_selection import train_test_split
+    indices = np.arange(len(labels))
+    try:
+        kept, held_out = train_test_split(indices, test_size=fraction, stratify=labels.numpy(), random_state=seed)
+    except ValueError as error:  # e.g. a class with a single image
+        raise UserError(f"cannot split {len(labels)} images into stratified parts ({error})") from None
+    return torch.from_numpy(np.sort(kept)), torch.from_numpy(np.sort(held_out))
+
+
+def batch_indices(n, batch_size, generator=None):
+    """Index tensors of consecutive batches; a random permutation when a generator is given."""
+    if generator is None:
+        order = torch.arange(n)
+    else:
+        order = torch.randperm(n, generator=generator, device=generator.device)
+    return order.split(batch_size)
+
+
+def prepare_batch(images, normalization, augmentation=None, generator=None):
+    """uint8 [B, 28, 28] on the device -> normalized float [B, 1, 28, 28], augmented if asked."""
+    x = images.unsqueeze(1).float().div_(255)  # [B, 1, 28, 28] in 0..1, background 0
+    if augmentation is not None:
+        x = augment(x, augmentation, generator)
+    x = (x - normalization["mean"]) / normalization["std"]
+    return x.contiguous(memory_format=torch.channels_last)
+
+
+# ----------------------------------------------------------------------------- augmentation
+# Geometry follows torchvision: pixel coordinates centred on the image, x to the right, y down,
+# rotation angle and shear in degrees, translation in pixels; v2.functional.affine with the same
+# parameters gives the same image (tests/test_data.py checks it). Each sample gets its own parameters,
+# and affine and perspective are folded into one 3x3 matrix per sample, so a batch costs one grid_sample.
+
+@dataclass(frozen=True)
+class Augmentation:
+    rotation: tuple = (0.0, 0.0)   # degrees, uniform in [low, high]
+    translate: float = 0.0         # fraction of the image size, uniform in [-t, t] along each axis
+    scale: tuple = (1.0, 1.0)      # uniform in [low, high]
+    shear: float = 0.0             # degrees along x, uniform in [-s, s]
+    perspective: float = 0.0       # distortion scale, as torchvision's RandomPerspective
+    perspective_p: float = 0.0     # probability that a sample gets the perspective distortion
+
+
+light_augmentation = Augmentation(rotation=(-10, 10), translate=0.1, scale=(0.9, 1.1))
+strong_augmentation = Augmentation(rotation=(-15, 15), translate=0.1, scale=(0.9, 1.1), shear=10,
+                                   perspective=0.2, perspective_p=0.5)
+AUGMENTATIONS = {"none": None, "light": light_augmentation, "strong": strong_augmentation}
+
+
+def affine_matrices(angle, translate_x, translate_y, scale, shear):
+    """Forward affine maps [B, 3, 3] (input -> output pixel, centred coordinates) from per-sample parameters [B].
+
+    As torchvision composes it: translation * rotation * scale * shear-along-x, with the angle negated
+    because y points down in a tensor image (a positive angle turns the digit counter-clockwise on screen).
+    """
+    a, s = torch.deg2rad(angle), torch.deg2rad(shear)
+    cos, sin, zero, one = torch.cos(a), torch.sin(a), torch.zeros_like(a), torch.ones_like(a)
+    rotation = torch.stack([cos, -sin, zero, sin, cos, zero, zero, zero, one], -1).view(-1, 3, 3)
+    shear_x = torch.stack([one, -torch.tan(s), zero, zero, one, zero, zero, zero, one], -1).view(-1, 3, 3)
+    scaling = torch.diag_embed(torch.stack([scale, scale, one], -1))
+    translation = torch.stack([one, zero, translate_x, zero, one, translate_y, zero, zero, one], -1).view(-1, 3, 3)
+    return translation @ rotation @ scaling @ shear_x
+
+
+def perspective_matrices(offsets, size=IMAGE_SIZE):
+    """Homographies [B, 3, 3] mapping each output pixel to its input pixel (centred coordinates).
+
+    offsets [B, 4, 2] in 0..1 move the four corners inward by that fraction of half the image,
+    the corners' destinations in torchvision's RandomPerspective; all zeros gives the identity.
+    """
+    half = (size - 1) / 2
+    corners = torch.tensor([[-half, -half], [half, -half], [half, half], [-half, half]], device=offsets.device)
+    moved = corners - torch.sign(corners) * offsets * (size // 2)   # [B, 4, 2]
+    # Solve for the 8 coefficients mapping moved (output) -> corners (input): two linear equations per corner.
+    x, y = moved.unbind(-1)                                         # [B, 4]
+    u, v = corners.expand_as(moved).unbind(-1)
+    zero, one = torch.zeros_like(x), torch.ones_like(x)
+    rows_u = torch.stack([x, y, one, zero, zero, zero, -u * x, -u * y], -1)
+    rows_v = torch.stack([zero, zero, zero, x, y, one, -v * x, -v * y], -1)
+    system = torch.cat([rows_u, rows_v], 1)                         # [B, 8, 8]
+    coefficients = torch.linalg.solve(system, torch.cat([u, v], 1))  # [B, 8]
+    return torch.cat([coefficients, one[:, :1]], 1).view(-1, 3, 3)
+
+
+def warp(images, inverse_maps):
+    """Sample images [B, C, H, W] through per-sample maps [B, 3, 3] (output -> input pixel, centred); fill 0."""
+    batch, _, height, width = images.shape
+    ys, xs = torch.meshgrid(torch.arange(height, device=images.device, dtype=images.dtype) - (height - 1) / 2,
+                            torch.arange(width, device=images.device, dtype=images.dtype) - (width - 1) / 2,
+                            indexing="ij")
+    points = torch.stack([xs, ys, torch.ones_like(xs)], -1).view(1, -1, 3)  # [1, H*W, 3]
+    source = points @ inverse_maps.transpose(1, 2).to(images.dtype)         # [B, H*W, 3]
+    source = source[..., :2] / source[..., 2:]
+    # grid_sample with align_corners=False puts pixel edges at -1 and 1: divide centred pixels by half the size
+    grid = (source / torch.tensor([width / 2, height / 2], device=images.device)).view(batch, height, width, 2)
+    return F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+def uniform(n, low, high, generator):
+    return torch.rand(n, generator=generator, device=generator.device) * (high - low) + low
+
+
+def augment(images, augmentation, generator):
+    """Random affine (+ perspective) per sample, on the device: float [B, 1, 28, 28] -> same shape."""
+    n, size = len(images), images.shape[-1]
+    aug = augmentation
+    forward = affine_matrices(
+        angle=uniform(n, *aug.rotation, generator),
+        translate_x=uniform(n, -aug.translate, aug.translate, generator) * size,
+        translate_y=uniform(n, -aug.translate, aug.translate, generator) * size,
+        scale=uniform(n, *aug.scale, generator),
+        shear=uniform(n, -aug.shear, aug.shear, generator),
+    )
+    inverse = torch.linalg.inv(forward)
+    if aug.perspective > 0:
+        offsets = torch.rand(n, 4, 2, generator=generator, device=generator.device) * aug.perspective
+        chosen = torch.rand(n, 1, 1, generator=generator, device=generator.device) < aug.perspective_p
+        # perspective is applied after the affine, so its inverse comes first when mapping output -> input
+        inverse = inverse @ perspective_matrices(offsets * chosen)
+    return warp(images, inverse)
+
+
+# ----------------------------------------------------------------------------- device and precision
+
+PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def cpu_supports_bf16(cpuinfo=None):
+    """True when the CPU computes bf16 natively (AVX-512 BF16 or AMX), where bf16 autocast is fast."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:  # not Linux: no reliable signal, stay with fp32
+            return False
+    flags = set()
+    for line in cpuinfo.splitlines():
+        if line.startswith("flags"):
+            flags.update(line.split(":", 1)[1].split())
+    return bool(flags & {"avx512_bf16", "amx_bf16"})
+
+
+def pick_device(requested="auto", local_rank=None):
+    """CUDA, else Apple MPS, else CPU; an explicit request is checked against what is there."""
+    if requested == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", local_rank or 0)
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(requested)
+    except RuntimeError:
+        raise UserError(f"--device {requested}: not a device name (try cpu, cuda, cuda:1, mps)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {requested}: no CUDA GPU is available here")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError(f"--device {requested}: Apple MPS is not available here")
+    return device
+
+
+def pick_precision(requested, device):
+    """'auto' -> bf16 on a bf16-capable CPU or GPU, fp16 on older GPUs (with a gradient scaler), else fp32."""
+    if requested != "auto":
+        return requested
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if device.type == "cpu" and cpu_supports_bf16():
+        return "bf16"
+    return "fp32"
+
+
+def autocast(device, precision):
+    """The mixed-precision context for a forward pass; a no-op for fp32."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=PRECISION_DTYPES[precision])
+
+
+def uses_channels_last(device):
+    """channels_last speeds up convolutions with oneDNN on CPU and cuDNN on GPU; MPS gains nothing from it."""
+    return device.type in ("cpu", "cuda")
+
+
+# ----------------------------------------------------------------------------- files and checkpoints
+
+@contextlib.contextmanager
+def atomic_path(path):
+    """Yield a temporary path beside `path`; on success it replaces `path`, on failure it is removed.
+
+    Readers see the old file or the new one, never half of one, even if the process is killed.
+    """
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
+        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600; give the file the usual permissions
+    except OSError as error:
+        raise UserError(f"cannot write {path}: {error.strerror or error}") from None
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def current_umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def check_writable(path):
+    """Fail at start-up, not after an hour of training, when an output file cannot be written."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path.parent):
+            pass
+    except OSError as error:
+        raise UserError(f"cannot write {path}: {error.strerror or error}") from None
+
+
+def write_json(path, obj):
+    import json
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2) + "\n")
+
+
+def library_versions():
+    import torchvision
+    return {"python": platform.python_version(), "torch": str(torch.__version__), "torchvision": str(torchvision.__version__)}
+
+
+def save_checkpoint(path, checkpoint):
+    """Write a checkpoint dict (plain types and tensors only) atomically."""
+    with atomic_path(path) as tmp:
+        torch.save(checkpoint, tmp)
+
+
+def load_checkpoint(path):
+    """Read a checkpoint with weights_only=True, so a downloaded file cannot run code when loaded."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: no such checkpoint")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # corrupt zip, pickle with code in it, truncated file, ...
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()] or [type(error).__name__]
+        # weights_only refusals bury the reason ("Unsupported global: ...") in a long message
+        reason = next((line for line in lines if line.startswith("WeightsUnpickler error")), lines[0])
+        raise UserError(f"{path}: not a readable checkpoint ({reason})") from None
+    if not isinstance(checkpoint, dict) or "model_state" not in checkpoint or "arch" not in checkpoint:
+        raise UserError(f"{path}: not a checkpoint of this project (no model_state/arch)")
+    return checkpoint
+
+
+def model_from_checkpoint(path, device, checkpoint=None):
+    """Build the checkpoint's architecture and load its weights: (model in eval mode, checkpoint dict)."""
+    from models import MODELS, build_model
+    checkpoint = checkpoint or load_checkpoint(path)
+    arch = checkpoint["arch"]
+    if arch not in MODELS:
+        raise UserError(f"{path}: unknown architecture {arch!r} (known: {', '.join(MODELS)})")
+    model = build_model(arch)
+    try:
+        model.load_state_dict(checkpoint["model_state"])
+    except RuntimeError as error:
+        raise UserError(f"{path}: weights do not fit the {arch} architecture ({str(error).splitlines()[1].strip()})") from None
+    if uses_channels_last(device):
+        model = model.to(memory_format=torch.channels_last)
+    return model.to(device).eval(), checkpoint
+
+
+# ----------------------------------------------------------------------------- export-kaggle command
+
+def export_kaggle(data_dir, out):
+    """Kaggle-format train.csv / test.csv / test_labels.csv from MNIST, for an offline end-to-end run."""
+    train_images, train_labels = load_mnist(data_dir, train=True)
+    test_images, test_labels = load_mnist(data_dir, train=False)
+    out = Path(out)
+    write_csv(out / "train.csv", train_images, train_labels)
+    write_csv(out / "test.csv", test_images)
+    with atomic_path(out / "test_labels.csv") as tmp:
+        pd.DataFrame({"ImageId": np.arange(1, len(test_labels) + 1), "Label": test_labels.numpy()}).to_csv(tmp, index=False)
+    print(f"wrote {out}/train.csv ({len(train_labels)} rows), test.csv and test_labels.csv ({len(test_labels)} rows)")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    export = commands.add_parser("export-kaggle", help="write Kaggle-format CSVs from MNIST",
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    export.add_argument("--data-dir", default=DEFAULT_DATA_DIR, help="folder holding MNIST/raw (env MNIST_DATA_DIR)")
+    export.add_argument("--out", default="data/digit-recognizer", help="output folder")
+    args = parser.parse_args(argv)
+    export_kaggle(args.data_dir, args.out)
+
+
+if __name__ == "__main__":
+    run_cli(main)
