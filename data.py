@@ -122,12 +122,16 @@ def check_integers_in_range(path, frame, low, high):
     """Raise a UserError naming the first cell that is missing, not an integer, or outside low..high."""
     for column in frame.columns:
         values = frame[column]
-        if values.dtype.kind in "iu" and values.min() >= low and values.max() <= high:
-            continue  # the common case, checked in one vectorized pass
-        numeric = values if values.dtype.kind in "iuf" else pd.to_numeric(values, errors="coerce")
-        bad = numeric.isna() | (numeric != np.floor(numeric)) | (numeric < low) | (numeric > high)
+        if values.dtype.kind in "iu":  # the common case: pandas parsed the whole column as integers
+            bad = (values < low) | (values > high)
+        else:
+            numeric = pd.to_numeric(values, errors="coerce")
+            bad = numeric.isna() | (numeric % 1 != 0) | (numeric < low) | (numeric > high)
+        if not bad.any():
+            continue
         row = int(np.flatnonzero(bad.to_numpy())[0])
         value = values.iloc[row]
+        value = value.item() if hasattr(value, "item") else value  # numpy scalar -> plain Python for the message
         if isinstance(value, float) and math.isnan(value):
             problem = "missing value"
         else:
@@ -166,7 +170,7 @@ def load_csv(path, labelled):
     if not labelled:
         return images, None
     check_integers_in_range(path, frame[["label"]], 0, 9)
-    return images, torch.from_numpy(frame["label"].to_numpy(dtype=np.int64))
+    return images, torch.from_numpy(frame["label"].to_numpy(dtype=np.int64, copy=True))
 
 
 def write_csv(path, images, labels=None):
@@ -432,8 +436,8 @@ def load_checkpoint(path):
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # corrupt zip, pickle with code in it, truncated file, ...
         lines = [line.strip() for line in str(error).splitlines() if line.strip()] or [type(error).__name__]
-        # weights_only refusals bury the reason ("Unsupported global: ...") in a long message
-        reason = next((line for line in lines if line.startswith("WeightsUnpickler error")), lines[0])
+        # weights_only refusals bury the reason (the blocked global it would import) in a long message
+        reason = next((line for line in lines if "global" in line.lower()), lines[0])
         raise UserError(f"{path}: not a readable checkpoint ({reason})") from None
     if not isinstance(checkpoint, dict) or "model_state" not in checkpoint or "arch" not in checkpoint:
         raise UserError(f"{path}: not a checkpoint of this project (no model_state/arch)")

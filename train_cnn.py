@@ -8,7 +8,6 @@ the whole data set on the device and never waits for it inside an epoch: metrics
 are read once per epoch. An interrupted run resumes from its last epoch when the command is repeated.
 """
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
@@ -265,19 +264,21 @@ def main(argv=None):
     device = pick_device(args.device)
     precision = pick_precision(args.precision, device)
     checkpoint_path = Path(args.checkpoint)
+    existing = load_checkpoint(checkpoint_path) if checkpoint_path.exists() and not args.retrain else None
+    reuse = existing is not None and existing.get("complete")
+    if reuse and existing["arch"] != "vgg":
+        raise UserError(f"{checkpoint_path} holds a {existing['arch']} model, not pipeline A's vgg; "
+                        "pass another --checkpoint or --retrain")
+    if not reuse:
+        check_writable(checkpoint_path)
     train_set, val_set, test_set = load_splits(args, device)
     print(f"device {device}, precision {precision}, {torch.get_num_threads()} threads; "
           f"{len(train_set[0])} train / {len(val_set[0])} val / {len(test_set[0])} test images")
 
-    existing = load_checkpoint(checkpoint_path) if checkpoint_path.exists() and not args.retrain else None
-    if existing is not None and existing.get("complete"):
-        if existing["arch"] != "vgg":
-            raise UserError(f"{checkpoint_path} holds a {existing['arch']} model, not pipeline A's vgg; "
-                            "pass another --checkpoint or --retrain")
+    if reuse:
         model, _ = model_from_checkpoint(checkpoint_path, device, existing)
         print(f"using {checkpoint_path} (epoch {existing['epoch']}); --retrain to train again")
     else:
-        check_writable(checkpoint_path)
         if args.retrain:
             resume_path(checkpoint_path).unlink(missing_ok=True)
         model = new_model("vgg", device, args.seed)

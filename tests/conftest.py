@@ -1,0 +1,62 @@
+"""Shared test helpers: synthetic IDX/CSV files, the real MNIST location, and running the scripts."""
+import gzip
+import os
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def write_idx(path, array, magic):
+    """Write an IDX file (gzipped when the name ends in .gz) holding a uint8 array."""
+    array = np.asarray(array, dtype=np.uint8)
+    payload = struct.pack(f">{1 + array.ndim}I", magic, *array.shape) + array.tobytes()
+    opener = gzip.open if str(path).endswith(".gz") else open
+    with opener(path, "wb") as f:
+        f.write(payload)
+
+
+def synthetic_mnist(root, n_train=40, n_test=20, gz=True, seed=0):
+    """A tiny MNIST folder (random pixels, balanced labels) in torchvision's layout."""
+    rng = np.random.default_rng(seed)
+    raw = Path(root) / "MNIST" / "raw"
+    raw.mkdir(parents=True, exist_ok=True)
+    suffix = ".gz" if gz else ""
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        write_idx(raw / f"{prefix}-images-idx3-ubyte{suffix}", rng.integers(0, 256, (n, 28, 28)), 2051)
+        write_idx(raw / f"{prefix}-labels-idx1-ubyte{suffix}", np.arange(n) % 10, 2049)
+    return Path(root)
+
+
+@pytest.fixture(scope="session")
+def mnist_dir():
+    """The real MNIST files: $MNIST_DATA_DIR, else ../shared/data beside the repository."""
+    for candidate in (os.environ.get("MNIST_DATA_DIR"), ROOT.parent / "shared" / "data"):
+        if candidate and (Path(candidate) / "MNIST" / "raw" / "train-images-idx3-ubyte.gz").is_file():
+            return Path(candidate).resolve()
+    pytest.skip("real MNIST not found: set MNIST_DATA_DIR to a folder holding MNIST/raw/*.gz")
+
+
+def run_script(script, *args, cwd, check=True):
+    """Run one of the project's scripts in a subprocess; returns the CompletedProcess (text output)."""
+    result = subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], cwd=cwd,
+                            capture_output=True, text=True, timeout=600)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{script} exited {result.returncode}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}")
+    return result
+
+
+def assert_user_error(result, *fragments):
+    """A user error: exit code 2, one line on stderr naming the problem, no traceback."""
+    assert result.returncode == 2, (result.returncode, result.stdout, result.stderr)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])

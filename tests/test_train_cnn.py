@@ -1,0 +1,112 @@
+"""End-to-end runs of pipeline A on a few hundred real MNIST images, and its error paths."""
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import torch
+
+import data
+from conftest import ROOT, assert_user_error, run_script, synthetic_mnist
+
+SMOKE = ["--limit", "600", "--batch-size", "64"]
+
+
+def test_one_epoch_writes_checkpoint_and_history_and_beats_chance(tmp_path, mnist_dir):
+    # batch 16: enough steps in one epoch for BatchNorm's running statistics to settle
+    result = run_script("train_cnn.py", "--data-dir", mnist_dir, "--epochs", "1", "--limit", "600", "--batch-size", "16",
+                        cwd=tmp_path)
+    assert "540 train / 60 val / 600 test images" in result.stdout
+    checkpoint = data.load_checkpoint(tmp_path / "CNN_best_model.pth")
+    assert checkpoint["arch"] == "vgg" and checkpoint["complete"] is True and checkpoint["epoch"] == 1
+    assert checkpoint["normalization"] == {"mean": 0.1307, "std": 0.3081}
+    assert set(checkpoint["metrics"]) == {"val_loss", "val_accuracy"}
+    assert checkpoint["precision"] in ("fp32", "bf16")
+    assert {"torch", "torchvision", "python"} <= set(checkpoint["versions"])
+    history = json.loads((tmp_path / "CNN_best_model.history.json").read_text())
+    assert len(history) == 1
+    assert {"train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr", "seconds", "images_per_second"} <= set(history[0])
+    test_accuracy = float(result.stdout.split("test loss")[1].split("accuracy")[1].split()[0])
+    assert test_accuracy > 0.3  # chance is 0.1
+    assert not (tmp_path / "CNN_best_model.resume.pth").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["CNN_best_model.history.json", "CNN_best_model.pth"]
+
+    again = run_script("train_cnn.py", "--data-dir", mnist_dir, *SMOKE, cwd=tmp_path)
+    assert "using CNN_best_model.pth" in again.stdout and "epoch   1" not in again.stdout
+    assert again.stdout.splitlines()[-1] == result.stdout.splitlines()[-1]  # same test report
+
+
+def history_losses(folder):
+    history = json.loads((folder / "CNN_best_model.history.json").read_text())
+    return [(h["train_loss"], h["val_loss"], h["val_accuracy"]) for h in history]
+
+
+def test_same_seed_in_fp32_gives_the_same_run(tmp_path, mnist_dir):
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        run_script("train_cnn.py", "--data-dir", mnist_dir, "--epochs", "2", "--precision", "fp32", *SMOKE,
+                   cwd=tmp_path / name)
+    assert history_losses(tmp_path / "a") == history_losses(tmp_path / "b")
+
+
+def test_killed_run_resumes_where_it_stopped_and_matches_an_uninterrupted_run(tmp_path, mnist_dir):
+    args = ["--data-dir", mnist_dir, "--epochs", "3", "--patience", "10", "--precision", "fp32", *SMOKE]
+    (tmp_path / "straight").mkdir()
+    run_script("train_cnn.py", *args, cwd=tmp_path / "straight")
+
+    folder = tmp_path / "killed"
+    folder.mkdir()
+    process = subprocess.Popen([sys.executable, str(ROOT / "train_cnn.py"), *map(str, args)], cwd=folder,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    resume_file = folder / "CNN_best_model.resume.pth"
+    deadline = time.time() + 300
+    while not resume_file.exists() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert resume_file.exists(), "the run ended before its first epoch was saved"
+    assert data.load_checkpoint(folder / "CNN_best_model.pth")["complete"] is False
+
+    resumed = run_script("train_cnn.py", *args, cwd=folder)
+    assert "resuming CNN_best_model.pth after epoch" in resumed.stdout
+    assert history_losses(folder) == history_losses(tmp_path / "straight")
+    assert data.load_checkpoint(folder / "CNN_best_model.pth")["complete"] is True
+    assert not resume_file.exists()
+
+
+def test_trains_on_a_kaggle_csv_with_a_held_out_test_part(tmp_path, mnist_dir):
+    images, labels = data.load_mnist(mnist_dir, train=False)
+    data.write_csv(tmp_path / "train.csv", images[:500], labels[:500])
+    result = run_script("train_cnn.py", "--train-csv", "train.csv", "--epochs", "1", "--batch-size", "64", cwd=tmp_path)
+    assert "405 train / 45 val / 50 test images" in result.stdout
+    assert "accuracy" in result.stdout.splitlines()[-1]
+
+
+def test_user_errors_are_one_line_with_exit_code_2(tmp_path):
+    synthetic_mnist(tmp_path / "mnist", n_train=40)
+    assert_user_error(run_script("train_cnn.py", "--train-csv", "missing.csv", cwd=tmp_path, check=False),
+                      "missing.csv: no such file")
+    (tmp_path / "bad.csv").write_text("label,pixel0\n1,2\n")
+    assert_user_error(run_script("train_cnn.py", "--train-csv", "bad.csv", cwd=tmp_path, check=False),
+                      "bad.csv: missing column pixel1")
+    (tmp_path / "CNN_best_model.pth").write_bytes(b"garbage")
+    assert_user_error(run_script("train_cnn.py", "--data-dir", "mnist", cwd=tmp_path, check=False),
+                      "CNN_best_model.pth: not a readable checkpoint")
+    (tmp_path / "blocker").write_text("")
+    assert_user_error(run_script("train_cnn.py", "--data-dir", "mnist", "--checkpoint", "blocker/m.pth",
+                                 cwd=tmp_path, check=False), "cannot write blocker/m.pth")
+    if not torch.cuda.is_available():
+        assert_user_error(run_script("train_cnn.py", "--device", "cuda:0", cwd=tmp_path, check=False),
+                          "no CUDA GPU is available")
+    flag = run_script("train_cnn.py", "--epochs", "0", cwd=tmp_path, check=False)
+    assert flag.returncode == 2 and "--epochs: must be a positive integer" in flag.stderr.splitlines()[-1]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["CNN_best_model.pth", "bad.csv", "blocker", "mnist"]
+
+
+def test_checkpoint_of_another_architecture_is_refused(tmp_path, mnist_dir):
+    from models import build_model
+    data.save_checkpoint(tmp_path / "CNN_best_model.pth", {"model_state": build_model("resnet").state_dict(),
+                                                           "arch": "resnet", "complete": True, "epoch": 1})
+    assert_user_error(run_script("train_cnn.py", "--data-dir", mnist_dir, "--limit", "100", cwd=tmp_path, check=False),
+                      "holds a resnet model, not pipeline A's vgg")
