@@ -1,19 +1,29 @@
 # make test | make train | make kfold | make submission | make evaluate | make bench | make clean
 # PYTHON=python make train   uses the current interpreter instead of creating .venv (e.g. in a Kaggle kernel)
 
-PYTHON   ?= .venv/bin/python
-DATA_DIR ?= data
-EPOCHS   ?= 50
-DEVICE   ?= auto
+PYTHON    ?= .venv/bin/python
+DATA_DIR  ?= data
+DEVICE    ?= auto
+EPOCHS    ?=
+KAGGLE    := $(if $(wildcard /kaggle/input/digit-recognizer/train.csv),/kaggle/input/digit-recognizer,data/digit-recognizer)
+TRAIN_CSV ?= $(KAGGLE)/train.csv
+TEST_CSV  ?= $(KAGGLE)/test.csv
+LABELS    ?= $(dir $(TEST_CSV))test_labels.csv
+ARCHS     ?= resnet widecnn
+FOLDS     ?= 0 1 2 3 4
+NPROC     ?= 1
+WEIGHTS   ?= CNN_best_model.pth
 
 # Only the default interpreter is ours to create; one given on the command line is used as it is.
 VENV := $(if $(filter .venv/bin/python,$(PYTHON)),.venv/bin/python)
+# Each script has its own default epoch budget (50 for train, 30 for kfold); EPOCHS overrides both.
+EPOCHS_FLAG := $(if $(EPOCHS),--epochs $(EPOCHS))
+KFOLD := $(if $(filter 1,$(NPROC)),$(PYTHON),$(PYTHON) -m torch.distributed.run --standalone --nproc_per_node=$(NPROC))
 
-.PHONY: test train clean
+.PHONY: test train kfold submission evaluate bench clean
 
 $(VENV): requirements.txt
 	python3 -m venv .venv
-	.venv/bin/pip install --quiet --upgrade pip
 	.venv/bin/pip install --quiet -r requirements.txt
 	touch $@
 
@@ -21,7 +31,25 @@ test: $(VENV)
 	$(PYTHON) -m pytest -q tests
 
 train: $(VENV)
-	$(PYTHON) train_cnn.py --data-dir $(DATA_DIR) --epochs $(EPOCHS) --device $(DEVICE)
+	$(PYTHON) train_cnn.py --data-dir $(DATA_DIR) $(EPOCHS_FLAG) --device $(DEVICE)
+
+# Without a Kaggle download, MNIST is exported in Kaggle's format (train.csv, test.csv, test_labels.csv).
+# A pattern rule with two targets is made by one run of its recipe, in every version of make.
+data/%/train.csv data/%/test.csv: | $(VENV)
+	$(PYTHON) data.py export-kaggle --data-dir $(DATA_DIR) --out data/$*
+
+kfold: $(VENV) $(TRAIN_CSV)
+	$(KFOLD) train_kfold.py --train-csv $(TRAIN_CSV) --archs $(ARCHS) --folds $(FOLDS) $(EPOCHS_FLAG) --device $(DEVICE)
+
+submission: kfold $(TEST_CSV)
+	$(PYTHON) predict_tta.py --test-csv $(TEST_CSV) --weights models --out submission.csv --device $(DEVICE) \
+		$(if $(wildcard $(LABELS)),--labels $(LABELS))
+
+evaluate: $(VENV)
+	$(PYTHON) evaluate.py --weights $(WEIGHTS) --data-dir $(DATA_DIR) --device $(DEVICE)
+
+bench: $(VENV)
+	$(PYTHON) tests/bench.py --data-dir $(DATA_DIR) --out bench.json
 
 clean:
-	rm -rf .venv .pytest_cache __pycache__ tests/__pycache__ CNN_best_model.* models reports submission.csv
+	rm -rf .venv .pytest_cache __pycache__ tests/__pycache__ CNN_best_model.* models reports submission.csv bench.json

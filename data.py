@@ -173,6 +173,36 @@ def load_csv(path, labelled):
     return images, torch.from_numpy(frame["label"].to_numpy(dtype=np.int64, copy=True))
 
 
+def load_submission_csv(path, n_rows=None):
+    """Labels int64 [N] from an ImageId,Label file (a submission or its answer key), its format checked.
+
+    n_rows: the number of test images it must cover; None accepts any non-empty file with ImageId 1..N.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: no such file")
+    try:
+        frame = pd.read_csv(path)
+    except pd.errors.EmptyDataError:
+        raise UserError(f"{path}: the file is empty") from None
+    except (pd.errors.ParserError, UnicodeDecodeError, ValueError) as error:
+        raise UserError(f"{path}: not a readable CSV ({str(error).splitlines()[0]})") from None
+    if [str(c) for c in frame.columns] != ["ImageId", "Label"]:
+        raise UserError(f"{path}: the header must be ImageId,Label, found {','.join(map(str, frame.columns))}")
+    if len(frame) == 0:
+        raise UserError(f"{path}: has a header but no rows")
+    n_rows = len(frame) if n_rows is None else n_rows
+    if len(frame) != n_rows:
+        raise UserError(f"{path}: {len(frame)} rows, expected one per test image ({n_rows})")
+    check_integers_in_range(path, frame[["ImageId"]], 1, n_rows)
+    check_integers_in_range(path, frame[["Label"]], 0, 9)
+    out_of_order = np.flatnonzero(frame["ImageId"].to_numpy() != np.arange(1, n_rows + 1))
+    if len(out_of_order):
+        row = int(out_of_order[0])
+        raise UserError(f"{path}: line {row + 2}: ImageId {frame['ImageId'].iloc[row]}, expected {row + 1} (ImageId must run 1..N in order)")
+    return torch.from_numpy(frame["Label"].to_numpy(dtype=np.int64, copy=True))
+
+
 def write_csv(path, images, labels=None):
     """Write images (and labels) in Kaggle's format; used to export MNIST and by tests."""
     frame = pd.DataFrame(images.reshape(len(images), NUM_PIXELS).numpy(), columns=PIXEL_COLUMNS)
@@ -195,6 +225,11 @@ def stratified_split(labels, fraction, seed):
     return torch.from_numpy(np.sort(kept)), torch.from_numpy(np.sort(held_out))
 
 
+def to_device(images, labels, indices, device):
+    """The selected images and labels, copied to the device, where they stay for the whole run."""
+    return images[indices].to(device, non_blocking=True), labels[indices].to(device, non_blocking=True)
+
+
 def batch_indices(n, batch_size, generator=None):
     """Index tensors of consecutive batches; a random permutation when a generator is given."""
     if generator is None:
@@ -204,13 +239,27 @@ def batch_indices(n, batch_size, generator=None):
     return order.split(batch_size)
 
 
-def prepare_batch(images, normalization, augmentation=None, generator=None):
-    """uint8 [B, 28, 28] on the device -> normalized float [B, 1, 28, 28], augmented if asked."""
-    x = images.unsqueeze(1).float().div_(255)  # [B, 1, 28, 28] in 0..1, background 0
-    if augmentation is not None:
-        x = augment(x, augmentation, generator)
+def to_unit_float(images, augmentation=None, generator=None):
+    """uint8 [B, 28, 28] on the device -> float [B, 1, 28, 28] in 0..1 (background 0), augmented if asked."""
+    x = images.unsqueeze(1).float().div_(255)
+    return x if augmentation is None else augment(x, augmentation, generator)
+
+
+def normalize(x, normalization):
+    """Unit-range float [B, 1, 28, 28] -> the model's input: standardized, channels_last."""
     x = (x - normalization["mean"]) / normalization["std"]
     return x.contiguous(memory_format=torch.channels_last)
+
+
+def prepare_batch(images, normalization, augmentation=None, generator=None):
+    """uint8 [B, 28, 28] on the device -> normalized float [B, 1, 28, 28], augmented if asked."""
+    return normalize(to_unit_float(images, augmentation, generator), normalization)
+
+
+def progress_bar(total, description):
+    """A tqdm bar on stderr when it is a terminal; silent in logs (scripts print one line per epoch instead)."""
+    from tqdm import tqdm
+    return tqdm(total=total, desc=description, leave=False, disable=not sys.stderr.isatty(), dynamic_ncols=True)
 
 
 # ----------------------------------------------------------------------------- augmentation
@@ -233,6 +282,14 @@ light_augmentation = Augmentation(rotation=(-10, 10), translate=0.1, scale=(0.9,
 strong_augmentation = Augmentation(rotation=(-15, 15), translate=0.1, scale=(0.9, 1.1), shear=10,
                                    perspective=0.2, perspective_p=0.5)
 AUGMENTATIONS = {"none": None, "light": light_augmentation, "strong": strong_augmentation}
+
+# Test-time augmentation: the identity first, then small fixed-direction variants whose predictions are averaged.
+TTA_VARIANTS = [
+    None,
+    Augmentation(rotation=(5, 5), translate=0.05),
+    Augmentation(rotation=(-5, -5), translate=0.05),
+    Augmentation(scale=(0.95, 1.05)),
+]
 
 
 def affine_matrices(angle, translate_x, translate_y, scale, shear):
@@ -357,6 +414,11 @@ def pick_precision(requested, device):
     return "fp32"
 
 
+def share_cpu_threads(processes):
+    """Give each of `processes` processes on this machine its share of the cores instead of all of them."""
+    torch.set_num_threads(max(1, torch.get_num_threads() // processes))
+
+
 def autocast(device, precision):
     """The mixed-precision context for a forward pass; a no-op for fp32."""
     if precision == "fp32":
@@ -427,7 +489,7 @@ def save_checkpoint(path, checkpoint):
         torch.save(checkpoint, tmp)
 
 
-def load_checkpoint(path):
+def load_checkpoint(path, required=("model_state", "arch", "normalization")):
     """Read a checkpoint with weights_only=True, so a downloaded file cannot run code when loaded."""
     path = Path(path)
     if not path.is_file():
@@ -439,8 +501,8 @@ def load_checkpoint(path):
         # weights_only refusals bury the reason (the blocked global it would import) in a long message
         reason = next((line for line in lines if "global" in line.lower()), lines[0])
         raise UserError(f"{path}: not a readable checkpoint ({reason})") from None
-    if not isinstance(checkpoint, dict) or "model_state" not in checkpoint or "arch" not in checkpoint:
-        raise UserError(f"{path}: not a checkpoint of this project (no model_state/arch)")
+    if not isinstance(checkpoint, dict) or not set(required) <= set(checkpoint):
+        raise UserError(f"{path}: not a checkpoint of this project (it needs {', '.join(required)})")
     return checkpoint
 
 
@@ -459,6 +521,104 @@ def model_from_checkpoint(path, device, checkpoint=None):
     if uses_channels_last(device):
         model = model.to(memory_format=torch.channels_last)
     return model.to(device).eval(), checkpoint
+
+
+# ----------------------------------------------------------------------------- people's own images
+# MNIST's recipe: white ink on black, the digit's bounding box scaled to fit 20x20 keeping its aspect
+# ratio, then placed in a 28x28 field with its centre of mass at the centre. A photo or a drawing goes
+# through the same steps before the model sees it.
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
+INK_THRESHOLD = 0.25  # after the contrast stretch, fainter pixels are paper texture or noise
+MIN_INK_PIXELS = 12   # fewer than this above the threshold: no digit in the image
+
+
+def read_greyscale(path):
+    """Any image file -> float [H, W] in 0..1; transparency is composited onto white paper."""
+    from PIL import Image, UnidentifiedImageError
+    try:
+        with Image.open(path) as image:
+            image.load()
+            if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
+                paper = Image.new("RGBA", image.size, "white")
+                image = Image.alpha_composite(paper, image.convert("RGBA"))
+            grey = np.asarray(image.convert("L"), dtype=np.float32) / 255
+    except (UnidentifiedImageError, OSError, ValueError) as error:
+        raise UserError(f"{path}: not a readable image ({error})") from None
+    return grey
+
+
+def border_pixels(image):
+    return np.concatenate([image[0], image[-1], image[:, 0], image[:, -1]])
+
+
+def ink_on_black(grey, invert="auto"):
+    """White ink on black as MNIST has it; 'auto' inverts when the border (the paper) is light."""
+    if invert == "yes" or (invert == "auto" and np.median(border_pixels(grey)) > 0.5):
+        return 1 - grey
+    return grey
+
+
+def remove_background(image):
+    """Stretch contrast from the paper's level to the darkest ink, then drop what is fainter than the threshold."""
+    paper = np.median(border_pixels(image))
+    stretched = np.clip((image - paper) / max(image.max() - paper, 1e-6), 0, 1)
+    return np.clip((stretched - INK_THRESHOLD) / (1 - INK_THRESHOLD), 0, 1)
+
+
+def crop_to_ink(image, path):
+    """The bounding box of the ink; an image without enough ink is an error for that file."""
+    ink = image > 0
+    if ink.sum() < MIN_INK_PIXELS:
+        raise UserError(f"{path}: no digit found (the image is blank or has too little contrast)")
+    rows, columns = np.flatnonzero(ink.any(1)), np.flatnonzero(ink.any(0))
+    return image[rows[0]:rows[-1] + 1, columns[0]:columns[-1] + 1]
+
+
+def fit_in_box(image, box=20):
+    """Resize so the longer side is `box` pixels, keeping the aspect ratio (antialiased when shrinking)."""
+    height, width = image.shape
+    scale = box / max(height, width)
+    size = (max(1, round(height * scale)), max(1, round(width * scale)))
+    tensor = torch.from_numpy(np.ascontiguousarray(image))[None, None]  # [1, 1, H, W]
+    return F.interpolate(tensor, size=size, mode="bilinear", antialias=True, align_corners=False)[0, 0].clamp_(0, 1).numpy()
+
+
+def centre_by_mass(image, size=IMAGE_SIZE):
+    """Paste into a size x size black field with the centre of mass at the field's centre."""
+    height, width = image.shape
+    total = image.sum()
+    centre_y = (image.sum(1) * np.arange(height)).sum() / total
+    centre_x = (image.sum(0) * np.arange(width)).sum() / total
+    top = int(np.clip(round((size - 1) / 2 - centre_y), 0, size - height))
+    left = int(np.clip(round((size - 1) / 2 - centre_x), 0, size - width))
+    field = np.zeros((size, size), dtype=np.float32)
+    field[top:top + height, left:left + width] = image
+    return field
+
+
+def preprocess_image(path, invert="auto"):
+    """An image file of a digit -> uint8 [28, 28] as an MNIST sample looks (normalization comes later, as in training)."""
+    grey = read_greyscale(path)
+    digit = crop_to_ink(remove_background(ink_on_black(grey, invert)), path)
+    field = centre_by_mass(fit_in_box(digit))
+    return torch.from_numpy(np.round(field * 255).astype(np.uint8))
+
+
+def find_images(paths):
+    """(image files, problems): folders are searched (not recursively) for image files; problems name bad paths."""
+    files, problems = [], []
+    for path in map(Path, paths):
+        if path.is_dir():
+            found = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+            if not found:
+                problems.append(f"{path}: no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) in this folder")
+            files += found
+        elif path.is_file():
+            files.append(path)
+        else:
+            problems.append(f"{path}: no such file or folder")
+    return files, problems
 
 
 # ----------------------------------------------------------------------------- export-kaggle command

@@ -8,7 +8,6 @@ the whole data set on the device and never waits for it inside an epoch: metrics
 are read once per epoch. An interrupted run resumes from its last epoch when the command is repeated.
 """
 import argparse
-import sys
 import time
 from pathlib import Path
 
@@ -17,7 +16,7 @@ from torch import nn
 
 from data import (AUGMENTATIONS, DEFAULT_DATA_DIR, NORMALIZATION, UserError, autocast, batch_indices,
                   check_writable, library_versions, load_checkpoint, load_csv, load_mnist, model_from_checkpoint,
-                  pick_device, pick_precision, prepare_batch, run_cli, save_checkpoint, stratified_split,
+                  pick_device, pick_precision, prepare_batch, progress_bar, run_cli, save_checkpoint, stratified_split, to_device,
                   uses_channels_last, write_json)
 from models import build_model
 
@@ -56,12 +55,12 @@ def train_one_epoch(model, images, labels, optimizer, criterion, scaler, setting
 
 
 @torch.inference_mode()
-def predict_logits(model, images, precision, batch_size=EVAL_BATCH_SIZE, augmentation=None, generator=None):
+def predict_logits(model, images, precision, batch_size=EVAL_BATCH_SIZE):
     """Logits [N, 10] (float32) for uint8 images [N, 28, 28] on the model's device, in eval mode."""
     model.eval()
     outputs = []
     for index in batch_indices(len(images), batch_size):
-        x = prepare_batch(images[index], NORMALIZATION, augmentation, generator)
+        x = prepare_batch(images[index], NORMALIZATION)
         with autocast(images.device, precision):
             outputs.append(model(x).float())
     return torch.cat(outputs) if outputs else torch.zeros(0, 10, device=images.device)
@@ -72,12 +71,6 @@ def evaluate(model, images, labels, criterion, precision):
     logits = predict_logits(model, images, precision)
     loss = criterion(logits, labels).item()
     return loss, (logits.argmax(1) == labels).float().mean().item()
-
-
-def progress_bar(total, description):
-    """A tqdm bar when stdout is a terminal; otherwise silent (logs get one line per epoch instead)."""
-    from tqdm import tqdm
-    return tqdm(total=total, desc=description, leave=False, disable=not sys.stdout.isatty(), dynamic_ncols=True)
 
 
 # ----------------------------------------------------------------------------- fit: epochs, early stopping, files
@@ -133,7 +126,7 @@ def fit(model, arch, train_set, val_set, optimizer, scheduler, settings, checkpo
     state = {"epoch": 0, "best": None, "best_epoch": None, "stale_epochs": 0, "history": []}
     resume = resume_path(checkpoint_path)
     if resume.exists():
-        saved = load_checkpoint(resume)
+        saved = load_checkpoint(resume, required=("model_state", "optimizer_state", "scheduler_state", "rng", "progress"))
         model.load_state_dict(saved["model_state"])
         optimizer.load_state_dict(saved["optimizer_state"])
         scheduler.load_state_dict(saved["scheduler_state"])
@@ -254,9 +247,8 @@ def load_splits(args, device):
             images, labels = images[:args.limit], labels[:args.limit]
             test_images, test_labels = test_images[:args.limit], test_labels[:args.limit]
     train, val = stratified_split(labels, args.val_fraction, args.seed)
-    to_device = lambda idx, imgs, lbls: (imgs[idx].to(device, non_blocking=True), lbls[idx].to(device, non_blocking=True))
-    everything = torch.arange(len(test_labels))
-    return to_device(train, images, labels), to_device(val, images, labels), to_device(everything, test_images, test_labels)
+    return (to_device(images, labels, train, device), to_device(images, labels, val, device),
+            to_device(test_images, test_labels, torch.arange(len(test_labels)), device))
 
 
 def main(argv=None):

@@ -402,7 +402,7 @@ def test_corrupt_and_foreign_checkpoints_are_user_errors(tmp_path):
     with pytest.raises(UserError, match="junk.pth: not a readable checkpoint"):
         data.load_checkpoint(tmp_path / "junk.pth")
     torch.save({"weights": torch.zeros(3)}, tmp_path / "other.pth")
-    with pytest.raises(UserError, match="other.pth: not a checkpoint of this project"):
+    with pytest.raises(UserError, match="other.pth: not a checkpoint of this project .it needs model_state, arch, normalization"):
         data.load_checkpoint(tmp_path / "other.pth")
     with pytest.raises(UserError, match="absent.pth: no such checkpoint"):
         data.load_checkpoint(tmp_path / "absent.pth")

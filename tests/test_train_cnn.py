@@ -107,6 +107,7 @@ def test_user_errors_are_one_line_with_exit_code_2(tmp_path):
 def test_checkpoint_of_another_architecture_is_refused(tmp_path, mnist_dir):
     from models import build_model
     data.save_checkpoint(tmp_path / "CNN_best_model.pth", {"model_state": build_model("resnet").state_dict(),
-                                                           "arch": "resnet", "complete": True, "epoch": 1})
+                                                           "arch": "resnet", "normalization": data.NORMALIZATION,
+                                                           "complete": True, "epoch": 1})
     assert_user_error(run_script("train_cnn.py", "--data-dir", mnist_dir, "--limit", "100", cwd=tmp_path, check=False),
                       "holds a resnet model, not pipeline A's vgg")

@@ -1,0 +1,226 @@
+"""The evaluation report: metrics and pictures for a model, an ensemble, or a submission file.
+
+    python evaluate.py --weights CNN_best_model.pth                  # MNIST test set -> reports/CNN_best_model/
+    python evaluate.py --weights models --tta 4                      # the k-fold ensemble with TTA
+    python evaluate.py --csv labelled.csv --weights models           # a labelled Kaggle-format CSV
+    python evaluate.py --submission submission.csv --labels test_labels.csv   # score a submission file
+
+Writes confusion_matrix.png, misclassified.png, curves.png (from the history JSON beside each checkpoint),
+metrics.json and predictions.csv. Inference is predict_tta.py's, so the numbers are the submission's.
+"""
+import argparse
+import json
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+from matplotlib.colors import LogNorm
+from sklearn.metrics import classification_report, confusion_matrix
+
+from data import (DEFAULT_DATA_DIR, atomic_path, load_csv, load_mnist, load_submission_csv, pick_device,
+                  pick_precision, run_cli, write_json)
+from predict_tta import ensemble_probabilities, load_ensemble, tta_variants
+from train_cnn import EVAL_BATCH_SIZE, history_path, positive_int
+
+plt.switch_backend("Agg")  # headless: figures go to files, never to a window
+DPI = 120
+DIGITS = list(range(10))
+
+
+# ----------------------------------------------------------------------------- metrics
+
+def compute_metrics(labels, predicted, probs=None, top=10):
+    """Everything the report prints, as plain types: accuracy, errors, per-class report, confusions, loss."""
+    labels, predicted = np.asarray(labels), np.asarray(predicted)
+    matrix = confusion_matrix(labels, predicted, labels=DIGITS)
+    off_diagonal = [(int(matrix[t, p]), t, p) for t in DIGITS for p in DIGITS if t != p and matrix[t, p] > 0]
+    off_diagonal.sort(key=lambda item: (-item[0], item[1], item[2]))
+    metrics = {
+        "images": int(len(labels)),
+        "accuracy": float((labels == predicted).mean()),
+        "errors": int((labels != predicted).sum()),
+        "per_class": classification_report(labels, predicted, labels=DIGITS, digits=4, output_dict=True, zero_division=0),
+        "top_confusions": [{"true": t, "predicted": p, "count": n} for n, t, p in off_diagonal[:top]],
+        "confusion_matrix": matrix.tolist(),
+    }
+    if probs is not None:  # negative log-likelihood of the averaged probabilities
+        true_probs = np.asarray(probs)[np.arange(len(labels)), labels]
+        metrics["loss"] = float(-np.log(np.clip(true_probs, 1e-12, None)).mean())
+    return metrics
+
+
+def print_metrics(metrics, labels, predicted):
+    loss = f"  loss {metrics['loss']:.4f}" if "loss" in metrics else ""
+    print(f"accuracy {metrics['accuracy']:.4f}{loss}  errors {metrics['errors']} of {metrics['images']}")
+    print(classification_report(labels, predicted, labels=DIGITS, digits=4, zero_division=0))
+    confusions = ", ".join(f"{c['true']}→{c['predicted']}: {c['count']}" for c in metrics["top_confusions"])
+    print(f"most frequent confusions (true→predicted): {confusions or 'none'}")
+
+
+# ----------------------------------------------------------------------------- figures
+
+def save_figure(figure, path):
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, dpi=DPI, format="png", bbox_inches="tight")
+    plt.close(figure)
+
+
+def plot_confusion_matrix(matrix, accuracy, path):
+    """Counts in every cell; a log colour scale so that a handful of errors shows beside thousands of hits."""
+    matrix = np.asarray(matrix)
+    figure, ax = plt.subplots(figsize=(7.5, 6.5))
+    shown = np.ma.masked_equal(matrix, 0)
+    image = ax.imshow(shown, cmap="Blues", norm=LogNorm(vmin=1, vmax=max(2, matrix.max())))
+    figure.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="images (log scale)")
+    threshold = np.sqrt(max(2, matrix.max()))  # the middle of the log scale: dark cells get white text
+    for t in DIGITS:
+        for p in DIGITS:
+            if matrix[t, p]:
+                ax.text(p, t, str(matrix[t, p]), ha="center", va="center", fontsize=8,
+                        color="white" if matrix[t, p] > threshold else "black")
+    ax.set_xticks(DIGITS)
+    ax.set_yticks(DIGITS)
+    ax.set_xlabel("predicted digit")
+    ax.set_ylabel("true digit")
+    ax.set_title(f"Confusion matrix: accuracy {accuracy:.4f} ({matrix.sum() - np.trace(matrix)} errors of {matrix.sum()})")
+    save_figure(figure, path)
+
+
+def plot_misclassified(images, labels, predicted, confidence, path, max_errors):
+    """The wrong images, most confident mistakes first, dark ink on white paper, each titled true/pred/confidence."""
+    wrong = np.flatnonzero(labels != predicted)
+    wrong = wrong[np.argsort(-confidence[wrong], kind="stable")][:max_errors]
+    columns = 8
+    rows = max(1, -(-len(wrong) // columns))
+    figure, axes = plt.subplots(rows, columns, figsize=(columns * 1.4, rows * 1.65 + 0.5), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, i in zip(axes.flat, wrong):
+        ax.imshow(images[i], cmap="gray_r", vmin=0, vmax=255)
+        ax.set_title(f"true {labels[i]} pred {predicted[i]}\n{confidence[i]:.2f}", fontsize=8)
+    total = int((labels != predicted).sum())
+    figure.suptitle(f"Misclassified: {len(wrong)} of {total} errors, most confident first"
+                    if total else "No misclassified images", fontsize=11)
+    figure.tight_layout()
+    save_figure(figure, path)
+
+
+def plot_curves(histories, path):
+    """Loss and accuracy per epoch; train dashed, validation solid, one colour per checkpoint (e.g. per fold)."""
+    figure, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(12, 4.5))
+    colours = plt.cm.tab10.colors
+    for k, (name, history) in enumerate(histories.items()):
+        epochs = [h["epoch"] for h in history]
+        colour = colours[k % len(colours)]
+        for ax, key in ((loss_ax, "loss"), (acc_ax, "accuracy")):
+            ax.plot(epochs, [h[f"train_{key}"] for h in history], "--", color=colour, alpha=0.7, label=f"{name} train")
+            ax.plot(epochs, [h[f"val_{key}"] for h in history], "-", marker="o", markersize=3, color=colour,
+                    label=f"{name} validation")
+    for ax, title in ((loss_ax, "Loss (with label smoothing)"), (acc_ax, "Accuracy")):
+        ax.set_title(title)
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+        ax.xaxis.get_major_locator().set_params(integer=True)
+    loss_ax.set_ylabel("cross-entropy")
+    acc_ax.set_ylabel("accuracy")
+    handles, names = acc_ax.get_legend_handles_labels()
+    figure.legend(handles, names, loc="lower center", ncol=min(4, len(names)), fontsize=8, bbox_to_anchor=(0.5, -0.02))
+    figure.tight_layout(rect=(0, 0.06 + 0.03 * (len(names) // 4), 1, 1))
+    save_figure(figure, path)
+
+
+# ----------------------------------------------------------------------------- inputs and outputs
+
+def load_histories(paths):
+    """{checkpoint name: history} for every checkpoint that has a history JSON beside it."""
+    histories = {}
+    for path in paths:
+        json_path = history_path(path)
+        if json_path.is_file():
+            histories[Path(path).stem] = json.loads(json_path.read_text())
+    return histories
+
+
+def default_out(args):
+    if args.submission:
+        return Path("reports") / Path(args.submission).stem
+    if len(args.weights) == 1:
+        return Path("reports") / Path(args.weights[0]).stem
+    return Path("reports") / "ensemble"
+
+
+def write_predictions(path, labels, predicted, confidence):
+    frame = pd.DataFrame({"index": np.arange(len(labels)), "true": labels, "predicted": predicted,
+                          "confidence": np.round(confidence, 6)})
+    with atomic_path(path) as tmp:
+        frame.to_csv(tmp, index=False)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--weights", nargs="+", default=["CNN_best_model.pth"], help="checkpoint files and/or folders of them")
+    p.add_argument("--data-dir", default=DEFAULT_DATA_DIR, help="folder holding MNIST/raw; the MNIST test set is the default data")
+    p.add_argument("--csv", help="evaluate on a labelled Kaggle-format CSV (label, pixel0..pixel783) instead")
+    p.add_argument("--tta", type=positive_int, default=1, help="number of TTA variants, as in predict_tta.py (1 = none)")
+    p.add_argument("--submission", help="score this submission file (ImageId,Label) against --labels; no model needed")
+    p.add_argument("--labels", help="ImageId,Label file with the true labels (with --submission)")
+    p.add_argument("--out", help="report folder (default: reports/<weights or submission name>/)")
+    p.add_argument("--max-errors", type=positive_int, default=48, help="most misclassified images to show")
+    p.add_argument("--batch-size", type=positive_int, default=EVAL_BATCH_SIZE)
+    p.add_argument("--seed", type=int, default=42, help="seed of the TTA variants' random shifts")
+    p.add_argument("--device", default="auto", help="auto (CUDA, else MPS, else CPU), cpu, cuda, mps")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto")
+    args = p.parse_args(argv)
+    if bool(args.submission) != bool(args.labels):
+        p.error("--submission and --labels go together")
+    return args
+
+
+def score_submission(args, out):
+    """Format-check a submission against its answer key and report its metrics."""
+    truth = load_submission_csv(args.labels)
+    predicted = load_submission_csv(args.submission, len(truth))
+    metrics = compute_metrics(truth.numpy(), predicted.numpy())
+    print_metrics(metrics, truth.numpy(), predicted.numpy())
+    plot_confusion_matrix(metrics["confusion_matrix"], metrics["accuracy"], out / "confusion_matrix.png")
+    write_json(out / "metrics.json", {"submission": str(args.submission), "labels": str(args.labels), **metrics})
+
+
+def evaluate_models(args, out):
+    device = pick_device(args.device)
+    precision = pick_precision(args.precision, device)
+    images, labels = load_csv(args.csv, labelled=True) if args.csv else load_mnist(args.data_dir, train=False)
+    ensemble = load_ensemble(args.weights, device)
+    variants = tta_variants(args.tta)
+    print(f"{len(ensemble)} models x {len(variants)} TTA variants on {len(images)} images "
+          f"({args.csv or 'MNIST test set'}); device {device}, precision {precision}")
+    probs = ensemble_probabilities(ensemble, images.to(device), variants, precision, args.seed, args.batch_size).cpu().numpy()
+    labels, predicted, confidence = labels.numpy(), probs.argmax(1), probs.max(1)
+    metrics = compute_metrics(labels, predicted, probs)
+    print_metrics(metrics, labels, predicted)
+
+    plot_confusion_matrix(metrics["confusion_matrix"], metrics["accuracy"], out / "confusion_matrix.png")
+    plot_misclassified(images.numpy(), labels, predicted, confidence, out / "misclassified.png", args.max_errors)
+    histories = load_histories([path for _, _, path in ensemble])
+    if histories:
+        plot_curves(histories, out / "curves.png")
+    else:
+        print("no history JSON beside the checkpoints: curves.png not written")
+    write_predictions(out / "predictions.csv", labels, predicted, confidence)
+    write_json(out / "metrics.json", {"weights": [str(path) for _, _, path in ensemble], "tta_variants": len(variants),
+                                      "data": args.csv or "MNIST test", **metrics})
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    out = Path(args.out) if args.out else default_out(args)
+    if args.submission:
+        score_submission(args, out)
+    else:
+        evaluate_models(args, out)
+    print(f"report written to {out}/")
+
+
+if __name__ == "__main__":
+    run_cli(main)

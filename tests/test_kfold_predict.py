@@ -1,0 +1,159 @@
+"""Pipeline B end to end on a few hundred real MNIST images: k-fold training, resume, torchrun, TTA prediction."""
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import data
+from conftest import ROOT, assert_user_error, run_script
+
+TINY = ["--n-folds", "2", "--epochs", "1", "--batch-size", "32"]
+
+
+@pytest.fixture(scope="module")
+def kaggle_dir(tmp_path_factory, mnist_dir):
+    """Kaggle-format train.csv (400 MNIST test digits), test.csv (300 others) and its answer key."""
+    folder = tmp_path_factory.mktemp("kaggle")
+    images, labels = data.load_mnist(mnist_dir, train=False)
+    data.write_csv(folder / "train.csv", images[:400], labels[:400])
+    data.write_csv(folder / "test.csv", images[400:700])
+    pd.DataFrame({"ImageId": np.arange(1, 301), "Label": labels[400:700].numpy()}).to_csv(folder / "test_labels.csv", index=False)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def trained(kaggle_dir):
+    """Both architectures over 2 folds for 1 epoch: 4 checkpoints in models/."""
+    result = run_script("train_kfold.py", "--train-csv", "train.csv", *TINY, cwd=kaggle_dir)
+    return kaggle_dir, result
+
+
+def test_kfold_writes_every_job_and_a_summary(trained):
+    folder, result = trained
+    models = folder / "models"
+    for arch in ("resnet", "widecnn"):
+        for fold in (0, 1):
+            checkpoint = data.load_checkpoint(models / f"{arch}_fold{fold}.pth")
+            assert checkpoint["arch"] == arch and checkpoint["complete"] is True
+            assert len(json.loads((models / f"{arch}_fold{fold}.history.json").read_text())) == 1
+            oof = np.load(models / f"{arch}_fold{fold}.oof.npz")
+            assert oof["probs"].shape == (200, 10) and np.allclose(oof["probs"].sum(1), 1, atol=1e-4)
+    summary = json.loads((models / "summary.json").read_text())
+    assert set(summary["architectures"]) == {"resnet", "widecnn"}
+    assert set(summary["architectures"]["resnet"]) == {"fold0", "fold1", "out_of_fold", "images"}
+    assert summary["architectures"]["widecnn"]["images"] == 400 and summary["ensemble_images"] == 400
+    assert 0 <= summary["ensemble_out_of_fold"] <= 1
+    assert "ensemble (OOF)" in result.stdout
+    assert not list(models.glob("*.resume.pth"))
+
+
+def test_rerun_skips_complete_jobs(trained):
+    folder, _ = trained
+    result = run_script("train_kfold.py", "--train-csv", "train.csv", *TINY, cwd=folder)
+    assert result.stdout.count("complete, skipped") == 4 and "train loss" not in result.stdout
+
+
+def read_submission(path):
+    frame = pd.read_csv(path)
+    assert list(frame.columns) == ["ImageId", "Label"]
+    return frame
+
+
+def test_predict_both_architectures_with_tta_writes_a_valid_submission(trained):
+    folder, _ = trained
+    result = run_script("predict_tta.py", "--test-csv", "test.csv", "--labels", "test_labels.csv",
+                        "--save-probs", "probs.npy", cwd=folder)
+    assert "4 models x 4 TTA variants = 16 forward passes per image" in result.stdout
+    submission = read_submission(folder / "submission.csv")
+    assert len(submission) == 300 and submission["ImageId"].tolist() == list(range(1, 301))
+    assert submission["Label"].between(0, 9).all()
+    probs = np.load(folder / "probs.npy")
+    assert probs.shape == (300, 10) and np.allclose(probs.sum(1), 1, atol=1e-4)
+    assert (probs.argmax(1) == submission["Label"].to_numpy()).all()
+    accuracy = float(result.stdout.split("accuracy ")[1].split()[0])
+    truth = pd.read_csv(folder / "test_labels.csv")["Label"].to_numpy()
+    assert accuracy == pytest.approx((truth == submission["Label"].to_numpy()).mean(), abs=1e-4)
+
+
+def test_tta_is_deterministic_and_no_tta_differs(trained):
+    folder, _ = trained
+    for name in ("a.csv", "b.csv"):
+        run_script("predict_tta.py", "--test-csv", "test.csv", "--out", name, "--save-probs", name + ".npy", cwd=folder)
+    assert (folder / "a.csv").read_text() == (folder / "b.csv").read_text()
+    assert np.array_equal(np.load(folder / "a.csv.npy"), np.load(folder / "b.csv.npy"))
+    plain = run_script("predict_tta.py", "--test-csv", "test.csv", "--no-tta", "--weights", "models/resnet_fold0.pth",
+                       "--out", "plain.csv", "--save-probs", "plain.npy", cwd=folder)
+    assert "1 models x 1 TTA variants = 1 forward passes per image" in plain.stdout
+    assert not np.allclose(np.load(folder / "plain.npy"), np.load(folder / "a.csv.npy"))
+
+
+def test_predict_user_errors(trained, tmp_path):
+    folder, _ = trained
+    (tmp_path / "empty_models").mkdir()
+    assert_user_error(run_script("predict_tta.py", "--test-csv", folder / "test.csv", "--weights", "empty_models",
+                                 cwd=tmp_path, check=False), "empty_models: no complete checkpoint")
+    assert_user_error(run_script("predict_tta.py", "--test-csv", folder / "test.csv", "--weights", "nothing_here",
+                                 cwd=tmp_path, check=False), "nothing_here: no such checkpoint file or folder")
+    (tmp_path / "test.csv").write_text("pixel0,pixel1\n0,0\n")
+    assert_user_error(run_script("predict_tta.py", "--test-csv", "test.csv", "--weights", folder / "models",
+                                 cwd=tmp_path, check=False), "test.csv: missing column pixel2")
+    (tmp_path / "labels.csv").write_text("ImageId,Label\n" + "".join(f"{i},1\n" for i in range(1, 300)))
+    assert_user_error(run_script("predict_tta.py", "--test-csv", folder / "test.csv", "--weights", folder / "models",
+                                 "--labels", "labels.csv", cwd=tmp_path, check=False), "labels.csv: 299 rows, expected")
+    assert_user_error(run_script("predict_tta.py", "--tta", "5", cwd=tmp_path, check=False), "--tta must be between 1 and 4")
+    assert not (tmp_path / "submission.csv").exists()
+
+
+def test_killed_kfold_resumes_the_interrupted_fold_and_skips_finished_ones(kaggle_dir, tmp_path):
+    args = [sys.executable, str(ROOT / "train_kfold.py"), "--train-csv", kaggle_dir / "train.csv", "--archs", "widecnn",
+            "--n-folds", "2", "--epochs", "3", "--batch-size", "32", "--out", tmp_path / "models"]
+    process = subprocess.Popen(list(map(str, args)), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    fold0_done = tmp_path / "models" / "widecnn_fold0.oof.npz"
+    fold1_resume = tmp_path / "models" / "widecnn_fold1.resume.pth"
+    deadline = time.time() + 300
+    while not (fold0_done.exists() and fold1_resume.exists()) and process.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert fold0_done.exists() and fold1_resume.exists(), "the run ended before fold 1 saved an epoch"
+
+    result = subprocess.run(list(map(str, args)), capture_output=True, text=True, check=True)
+    assert "[widecnn fold 0] complete, skipped" in result.stdout
+    assert "[widecnn fold 1] resuming" in result.stdout
+    history = json.loads((tmp_path / "models" / "widecnn_fold1.history.json").read_text())
+    assert [h["epoch"] for h in history] == [1, 2, 3]
+    assert data.load_checkpoint(tmp_path / "models" / "widecnn_fold1.pth")["complete"] is True
+
+
+def test_torchrun_two_cpu_ranks_share_the_jobs(kaggle_dir, tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(ROOT / "train_kfold.py"),
+         "--train-csv", str(kaggle_dir / "train.csv"), *TINY, "--out", str(tmp_path / "models"), "--device", "cpu"],
+        capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "rank 0: device cpu, precision" in result.stdout and "rank 1: device cpu" in result.stdout
+    assert f"{max(1, torch.get_num_threads() // 2)} threads" in result.stdout  # each rank takes its share of the cores
+    assert "jobs resnet/0, widecnn/0" in result.stdout and "jobs resnet/1, widecnn/1" in result.stdout
+    summary = json.loads((tmp_path / "models" / "summary.json").read_text())
+    assert summary["ensemble_images"] == 400
+    assert len(list((tmp_path / "models").glob("*_fold?.pth"))) == 4
+
+
+def test_export_kaggle_writes_the_three_csvs(tmp_path):
+    from conftest import synthetic_mnist
+    synthetic_mnist(tmp_path / "mnist", n_train=30, n_test=20)
+    result = run_script("data.py", "export-kaggle", "--data-dir", "mnist", "--out", "kaggle", cwd=tmp_path)
+    assert "train.csv (30 rows)" in result.stdout
+    train_images, train_labels = data.load_csv(tmp_path / "kaggle" / "train.csv", labelled=True)
+    test_images, _ = data.load_csv(tmp_path / "kaggle" / "test.csv", labelled=False)
+    original, original_labels = data.load_mnist(tmp_path / "mnist", train=True)
+    assert (train_images == original).all() and (train_labels == original_labels).all()
+    assert test_images.shape == (20, 28, 28)
+    key = data.load_submission_csv(tmp_path / "kaggle" / "test_labels.csv", 20)
+    assert (key == data.load_mnist(tmp_path / "mnist", train=False)[1]).all()
