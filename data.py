@@ -403,6 +403,14 @@ def pick_device(requested="auto", local_rank=None):
     return device
 
 
+def add_device_arguments(parser):
+    """--device and --precision, spelled and explained the same in every script."""
+    parser.add_argument("--device", default="auto",
+                        help="auto (CUDA, else Apple MPS, else CPU), cpu, cuda, cuda:1, mps; under torchrun a rank takes cuda:LOCAL_RANK")
+    parser.add_argument("--precision", choices=["auto", *PRECISION_DTYPES], default="auto",
+                        help="auto: bf16 on a bf16-capable CPU or GPU, fp16 with a gradient scaler on older GPUs, fp32 elsewhere")
+
+
 def pick_precision(requested, device):
     """'auto' -> bf16 on a bf16-capable CPU or GPU, fp16 on older GPUs (with a gradient scaler), else fp32."""
     if requested != "auto":

@@ -18,8 +18,18 @@ import pandas as pd
 from matplotlib.colors import LogNorm
 from sklearn.metrics import classification_report, confusion_matrix
 
-from data import (DEFAULT_DATA_DIR, atomic_path, load_csv, load_mnist, load_submission_csv, pick_device,
-                  pick_precision, run_cli, write_json)
+from data import (
+    DEFAULT_DATA_DIR,
+    add_device_arguments,
+    atomic_path,
+    load_csv,
+    load_mnist,
+    load_submission_csv,
+    pick_device,
+    pick_precision,
+    run_cli,
+    write_json,
+)
 from predict_tta import ensemble_probabilities, load_ensemble, tta_variants
 from train_cnn import EVAL_BATCH_SIZE, history_path, positive_int
 
@@ -169,8 +179,7 @@ def parse_args(argv=None):
     p.add_argument("--max-errors", type=positive_int, default=48, help="most misclassified images to show")
     p.add_argument("--batch-size", type=positive_int, default=EVAL_BATCH_SIZE)
     p.add_argument("--seed", type=int, default=42, help="seed of the TTA variants' random shifts")
-    p.add_argument("--device", default="auto", help="auto (CUDA, else MPS, else CPU), cpu, cuda, mps")
-    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto")
+    add_device_arguments(p)
     args = p.parse_args(argv)
     if bool(args.submission) != bool(args.labels):
         p.error("--submission and --labels go together")

@@ -16,9 +16,29 @@ import numpy as np
 import pandas as pd
 import torch
 
-from data import (DEFAULT_DATA_DIR, TTA_VARIANTS, UserError, atomic_path, autocast, batch_indices, default_kaggle_csv,
-                  find_images, load_checkpoint, load_csv, load_mnist, load_submission_csv, model_from_checkpoint,
-                  normalize, pick_device, pick_precision, preprocess_image, progress_bar, run_cli, to_unit_float)
+from data import (
+    DEFAULT_DATA_DIR,
+    TTA_VARIANTS,
+    UserError,
+    add_device_arguments,
+    atomic_path,
+    autocast,
+    batch_indices,
+    default_kaggle_csv,
+    find_images,
+    load_checkpoint,
+    load_csv,
+    load_mnist,
+    load_submission_csv,
+    model_from_checkpoint,
+    normalize,
+    pick_device,
+    pick_precision,
+    preprocess_image,
+    progress_bar,
+    run_cli,
+    to_unit_float,
+)
 from train_cnn import EVAL_BATCH_SIZE, positive_int
 
 
@@ -147,9 +167,7 @@ def parse_args(argv=None):
     p.add_argument("--save-probs", help="also save the averaged probabilities [N, 10] to this .npy file")
     p.add_argument("--batch-size", type=positive_int, default=EVAL_BATCH_SIZE)
     p.add_argument("--seed", type=int, default=42, help="seed of the TTA variants' random shifts")
-    p.add_argument("--device", default="auto", help="auto (CUDA, else MPS, else CPU), cpu, cuda, mps")
-    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
-                   help="auto: bf16 on a bf16-capable CPU or GPU, fp16 on older GPUs, fp32 elsewhere")
+    add_device_arguments(p)
     args = p.parse_args(argv)
     if args.images is None and (args.invert != "auto" or args.show_preprocessed):
         p.error("--invert and --show-preprocessed go with --images")

@@ -14,10 +14,31 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from data import (AUGMENTATIONS, DEFAULT_DATA_DIR, NORMALIZATION, UserError, autocast, batch_indices,
-                  check_writable, library_versions, load_checkpoint, load_csv, load_mnist, model_from_checkpoint,
-                  pick_device, pick_precision, prepare_batch, progress_bar, run_cli, save_checkpoint, stratified_split, to_device,
-                  uses_channels_last, write_json)
+from data import (
+    AUGMENTATIONS,
+    DEFAULT_DATA_DIR,
+    NORMALIZATION,
+    UserError,
+    add_device_arguments,
+    autocast,
+    batch_indices,
+    check_writable,
+    library_versions,
+    load_checkpoint,
+    load_csv,
+    load_mnist,
+    model_from_checkpoint,
+    pick_device,
+    pick_precision,
+    prepare_batch,
+    progress_bar,
+    run_cli,
+    save_checkpoint,
+    stratified_split,
+    to_device,
+    uses_channels_last,
+    write_json,
+)
 from models import build_model
 
 EVAL_BATCH_SIZE = 1024  # no gradients to keep: larger batches are faster and still small on a GPU
@@ -225,9 +246,7 @@ def parse_args(argv=None):
     p.add_argument("--val-fraction", type=fraction, default=0.1, help="stratified validation share of the training set")
     p.add_argument("--limit", type=positive_int, help="use only the first N training and N test images (smoke runs)")
     p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--device", default="auto", help="auto (CUDA, else MPS, else CPU), cpu, cuda, cuda:1, mps")
-    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
-                   help="auto: bf16 on a bf16-capable CPU or GPU, fp16 on older GPUs, fp32 elsewhere")
+    add_device_arguments(p)
     return p.parse_args(argv)
 
 

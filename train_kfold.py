@@ -19,9 +19,25 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from data import (AUGMENTATIONS, DEFAULT_DATA_DIR, UserError, atomic_path, check_writable, default_kaggle_csv,
-                  load_checkpoint, load_csv, load_mnist, model_from_checkpoint, pick_device, pick_precision, run_cli,
-                  share_cpu_threads, to_device, write_json)
+from data import (
+    AUGMENTATIONS,
+    DEFAULT_DATA_DIR,
+    UserError,
+    add_device_arguments,
+    atomic_path,
+    check_writable,
+    default_kaggle_csv,
+    load_checkpoint,
+    load_csv,
+    load_mnist,
+    model_from_checkpoint,
+    pick_device,
+    pick_precision,
+    run_cli,
+    share_cpu_threads,
+    to_device,
+    write_json,
+)
 from models import MODELS
 from train_cnn import fit, new_model, positive_int, predict_logits, resume_path
 
@@ -45,9 +61,7 @@ def parse_args(argv=None):
     p.add_argument("--augmentation", choices=AUGMENTATIONS, default="strong")
     p.add_argument("--limit", type=positive_int, help="use only the first N training images (smoke runs)")
     p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--device", default="auto", help="auto (CUDA, else MPS, else CPU), cpu, cuda, mps; under torchrun each rank takes cuda:LOCAL_RANK")
-    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
-                   help="auto: bf16 on a bf16-capable CPU or GPU, fp16 on older GPUs, fp32 elsewhere")
+    add_device_arguments(p)
     args = p.parse_args(argv)
     if args.n_folds < 2:
         p.error("--n-folds must be at least 2")

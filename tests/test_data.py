@@ -5,11 +5,11 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import synthetic_mnist, write_idx
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
 import data
-from conftest import synthetic_mnist, write_idx
 from data import UserError
 from models import build_model
 

@@ -6,10 +6,10 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import assert_user_error, run_script
 from PIL import Image
 
 import data
-from conftest import assert_user_error, run_script
 from evaluate import compute_metrics
 from models import build_model
 

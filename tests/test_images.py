@@ -2,11 +2,11 @@
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import assert_user_error, run_script
+from photos import render_as_photo
 from PIL import Image
 
 import data
-from conftest import assert_user_error, run_script
-from photos import render_as_photo
 
 
 @pytest.fixture(scope="module")

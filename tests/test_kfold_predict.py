@@ -9,9 +9,9 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import ROOT, assert_user_error, run_script
 
 import data
-from conftest import ROOT, assert_user_error, run_script
 
 TINY = ["--n-folds", "2", "--epochs", "1", "--batch-size", "32"]
 

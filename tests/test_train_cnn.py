@@ -6,9 +6,9 @@ import sys
 import time
 
 import torch
+from conftest import ROOT, assert_user_error, run_script, synthetic_mnist
 
 import data
-from conftest import ROOT, assert_user_error, run_script, synthetic_mnist
 
 SMOKE = ["--limit", "600", "--batch-size", "64"]
 
