@@ -2,11 +2,13 @@
 
 For each architecture at one batch size, in one run on one machine:
   ceiling   forward + backward + optimizer step on one batch already on the device (project precision, and fp32)
-  ours      train_cnn.train_one_epoch + evaluate: slicing, on-device augmentation, bookkeeping, validation pass
+  ours      train_cnn.train_one_epoch + evaluate: slicing, on-device augmentation, bookkeeping, validation pass;
+            measured in rounds alternating with the ceiling at the project precision, so both see the same load
   notebook  torchvision MNIST + per-sample PIL RandomAffine/ToTensor/Normalize in a DataLoader, fp32,
             best of num_workers 0, 1, 2
   inference plain prediction, and the TTA ensemble (2 architectures x --ensemble-folds x 4 variants)
-Every measurement runs in its own process, so each reports its own peak RSS. Prints a table, writes JSON.
+Each kind of measurement runs in its own process and reports its peak RSS (ours includes the ceiling's extra model,
+a few tens of MB). Prints a table, writes JSON.
 This file is not collected by pytest (its name does not start with test_): speed is measured here, not asserted.
 
     python tests/bench.py --data-dir ../shared/data --out bench.json
@@ -50,8 +52,8 @@ def new_model(arch, device, channels_last=True):
 
 # ----------------------------------------------------------------------------- the measurements (run in a child)
 
-def measure_ceiling(arch, precision, batch_size, device, seconds=8.0):
-    """Images/s of forward + backward + Adam step on one resident, already-normalized batch."""
+def ceiling_step(arch, precision, batch_size, device):
+    """One forward + backward + Adam step on one resident, already-normalized batch: the ceiling's unit of work."""
     model = new_model(arch, device, data.uses_channels_last(device))
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     criterion = nn.CrossEntropyLoss(label_smoothing=0.1)
@@ -65,38 +67,67 @@ def measure_ceiling(arch, precision, batch_size, device, seconds=8.0):
         loss.backward()
         optimizer.step()
 
-    for _ in range(3):
+    for _ in range(3):  # warm-up: oneDNN picks its kernels on the first calls
         step()
-    steps, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
+    return step
+
+
+def time_steps(step, steps, device):
+    start = time.perf_counter()
+    for _ in range(steps):
         step()
-        steps += 1
     synchronize(device)
-    return steps * batch_size / (time.perf_counter() - start)
+    return time.perf_counter() - start
 
 
-def measure_ours(arch, precision, batch_size, device, images_count, data_dir):
-    """Images/s of the project's real epoch (training + validation pass) on images_count MNIST images."""
+def measure_ceiling(arch, precision, batch_size, device, seconds=5.0):
+    """Images/s of the ceiling step repeated for about `seconds`."""
+    step = ceiling_step(arch, precision, batch_size, device)
+    steps, elapsed = 0, 0.0
+    while elapsed < seconds:
+        elapsed += time_steps(step, 1, device)
+        steps += 1
+    return steps * batch_size / elapsed
+
+
+def measure_training(arch, precision, batch_size, device, images_count, data_dir, rounds):
+    """Our real epoch (training + validation pass) and the ceiling, interleaved in `rounds` in one process.
+
+    A shared machine's speed drifts by 20% within minutes; measured apart, the two figures can disagree by that much
+    in either direction. Alternating them puts the same drift on both, so their ratio holds. Each round is one of our
+    epochs over images_count / rounds images, then half as many images of ceiling steps.
+    """
     images, labels = data.load_mnist(data_dir, train=True)
-    train_set = (images[:images_count].to(device), labels[:images_count].to(device))
+    train_images, train_labels = images[:images_count].to(device), labels[:images_count].to(device)
     val_count = images_count // 10
-    val_set = (images[-val_count:].to(device), labels[-val_count:].to(device))
+    val_images, val_labels = images[-val_count:].to(device), labels[-val_count:].to(device)
     model = train_cnn.new_model(arch, device, seed=0)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     criterion = nn.CrossEntropyLoss(label_smoothing=0.1)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     settings = {"batch_size": batch_size, "precision": precision, "augmentation": data.light_augmentation}
     generators = train_cnn.make_generators(0, device)
-    warmup = (train_set[0][:batch_size * 3], train_set[1][:batch_size * 3])
-    train_cnn.train_one_epoch(model, *warmup, optimizer, criterion, scaler, settings, generators)
-    start = time.perf_counter()
-    train_cnn.train_one_epoch(model, *train_set, optimizer, criterion, scaler, settings, generators)
-    train_seconds = time.perf_counter() - start
-    train_cnn.evaluate(model, *val_set, criterion, precision)
-    total = time.perf_counter() - start
-    augmentation = measure_augmentation(train_set[0], batch_size, generators["augment"])
-    return {"images_per_second": images_count / total, "train_only_images_per_second": images_count / train_seconds,
-            "augmentation_share": augmentation / total}
+    train_cnn.train_one_epoch(model, train_images[:batch_size * 3], train_labels[:batch_size * 3], optimizer,
+                              criterion, scaler, settings, generators)  # warm-up
+    step = ceiling_step(arch, precision, batch_size, device)
+    ours_seconds = train_seconds = ceiling_seconds = 0.0
+    ceiling_steps = 0
+    for round_ in range(rounds):
+        part = slice(round_ * images_count // rounds, (round_ + 1) * images_count // rounds)
+        val_part = slice(round_ * val_count // rounds, (round_ + 1) * val_count // rounds)
+        start = time.perf_counter()
+        train_cnn.train_one_epoch(model, train_images[part], train_labels[part], optimizer, criterion, scaler,
+                                  settings, generators)
+        train_seconds += time.perf_counter() - start
+        train_cnn.evaluate(model, val_images[val_part], val_labels[val_part], criterion, precision)
+        ours_seconds += time.perf_counter() - start
+        steps = max(1, images_count // rounds // batch_size // 2)
+        ceiling_seconds += time_steps(step, steps, device)
+        ceiling_steps += steps
+    augmentation = measure_augmentation(train_images, batch_size, generators["augment"])
+    return {"images_per_second": images_count / ours_seconds, "train_only_images_per_second": images_count / train_seconds,
+            "ceiling_images_per_second": ceiling_steps * batch_size / ceiling_seconds,
+            "augmentation_share": augmentation / ours_seconds}
 
 
 def measure_augmentation(images, batch_size, generator):
@@ -167,8 +198,9 @@ def child(args):
     torch.manual_seed(0)
     if args.child == "ceiling":
         result = {"images_per_second": measure_ceiling(args.arch, args.precision, args.batch_size, device)}
-    elif args.child == "ours":
-        result = measure_ours(args.arch, args.precision, args.batch_size, device, args.images, args.data_dir)
+    elif args.child == "training":
+        result = measure_training(args.arch, args.precision, args.batch_size, device, args.images, args.data_dir,
+                                  args.rounds)
     elif args.child == "notebook":
         result = {"images_per_second": measure_notebook(args.arch, args.batch_size, args.notebook_images,
                                                         args.data_dir, args.workers)}
@@ -183,7 +215,7 @@ def child(args):
 
 def run_child(args, kind, **options):
     command = [sys.executable, __file__, "--child", kind, "--data-dir", str(args.data_dir), "--device", args.device,
-               "--batch-size", str(args.batch_size), "--images", str(args.images),
+               "--batch-size", str(args.batch_size), "--images", str(args.images), "--rounds", str(args.rounds),
                "--notebook-images", str(args.notebook_images), "--inference-images", str(args.inference_images),
                "--ensemble-folds", str(args.ensemble_folds)]
     for key, value in options.items():
@@ -196,6 +228,8 @@ def run_child(args, kind, **options):
 
 def scratch_copy_of_mnist(data_dir):
     """torchvision's MNIST extracts the .gz files beside them: give it a copy, not the shared folder."""
+    for train in (True, False):  # downloads the files when they are missing, and checks them
+        data.load_mnist(data_dir, train)
     scratch = Path(tempfile.mkdtemp(prefix="bench-mnist-"))
     shutil.copytree(Path(data_dir) / "MNIST" / "raw", scratch / "MNIST" / "raw")
     return scratch
@@ -237,12 +271,13 @@ def parse_args(argv=None):
     p.add_argument("--archs", nargs="+", choices=ARCHS, default=ARCHS)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--images", type=int, default=12_800, help="training images in our measured epoch")
+    p.add_argument("--rounds", type=int, default=4, help="our epoch and the ceiling alternate this many times")
     p.add_argument("--notebook-images", type=int, default=1_280, help="training images per notebook-style measurement (after 2 warm-up batches)")
     p.add_argument("--inference-images", type=int, default=1_024)
     p.add_argument("--ensemble-folds", type=int, default=5, help="models per architecture in the TTA ensemble")
     p.add_argument("--device", default="auto")
     p.add_argument("--out", default="bench.json")
-    p.add_argument("--child", choices=["ceiling", "ours", "notebook", "inference"], help=argparse.SUPPRESS)
+    p.add_argument("--child", choices=["ceiling", "training", "notebook", "inference"], help=argparse.SUPPRESS)
     p.add_argument("--arch", help=argparse.SUPPRESS)
     p.add_argument("--precision", help=argparse.SUPPRESS)
     p.add_argument("--workers", type=int, help=argparse.SUPPRESS)
@@ -262,21 +297,20 @@ def main():
               "command": " ".join([Path(sys.executable).name, *sys.argv]), "architectures": {}}
     try:
         for arch in args.archs:
-            print(f"{arch}: ceiling", flush=True)
-            ceiling = run_child(args, "ceiling", arch=arch, precision=precision)
+            print(f"{arch}: our epoch alternating with the ceiling", flush=True)
+            ours = run_child(args, "training", arch=arch, precision=precision)
+            print(f"{arch}: fp32 ceiling", flush=True)
             ceiling_fp32 = run_child(args, "ceiling", arch=arch, precision="fp32")
-            print(f"{arch}: our epoch", flush=True)
-            ours = run_child(args, "ours", arch=arch, precision=precision)
             print(f"{arch}: notebook-style loop, workers 0, 1, 2", flush=True)
             notebook = {w: run_child(args, "notebook", arch=arch, workers=w) for w in (0, 1, 2)}
             best = max(notebook, key=lambda w: notebook[w]["images_per_second"])
             report["architectures"][arch] = {
-                "ceiling": ceiling["images_per_second"], "ceiling_fp32": ceiling_fp32["images_per_second"],
+                "ceiling": ours["ceiling_images_per_second"], "ceiling_fp32": ceiling_fp32["images_per_second"],
                 "ours": ours["images_per_second"], "ours_train_only": ours["train_only_images_per_second"],
                 "augmentation_share": ours["augmentation_share"],
                 "notebook": notebook[best]["images_per_second"], "notebook_workers": best,
                 "notebook_by_workers": {w: r["images_per_second"] for w, r in notebook.items()},
-                "ours_over_ceiling": ours["images_per_second"] / ceiling["images_per_second"],
+                "ours_over_ceiling": ours["images_per_second"] / ours["ceiling_images_per_second"],
                 "ours_over_notebook": ours["images_per_second"] / notebook[best]["images_per_second"],
                 "peak_rss_mb_ours": ours["peak_rss_mb"], "peak_rss_mb_notebook": notebook[best]["peak_rss_mb"],
             }
@@ -291,4 +325,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    data.run_cli(main)
