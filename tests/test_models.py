@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from models import MODELS, ResidualBlock, build_model, count_parameters
+from models import MODELS, Dropout, ResidualBlock, build_model, count_parameters
 
 
 @pytest.mark.parametrize("name", list(MODELS))
@@ -40,3 +40,35 @@ def test_parameter_counts_are_distinct_and_in_the_millions():
 def test_unknown_architecture_is_refused():
     with pytest.raises(ValueError, match="unknown architecture 'lenet'"):
         build_model("lenet")
+
+
+def test_dropout_is_the_identity_in_eval_mode():
+    x = torch.randn(4, 512)
+    assert Dropout(0.5).eval()(x) is x
+
+
+@pytest.mark.parametrize("p", [0.25, 0.4, 0.5])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_dropout_keeps_one_minus_p_of_the_elements_scaled_to_keep_the_mean(p, channels_last):
+    torch.manual_seed(0)
+    x = torch.ones(64, 32, 14, 14, requires_grad=True)               # 401,408 elements
+    inputs = x.contiguous(memory_format=torch.channels_last) if channels_last else x
+    y = Dropout(p).train()(inputs)
+    kept = y != 0
+    assert y.shape == x.shape and y.is_contiguous(memory_format=torch.channels_last) == channels_last
+    assert abs(kept.float().mean().item() - (1 - p)) < 0.005           # the standard deviation is below 0.001
+    assert torch.allclose(y[kept], torch.tensor(1 / (1 - p)), atol=1e-4)
+    assert abs(y.mean().item() - 1) < 0.01
+    kept_per_channel = kept.float().mean((0, 2, 3))                   # no channel or position is favoured
+    assert (kept_per_channel - (1 - p)).abs().max() < 0.03
+    y.sum().backward()                                                 # the gradient flows through kept elements only
+    assert torch.equal(x.grad != 0, kept) and torch.allclose(x.grad[kept], torch.tensor(1 / (1 - p)), atol=1e-4)
+
+
+def test_dropout_mask_follows_the_seed():
+    x = torch.ones(8, 256)
+    masks = []
+    for seed in (1, 1, 2):
+        torch.manual_seed(seed)
+        masks.append(Dropout(0.25).train()(x) != 0)
+    assert torch.equal(masks[0], masks[1]) and not torch.equal(masks[0], masks[2])
