@@ -2,7 +2,7 @@
 # PYTHON=python make train   uses the current interpreter instead of creating .venv (e.g. in a Kaggle kernel)
 
 PYTHON    ?= .venv/bin/python
-DATA_DIR  ?= data
+DATA_DIR  ?= $(or $(MNIST_DATA_DIR),data)
 DEVICE    ?= auto
 EPOCHS    ?=
 KAGGLE    := $(if $(wildcard /kaggle/input/digit-recognizer/train.csv),/kaggle/input/digit-recognizer,data/digit-recognizer)

@@ -92,7 +92,10 @@ def download_mnist(data_dir, train):
     try:
         MNIST(str(data_dir), train=train, download=True)
     except Exception as error:  # network errors come in many types; all mean the same to the user
-        raise UserError(f"MNIST files not found in {data_dir}/MNIST/raw and the download failed ({error})") from None
+        # torchvision lists every mirror it tried over several lines; the last one says what went wrong
+        reasons = [line.strip() for line in str(error).splitlines() if line.strip(" )")] or [type(error).__name__]
+        raise UserError(f"MNIST files not found in {data_dir}/MNIST/raw and the download failed ({reasons[-1]}); "
+                        "offline, put the four MNIST .gz files there or pass --data-dir") from None
 
 
 def load_mnist(data_dir, train=True):

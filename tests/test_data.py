@@ -76,11 +76,15 @@ def test_failed_download_is_a_user_error(tmp_path, monkeypatch):
 
     class OfflineMNIST:
         def __init__(self, *args, **kwargs):
-            raise RuntimeError("Error downloading train-images-idx3-ubyte.gz")
+            # torchvision's own message: one line per mirror tried
+            raise RuntimeError("Error downloading train-images-idx3-ubyte.gz:\nTried https://a.example/mnist/, got:\n"
+                               "<urlopen error [Errno -2] Name or service not known>\n)")
 
     monkeypatch.setattr(torchvision.datasets, "MNIST", OfflineMNIST)
-    with pytest.raises(UserError, match="MNIST files not found in .* and the download failed"):
+    with pytest.raises(UserError, match="MNIST files not found in .* and the download failed") as caught:
         data.load_mnist(tmp_path)
+    message = str(caught.value)
+    assert "\n" not in message and "Name or service not known" in message and "--data-dir" in message
 
 
 # ----------------------------------------------------------------------------- Kaggle CSV
