@@ -36,6 +36,8 @@ class UserError(Exception):
 
 def run_cli(main):
     """Run a script's main(); a UserError becomes one line on stderr and exit code 2, Ctrl-C exit code 130."""
+    if hasattr(sys.stdout, "reconfigure"):  # each epoch's line reaches a log file or a notebook cell as it is printed
+        sys.stdout.reconfigure(line_buffering=True)
     try:
         main()
     except UserError as error:

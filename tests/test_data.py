@@ -1,11 +1,13 @@
 import gzip
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import synthetic_mnist, write_idx
+from conftest import ROOT, synthetic_mnist, write_idx
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
@@ -85,6 +87,14 @@ def test_failed_download_is_a_user_error(tmp_path, monkeypatch):
         data.load_mnist(tmp_path)
     message = str(caught.value)
     assert "\n" not in message and "Name or service not known" in message and "--data-dir" in message
+
+
+def test_scripts_print_line_by_line_into_a_pipe():
+    # Python buffers a pipe's output in blocks: a log or a notebook cell would see the epochs only at the end
+    environment = {key: value for key, value in os.environ.items() if key != "PYTHONUNBUFFERED"}
+    code = "import sys, data; data.run_cli(lambda: print(sys.stdout.line_buffering))"
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=environment, capture_output=True, text=True)
+    assert result.stdout.strip() == "True", result.stderr
 
 
 # ----------------------------------------------------------------------------- Kaggle CSV
