@@ -1,6 +1,20 @@
-"""Make 'photos' of MNIST digits: dark ink on light coloured paper, rescaled, off-centre, noisy, as a camera gives."""
+"""Make 'photos' of MNIST digits: dark ink on light coloured paper, rescaled, off-centre, noisy, as a camera gives.
+
+The tests import render_as_photo. Run as a script, it measures how well a model reads such photos through
+`predict_tta.py --images`, against the same digits given directly and against photos only resized to 28x28:
+
+    python tests/photos.py --weights CNN_best_model.pth --data-dir ../shared/data --count 200
+"""
+import argparse
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
 import numpy as np
 from PIL import Image
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def render_as_photo(digit, rng, size=(200, 150), scale=4.0, noise=0.04):
@@ -18,3 +32,48 @@ def render_as_photo(digit, rng, size=(200, 150), scale=4.0, noise=0.04):
     region = canvas[top:top + side, left:left + side]
     canvas[top:top + side, left:left + side] = region * (1 - ink[..., None]) + pen * ink[..., None]
     return Image.fromarray((np.clip(canvas, 0, 1) * 255).astype(np.uint8), mode="RGB")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--weights", nargs="+", default=["CNN_best_model.pth"])
+    p.add_argument("--data-dir", default="data", help="folder holding MNIST/raw")
+    p.add_argument("--count", type=int, default=200, help="the first COUNT MNIST test digits")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args()
+    sys.path.insert(0, str(ROOT))
+    import pandas as pd
+    import torch
+
+    import data
+    from predict_tta import ensemble_probabilities, load_ensemble
+
+    images, labels = data.load_mnist(args.data_dir, train=False)
+    images, labels = images[:args.count], labels[:args.count]
+    rng = np.random.default_rng(args.seed)
+    folder = Path(tempfile.mkdtemp(prefix="photos-"))
+    paths = [folder / f"{i:04d}.jpg" for i in range(args.count)]
+    for digit, path in zip(images, paths):   # 2.5-4.5x larger, so 70-126 pixels tall in a 200x150 JPEG
+        render_as_photo(digit.numpy(), rng, scale=rng.uniform(2.5, 4.5)).save(path, quality=90)
+
+    subprocess.run([sys.executable, str(ROOT / "predict_tta.py"), "--weights", *args.weights, "--images", str(folder),
+                    "--out", str(folder / "predictions.csv")], check=True, stdout=subprocess.DEVNULL)
+    through_images = pd.read_csv(folder / "predictions.csv")["label"].to_numpy() == labels.numpy()
+
+    device = torch.device("cpu")
+    ensemble = load_ensemble(args.weights, device)
+    precision = data.pick_precision("auto", device)
+
+    def correct(batch):  # uint8 [N, 28, 28] -> how many the ensemble reads right, with predict_tta.py's TTA
+        return int((ensemble_probabilities(ensemble, batch, data.TTA_VARIANTS, precision, 42).argmax(1) == labels).sum())
+
+    resized = torch.from_numpy(np.stack([np.asarray(Image.open(path).convert("L").resize((28, 28), Image.BILINEAR))
+                                         for path in paths]))
+    n = args.count
+    print(f"photos in {folder}")
+    print(f"predict_tta.py --images: {through_images.sum()} of {n}; the same digits given directly: {correct(images)} of {n}; "
+          f"photos only resized to 28x28: {correct(resized)} of {n}, and inverted: {correct(255 - resized)} of {n}")
+
+
+if __name__ == "__main__":
+    main()
