@@ -127,7 +127,11 @@ def plot_curves(histories, path):
             ax.plot(epochs, [h[f"train_{key}"] for h in history], "--", color=colour, alpha=0.7, label=f"{name} train")
             ax.plot(epochs, [h[f"val_{key}"] for h in history], "-", marker="o", markersize=3, color=colour,
                     label=f"{name} validation")
-    for ax, title in ((loss_ax, "Loss (with label smoothing)"), (acc_ax, "Accuracy")):
+    # Accuracies near 1 are what tell models apart: the axis starts just below the lowest validation accuracy,
+    # so the first training epochs may fall below it.
+    lowest = min(h["val_accuracy"] for history in histories.values() for h in history)
+    acc_ax.set_ylim(max(0.0, lowest - 0.25 * (1 - lowest)), 1.0)
+    for ax, title in ((loss_ax, "Loss (with label smoothing)"), (acc_ax, "Accuracy (from the lowest validation value)")):
         ax.set_title(title)
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
