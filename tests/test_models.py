@@ -72,3 +72,9 @@ def test_dropout_mask_follows_the_seed():
         torch.manual_seed(seed)
         masks.append(Dropout(0.25).train()(x) != 0)
     assert torch.equal(masks[0], masks[1]) and not torch.equal(masks[0], masks[2])
+
+
+def test_dropout_off_the_cpu_runs_torchs_own():
+    # CUDA and MPS cannot run here; the meta device takes the same branch and checks its shapes
+    y = Dropout(0.25).train()(torch.ones(4, 8, device="meta"))
+    assert y.device.type == "meta" and y.shape == (4, 8)
