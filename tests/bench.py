@@ -83,11 +83,12 @@ def time_steps(step, steps, device):
 def measure_ceiling(arch, precision, batch_size, device, seconds=5.0):
     """Images/s of the ceiling step repeated for about `seconds`."""
     step = ceiling_step(arch, precision, batch_size, device)
-    steps, elapsed = 0, 0.0
-    while elapsed < seconds:
-        elapsed += time_steps(step, 1, device)
+    steps, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        step()
         steps += 1
-    return steps * batch_size / elapsed
+    synchronize(device)  # once at the end: a GPU keeps queueing steps, as in training
+    return steps * batch_size / (time.perf_counter() - start)
 
 
 def measure_training(arch, precision, batch_size, device, images_count, data_dir, rounds):

@@ -15,6 +15,9 @@ import numpy as np
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import data  # noqa: E402
 
 
 def render_as_photo(digit, rng, size=(200, 150), scale=4.0, noise=0.04):
@@ -37,15 +40,13 @@ def render_as_photo(digit, rng, size=(200, 150), scale=4.0, noise=0.04):
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--weights", nargs="+", default=["CNN_best_model.pth"])
-    p.add_argument("--data-dir", default="data", help="folder holding MNIST/raw")
+    p.add_argument("--data-dir", default=data.DEFAULT_DATA_DIR, help="folder holding MNIST/raw (env MNIST_DATA_DIR)")
     p.add_argument("--count", type=int, default=200, help="the first COUNT MNIST test digits")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
-    sys.path.insert(0, str(ROOT))
     import pandas as pd
     import torch
 
-    import data
     from predict_tta import ensemble_probabilities, load_ensemble
 
     images, labels = data.load_mnist(args.data_dir, train=False)
