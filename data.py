@@ -1,11 +1,21 @@
-"""Everything between files on disk and a normalized batch on the device.
+"""What several scripts share, from files on disk to a normalized batch on the device, and back to files.
 
-Loading and validating MNIST (IDX) and Kaggle CSV files, device and precision choice,
-batching, batched on-device augmentation, normalization, and checkpoint files.
-Scripts import from here; `python data.py export-kaggle --out DIR` writes Kaggle-format CSVs from MNIST.
+Sections, in order:
+  command line     UserError and run_cli (one line, exit code 2), argument types, --device/--precision, --data
+  MNIST            the four IDX files, validated
+  Kaggle CSV       reading and validating train.csv / test.csv / ImageId,Label files; writing them
+  data source      load_data: MNIST or CSV, as --data says, the same in every script
+  batches          stratified splits, batch indices, uint8 -> normalized float, channels_last
+  augmentation     batched affine + perspective on the device, TTA variants
+  device           device pick, precision, autocast
+  files            atomic writes, JSON
+  checkpoints      the checkpoint format: save, load and validate, completeness, resume state, models from them
+  images           people's own photos and drawings -> MNIST-like uint8 [28, 28]
+  export-kaggle    `python data.py export-kaggle --out DIR` writes Kaggle-format CSVs from MNIST
 """
 import argparse
 import contextlib
+import glob
 import gzip
 import math
 import os
@@ -13,6 +23,7 @@ import platform
 import struct
 import sys
 import tempfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,8 +38,13 @@ IMAGE_SIZE = 28
 NUM_PIXELS = IMAGE_SIZE * IMAGE_SIZE
 PIXEL_COLUMNS = [f"pixel{i}" for i in range(NUM_PIXELS)]
 KAGGLE_INPUT = Path("/kaggle/input/digit-recognizer")
-DEFAULT_DATA_DIR = os.environ.get("MNIST_DATA_DIR", "data")  # folder holding MNIST/raw
+DEFAULT_DATA_DIR = os.environ.get("MNIST_DATA_DIR") or "data"  # folder holding MNIST/raw; an empty variable is unset
+# Batch size for inference (validation, prediction): on a CPU, larger batches of resnet's first stage fall out of
+# the cache and its element-wise passes wait on memory (README, Speed); a GPU is kept busy by 256 too.
+EVAL_BATCH_SIZE = 256
 
+
+# ----------------------------------------------------------------------------- command line
 
 class UserError(Exception):
     """A problem the user can fix (bad file, bad flag); scripts print it as one line and exit with code 2."""
@@ -48,12 +64,79 @@ def run_cli(main):
         sys.exit(130)
 
 
+def positive_int(text):
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def fraction(text):
+    value = float(text)
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {text}")
+    return value
+
+
+def positive_float(text):
+    value = float(text)
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
+def nonnegative_float(text):
+    value = float(text)
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text}")
+    return value
+
+
+MAX_SEED = 2**32 - 1000  # numpy and scikit-learn take seeds below 2**32; runs derive a few seeds above --seed
+
+
+def seed_int(text):
+    value = int(text)
+    if not 0 <= value < MAX_SEED:
+        raise argparse.ArgumentTypeError(f"must be an integer in 0..{MAX_SEED - 1}, got {text}")
+    return value
+
+
+def add_data_arguments(parser, default, split):
+    """--data and the files it reads, spelled and explained the same in every script.
+
+    split: "train" (a labelled --train-csv) or "test" (--test-csv, labelled or with --labels).
+    A CSV file named on the command line without --data selects csv, so `--train-csv FILE` alone works.
+    """
+    parser.add_argument("--data", choices=["mnist", "csv"],
+                        help=f"mnist: the IDX files in --data-dir; csv: Kaggle-format --{split}-csv "
+                             f"(default: {default}, or csv when --{split}-csv is given)")
+    parser.add_argument("--data-dir", default=DEFAULT_DATA_DIR, help="folder holding MNIST/raw/*.gz (env MNIST_DATA_DIR)")
+    if split == "train":
+        parser.add_argument("--train-csv", help=f"Kaggle train.csv: label, pixel0..pixel783 (default: {default_kaggle_csv('train.csv')})")
+    else:
+        parser.add_argument("--test-csv", help="Kaggle test.csv: pixel0..pixel783, or with a label column first "
+                                               f"(default: {default_kaggle_csv('test.csv')})")
+        parser.add_argument("--labels", help="ImageId,Label CSV of the true labels of --test-csv, to report accuracy")
+    parser.set_defaults(data_default=default, data_split=split)
+
+
+def resolve_data_arguments(args):
+    """Fill in --data and the CSV path after parsing (see add_data_arguments)."""
+    csv_attribute = f"{args.data_split}_csv"
+    if args.data is None:
+        args.data = "csv" if getattr(args, csv_attribute) is not None else args.data_default
+    if getattr(args, csv_attribute) is None:
+        setattr(args, csv_attribute, str(default_kaggle_csv(f"{args.data_split}.csv")))
+    return args
+
+
 # ----------------------------------------------------------------------------- MNIST (IDX files)
 
 IDX_IMAGES_MAGIC, IDX_LABELS_MAGIC = 2051, 2049
 MNIST_FILES = {
-    True: ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
-    False: ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
 }
 
 
@@ -71,7 +154,7 @@ def read_idx(path, expected_magic):
         opener = gzip.open if path.suffix == ".gz" else open
         with opener(path, "rb") as f:
             raw = f.read()
-    except (OSError, EOFError) as error:
+    except (OSError, EOFError, zlib.error) as error:  # zlib.error: a corrupt deflate stream inside the .gz
         raise UserError(f"{path}: cannot read ({error})") from None
     ndim = expected_magic - 2048  # 1 for labels, 3 for images
     header_size = 4 + 4 * ndim
@@ -82,17 +165,19 @@ def read_idx(path, expected_magic):
         raise UserError(f"{path}: not an IDX {'image' if ndim == 3 else 'label'} file (magic {magic}, expected {expected_magic})")
     if ndim == 3 and tuple(dims[1:]) != (IMAGE_SIZE, IMAGE_SIZE):
         raise UserError(f"{path}: images are {dims[1]}x{dims[2]}, expected {IMAGE_SIZE}x{IMAGE_SIZE}")
+    if dims[0] == 0:
+        raise UserError(f"{path}: its header announces 0 items; the file holds no data")
     expected_bytes = header_size + math.prod(dims)
     if len(raw) != expected_bytes:
         raise UserError(f"{path}: {len(raw)} bytes, but its header announces {dims[0]} items ({expected_bytes} bytes): truncated or corrupt")
     return torch.frombuffer(bytearray(raw), dtype=torch.uint8, offset=header_size).view(*dims)
 
 
-def download_mnist(data_dir, train):
+def download_mnist(data_dir, split):
     """Fetch MNIST with torchvision into data_dir/MNIST/raw (only called when the files are missing)."""
     from torchvision.datasets import MNIST
     try:
-        MNIST(str(data_dir), train=train, download=True)
+        MNIST(str(data_dir), train=split == "train", download=True)
     except Exception as error:  # network errors come in many types; all mean the same to the user
         # torchvision lists every mirror it tried over several lines; the last one says what went wrong
         reasons = [line.strip() for line in str(error).splitlines() if line.strip(" )")] or [type(error).__name__]
@@ -100,12 +185,12 @@ def download_mnist(data_dir, train):
                         "offline, put the four MNIST .gz files there or pass --data-dir") from None
 
 
-def load_mnist(data_dir, train=True):
-    """MNIST as (images uint8 [N, 28, 28], labels int64 [N]), read straight from data_dir/MNIST/raw."""
+def load_mnist(data_dir, split="train"):
+    """MNIST's "train" or "test" split as (images uint8 [N, 28, 28], labels int64 [N]), read from data_dir/MNIST/raw."""
     raw_dir = Path(data_dir) / "MNIST" / "raw"
-    stems = MNIST_FILES[train]
+    stems = MNIST_FILES[split]
     if any(find_idx_file(raw_dir, stem) is None for stem in stems):
-        download_mnist(data_dir, train)
+        download_mnist(data_dir, split)
     images = read_idx(find_idx_file(raw_dir, stems[0]), IDX_IMAGES_MAGIC)
     labels = read_idx(find_idx_file(raw_dir, stems[1]), IDX_LABELS_MAGIC)
     if len(images) != len(labels):
@@ -117,10 +202,19 @@ def load_mnist(data_dir, train=True):
 
 # ----------------------------------------------------------------------------- Kaggle CSV files
 
+MAX_QUOTED = 100  # characters of an offending cell quoted in an error message
+
+
 def default_kaggle_csv(name):
     """Inside a Kaggle kernel the competition data is mounted read-only under /kaggle/input."""
     folder = KAGGLE_INPUT if KAGGLE_INPUT.is_dir() else Path("data/digit-recognizer")
     return folder / name
+
+
+def quoted(value):
+    """repr(value), cut to MAX_QUOTED characters: a 5 MB cell must not become a 5 MB error line."""
+    text = repr(value)
+    return text if len(text) <= MAX_QUOTED else text[:MAX_QUOTED] + f"... ({len(text)} characters)"
 
 
 def check_integers_in_range(path, frame, low, high):
@@ -129,8 +223,10 @@ def check_integers_in_range(path, frame, low, high):
         values = frame[column]
         if values.dtype.kind in "iu":  # the common case: pandas parsed the whole column as integers
             bad = (values < low) | (values > high)
+        elif values.dtype.kind == "b":  # True/False is not a pixel value, though pandas would cast it to 1/0
+            bad = pd.Series(True, index=values.index)
         else:
-            numeric = pd.to_numeric(values, errors="coerce")
+            numeric = pd.to_numeric(values.where(values.map(type) != bool), errors="coerce")
             bad = numeric.isna() | (numeric % 1 != 0) | (numeric < low) | (numeric > high)
         if not bad.any():
             continue
@@ -140,30 +236,44 @@ def check_integers_in_range(path, frame, low, high):
         if isinstance(value, float) and math.isnan(value):
             problem = "missing value"
         else:
-            problem = f"value {value!r} is not an integer in {low}..{high}"
+            problem = f"value {quoted(value)} is not an integer in {low}..{high}"
         raise UserError(f"{path}: line {row + 2}, column {column}: {problem}")
 
 
-def load_csv(path, labelled):
-    """A Kaggle Digit Recognizer CSV as (images uint8 [N, 28, 28], labels int64 [N] or None), validated."""
+def read_csv_frame(path):
+    """A CSV file (plain, gzip or zip) as a DataFrame; a missing, empty or unparsable file is a UserError naming it."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: no such file")
+    with open(path, "rb") as f:
+        start = f.read(4)
+    # compressed by its content, whatever its name: a gzip or zip file named .csv is read as the CSV inside it
+    compression = "gzip" if start[:2] == b"\x1f\x8b" else "zip" if start == b"PK\x03\x04" else None
     try:
-        frame = pd.read_csv(path, engine="c", low_memory=False)
+        return pd.read_csv(path, engine="c", low_memory=False, compression=compression)
     except pd.errors.EmptyDataError:
         raise UserError(f"{path}: the file is empty") from None
-    except (pd.errors.ParserError, UnicodeDecodeError, ValueError) as error:
-        raise UserError(f"{path}: not a readable CSV ({str(error).splitlines()[0]})") from None
-    expected = (["label"] if labelled else []) + PIXEL_COLUMNS
+    except (pd.errors.ParserError, UnicodeDecodeError, ValueError, OSError, EOFError, zlib.error) as error:
+        raise UserError(f"{path}: not a readable CSV ({str(error).splitlines()[0][:2 * MAX_QUOTED]})") from None
+
+
+def load_csv(path, labelled):
+    """A Kaggle Digit Recognizer CSV as (images uint8 [N, 28, 28], labels int64 [N] or None), validated.
+
+    labelled: True (label, pixel0..pixel783), False (pixel0..pixel783), or None (either; by the first column).
+    """
+    frame = read_csv_frame(path)
     columns = [str(c) for c in frame.columns]
+    if labelled is None:
+        labelled = bool(columns) and columns[0] == "label"
+    expected = (["label"] if labelled else []) + PIXEL_COLUMNS
     if columns != expected:
         missing = [c for c in expected if c not in columns]
         extra = [c for c in columns if c not in expected]
         if missing:
-            detail = f"missing column {missing[0]}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+            detail = f"missing column {quoted(missing[0])[1:-1]}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
         elif extra:
-            detail = f"unexpected column {extra[0]}"
+            detail = f"unexpected column {quoted(extra[0])[1:-1]}"
         else:
             detail = "columns are out of order"
         kind = "label, pixel0..pixel783" if labelled else "pixel0..pixel783"
@@ -183,17 +293,10 @@ def load_submission_csv(path, n_rows=None):
 
     n_rows: the number of test images it must cover; None accepts any non-empty file with ImageId 1..N.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: no such file")
-    try:
-        frame = pd.read_csv(path)
-    except pd.errors.EmptyDataError:
-        raise UserError(f"{path}: the file is empty") from None
-    except (pd.errors.ParserError, UnicodeDecodeError, ValueError) as error:
-        raise UserError(f"{path}: not a readable CSV ({str(error).splitlines()[0]})") from None
+    frame = read_csv_frame(path)
     if [str(c) for c in frame.columns] != ["ImageId", "Label"]:
-        raise UserError(f"{path}: the header must be ImageId,Label, found {','.join(map(str, frame.columns))}")
+        found = quoted(",".join(map(str, frame.columns)))[1:-1]
+        raise UserError(f"{path}: the header must be ImageId,Label, found {found}")
     if len(frame) == 0:
         raise UserError(f"{path}: has a header but no rows")
     n_rows = len(frame) if n_rows is None else n_rows
@@ -208,13 +311,41 @@ def load_submission_csv(path, n_rows=None):
     return torch.from_numpy(frame["Label"].to_numpy(dtype=np.int64, copy=True))
 
 
-def write_csv(path, images, labels=None):
-    """Write images (and labels) in Kaggle's format; used to export MNIST and by tests."""
+def write_frame(path, frame):
+    """Write a DataFrame as CSV, atomically (the old file or the new one, never half of one)."""
+    with atomic_path(path) as tmp:
+        frame.to_csv(tmp, index=False)
+
+
+def write_images_csv(path, images, labels=None):
+    """Images uint8 [N, 28, 28] (and labels) in Kaggle's train.csv / test.csv format."""
     frame = pd.DataFrame(images.reshape(len(images), NUM_PIXELS).numpy(), columns=PIXEL_COLUMNS)
     if labels is not None:
         frame.insert(0, "label", labels.numpy())
-    with atomic_path(path) as tmp:
-        frame.to_csv(tmp, index=False)
+    write_frame(path, frame)
+
+
+def write_submission(path, labels):
+    """Kaggle's submission format (also that of test_labels.csv): header ImageId,Label; ImageId 1..N in input order."""
+    write_frame(path, pd.DataFrame({"ImageId": np.arange(1, len(labels) + 1), "Label": labels.numpy()}))
+
+
+# ----------------------------------------------------------------------------- the data source
+
+def load_data(args, split):
+    """(images uint8 [N, 28, 28], labels int64 [N] or None) from the source --data names (see add_data_arguments).
+
+    split "train": MNIST's training set or --train-csv. split "test": MNIST's test set, or --test-csv with the
+    labels of its label column or of --labels (None when it has neither).
+    """
+    if args.data == "mnist":
+        return load_mnist(args.data_dir, split)
+    if split == "train":
+        return load_csv(args.train_csv, labelled=True)
+    images, labels = load_csv(args.test_csv, labelled=None)
+    if args.labels:
+        labels = load_submission_csv(args.labels, len(images))
+    return images, labels
 
 
 # ----------------------------------------------------------------------------- splits and batches
@@ -251,9 +382,9 @@ def to_unit_float(images, augmentation=None, generator=None):
 
 
 def normalize(x, normalization):
-    """Unit-range float [B, 1, 28, 28] -> the model's input: standardized, channels_last."""
+    """Unit-range float [B, 1, 28, 28] -> the model's input: standardized, channels_last where that is faster."""
     x = (x - normalization["mean"]) / normalization["std"]
-    return x.contiguous(memory_format=torch.channels_last)
+    return x.contiguous(memory_format=torch.channels_last) if uses_channels_last(x.device) else x
 
 
 def prepare_batch(images, normalization, augmentation=None, generator=None):
@@ -444,7 +575,7 @@ def uses_channels_last(device):
     return device.type in ("cpu", "cuda")
 
 
-# ----------------------------------------------------------------------------- files and checkpoints
+# ----------------------------------------------------------------------------- files
 
 @contextlib.contextmanager
 def atomic_path(path):
@@ -455,7 +586,8 @@ def atomic_path(path):
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        remove_orphaned_temporaries(path)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp")
         os.close(fd)
         os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600; give the file the usual permissions
     except OSError as error:
@@ -468,6 +600,24 @@ def atomic_path(path):
             os.remove(tmp)
 
 
+def remove_orphaned_temporaries(path):
+    """Remove the temporary files of `path` left by writers that were killed (their process no longer exists)."""
+    for tmp in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        pid = tmp.name[len(path.name) + 2:].split(".")[0]
+        if pid.isdigit() and not process_exists(int(pid)):
+            tmp.unlink(missing_ok=True)
+
+
+def process_exists(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, as another user's
+        return True
+    return True
+
+
 def current_umask():
     mask = os.umask(0)
     os.umask(mask)
@@ -475,14 +625,64 @@ def current_umask():
 
 
 def check_writable(path):
-    """Fail at start-up, not after an hour of training, when an output file cannot be written."""
+    """Fail at start-up, not after an hour of training, when an output file cannot be written; creates nothing."""
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"cannot write {path}: it is a folder; give a file name")
+    check_folder_writable(path.parent, path)
+
+
+def check_output_folder(flag, path):
+    """Fail at start-up when an output folder cannot be made or written to (or a file is in its place)."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{flag} {path}: a file is in the way of this output folder")
+    check_folder_writable(path, path)
+
+
+def check_folder_writable(folder, target):
+    """A file can be created in `folder`, or, where it does not exist yet, in the nearest part of it that does."""
+    existing = Path(folder)
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UserError(f"cannot write {target}: {existing} is a file, not a folder")
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=path.parent):
+        with tempfile.TemporaryFile(dir=existing):
             pass
     except OSError as error:
-        raise UserError(f"cannot write {path}: {error.strerror or error}") from None
+        raise UserError(f"cannot write {target}: {error.strerror or error}") from None
+
+
+def same_file(a, b):
+    a, b = Path(a), Path(b)
+    if a.exists() and b.exists():
+        return os.path.samefile(a, b)
+    return a.resolve() == b.resolve()
+
+
+def check_outputs(outputs, inputs):
+    """Before any work: every output file is writable, not a folder, and none is one of the run's inputs.
+
+    outputs, inputs: {flag: [paths]}, the flag naming where each path came from in the error message.
+    """
+    named_inputs = [(flag, Path(p)) for flag, paths in inputs.items() for p in paths if p is not None]
+    for flag, paths in outputs.items():
+        for path in map(Path, paths):
+            for input_flag, input_path in named_inputs:
+                if same_file(path, input_path):
+                    raise UserError(f"{flag} would overwrite an input ({path} is {input_flag} {input_path}); "
+                                    "choose another output path")
+            check_writable(path)
+
+
+def write_numpy(path, value):
+    """An array as .npy, or a dict of arrays as .npz, atomically."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        if isinstance(value, dict):
+            np.savez(f, **value)
+        else:
+            np.save(f, value)
 
 
 def write_json(path, obj):
@@ -496,14 +696,101 @@ def library_versions():
     return {"python": platform.python_version(), "torch": str(torch.__version__), "torchvision": str(torchvision.__version__)}
 
 
+# ----------------------------------------------------------------------------- checkpoints
+# The one checkpoint format, read by every script: a dict of plain types and tensors, so that
+# torch.load(weights_only=True) reads it and a downloaded file cannot run code.
+#   model_state    the model's plain state_dict (the averaged weights when weight averaging is on)
+#   arch           a name in models.MODELS
+#   normalization  {"mean": float, "std": float}: what the model's inputs were standardized with
+#   epoch          the epoch these weights are from
+#   precision, metrics {"val_loss", "val_accuracy"}, settings (what defines the run), versions
+#   complete       True once the run that writes it has finished
+# Beside NAME.pth: NAME.history.json (one record per epoch) and, while training runs, NAME.resume.pth.
+
+CHECKPOINT_KEYS = ("model_state", "arch", "normalization", "epoch")
+RESUME_KEYS = ("model_state", "optimizer_state", "scheduler_state", "scaler_state", "rng", "progress", "arch")
+
+
+def history_path(checkpoint_path):
+    return Path(checkpoint_path).with_suffix(".history.json")
+
+
+RESUME_SUFFIX = ".resume.pth"
+
+
+def resume_path(checkpoint_path):
+    """Per-epoch training state beside the best checkpoint; removed once training completes."""
+    return Path(checkpoint_path).with_suffix(RESUME_SUFFIX)
+
+
+def lock_path(checkpoint_path):
+    """The lock a training run holds on its checkpoint; the file stays, the lock ends with the process."""
+    return Path(checkpoint_path).with_suffix(".lock")
+
+
+def checkpoint_dict(model, record, settings, complete=False):
+    """A checkpoint of `model`'s weights after the epoch `record` (a history entry) describes."""
+    return {"model_state": model.state_dict(), "arch": settings["arch"], "normalization": dict(settings["normalization"]),
+            "precision": settings["precision"], "epoch": record["epoch"],
+            "metrics": {"val_loss": record["val_loss"], "val_accuracy": record["val_accuracy"]},
+            "settings": settings, "versions": library_versions(), "complete": complete}
+
+
+def try_checkpoint_lock(checkpoint_path):
+    """The checkpoint's lock, acquired, or None when another process holds it.
+
+    An advisory lock on a file beside the checkpoint (filelock, flock on POSIX): the system releases it
+    when the process ends, however it ends, so a killed run never leaves a stale lock behind.
+    """
+    from filelock import FileLock, Timeout
+    path = lock_path(checkpoint_path)
+    lock = FileLock(path, timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        return None
+    except OSError as error:
+        raise UserError(f"cannot lock {path}: {error.strerror or error}") from None
+    return lock
+
+
+@contextlib.contextmanager
+def checkpoint_lock(checkpoint_path):
+    """Hold the checkpoint's lock for a run's life; a UserError when another run holds it."""
+    lock = try_checkpoint_lock(checkpoint_path)
+    if lock is None:
+        raise UserError(f"{checkpoint_path} is in use by another training run (it holds {lock_path(checkpoint_path)}); "
+                        "wait for it to finish, or choose another checkpoint or output folder")
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def data_fingerprint(images, labels):
+    """A short description of a training set that changes when any image or label does."""
+    import hashlib
+    digest = hashlib.sha256(images.numpy().tobytes())
+    digest.update(labels.numpy().tobytes())
+    return f"{len(labels)} images, sha256 {digest.hexdigest()[:16]}"
+
+
+def settings_difference(saved, current, may_change=()):
+    """(name, saved value, current value) of the first setting that differs outside may_change, else None."""
+    for name in sorted(set(saved) | set(current)):
+        if name not in may_change and saved.get(name) != current.get(name):
+            return name, saved.get(name), current.get(name)
+    return None
+
+
 def save_checkpoint(path, checkpoint):
     """Write a checkpoint dict (plain types and tensors only) atomically."""
     with atomic_path(path) as tmp:
         torch.save(checkpoint, tmp)
 
 
-def load_checkpoint(path, required=("model_state", "arch", "normalization")):
-    """Read a checkpoint with weights_only=True, so a downloaded file cannot run code when loaded."""
+def read_checkpoint_file(path, required):
+    """torch.load(weights_only=True) of a dict that must hold the `required` keys."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: no such checkpoint")
@@ -513,27 +800,100 @@ def load_checkpoint(path, required=("model_state", "arch", "normalization")):
         lines = [line.strip() for line in str(error).splitlines() if line.strip()] or [type(error).__name__]
         # weights_only refusals bury the reason (the blocked global it would import) in a long message
         reason = next((line for line in lines if "global" in line.lower()), lines[0])
-        raise UserError(f"{path}: not a readable checkpoint ({reason})") from None
+        raise UserError(f"{path}: not a readable checkpoint ({reason[:2 * MAX_QUOTED]})") from None
     if not isinstance(checkpoint, dict) or not set(required) <= set(checkpoint):
         raise UserError(f"{path}: not a checkpoint of this project (it needs {', '.join(required)})")
     return checkpoint
 
 
+def load_checkpoint(path):
+    """A model checkpoint, read safely and checked field by field."""
+    checkpoint = read_checkpoint_file(path, CHECKPOINT_KEYS)
+    check_checkpoint_fields(path, checkpoint)
+    return checkpoint
+
+
+def check_checkpoint_fields(path, checkpoint):
+    """Each field of the format has the type and range it must have; the weights are finite."""
+    from models import MODELS
+    arch, normalization, epoch = checkpoint["arch"], checkpoint["normalization"], checkpoint["epoch"]
+    if not isinstance(arch, str) or arch not in MODELS:
+        raise UserError(f"{path}: unknown architecture {quoted(arch)} (known: {', '.join(MODELS)})")
+    if not (isinstance(normalization, dict) and set(normalization) == {"mean", "std"}
+            and all(isinstance(v, (int, float)) and math.isfinite(v) for v in normalization.values())
+            and normalization["std"] > 0):
+        raise UserError(f"{path}: normalization must be {{'mean': number, 'std': positive number}}, "
+                        f"found {quoted(normalization)}")
+    if not isinstance(epoch, int) or isinstance(epoch, bool) or epoch < 0:
+        raise UserError(f"{path}: epoch must be a whole number, found {quoted(epoch)}")
+    check_state_dict(path, checkpoint["model_state"])
+
+
+def check_state_dict(path, state):
+    """A state dict: names -> tensors, every floating-point value finite (a NaN model labels every image 0)."""
+    if not isinstance(state, dict) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in state.items()):
+        raise UserError(f"{path}: model_state is not a dict of named tensors (found {type(state).__name__})")
+    for name, tensor in state.items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise UserError(f"{path}: the weights are not finite ({name} holds NaN or Inf); train it again")
+
+
+def is_complete(checkpoint):
+    """True when the run that wrote this checkpoint dict finished (its weights are the run's best)."""
+    return checkpoint.get("complete", False) is True
+
+
+def mark_complete(path):
+    """Mark the checkpoint at `path` as the finished run's best; returns the checkpoint dict."""
+    checkpoint = load_checkpoint(path)
+    checkpoint["complete"] = True
+    save_checkpoint(path, checkpoint)
+    return checkpoint
+
+
+def save_resume_state(path, **state):
+    """The training state of RESUME_KEYS (and optional extras) after an epoch, written atomically."""
+    assert set(RESUME_KEYS) <= set(state), f"resume state lacks {set(RESUME_KEYS) - set(state)}"
+    save_checkpoint(path, state)
+
+
+def load_resume_state(path, arch):
+    """The training state save_resume_state wrote, for a run of architecture `arch`."""
+    state = read_checkpoint_file(path, RESUME_KEYS)
+    if state["arch"] != arch:
+        raise UserError(f"{path}: the resume file of a {quoted(state['arch'])} run, not {arch}; "
+                        "pass --retrain to start again, or another --checkpoint")
+    check_state_dict(path, state["model_state"])
+    return state
+
+
+def place_model(model, device):
+    """The model on the device, in channels_last where the device's convolutions gain from it."""
+    if uses_channels_last(device):
+        model = model.to(memory_format=torch.channels_last)
+    return model.to(device)
+
+
+def new_model(arch, device, seed):
+    """A freshly initialised model on the device; the seed fixes the initial weights."""
+    from models import build_model
+    torch.manual_seed(seed)
+    return place_model(build_model(arch), device)
+
+
 def model_from_checkpoint(path, device, checkpoint=None):
     """Build the checkpoint's architecture and load its weights: (model in eval mode, checkpoint dict)."""
-    from models import MODELS, build_model
+    from models import build_model
     checkpoint = checkpoint or load_checkpoint(path)
     arch = checkpoint["arch"]
-    if arch not in MODELS:
-        raise UserError(f"{path}: unknown architecture {arch!r} (known: {', '.join(MODELS)})")
     model = build_model(arch)
     try:
         model.load_state_dict(checkpoint["model_state"])
     except RuntimeError as error:
-        raise UserError(f"{path}: weights do not fit the {arch} architecture ({str(error).splitlines()[1].strip()})") from None
-    if uses_channels_last(device):
-        model = model.to(memory_format=torch.channels_last)
-    return model.to(device).eval(), checkpoint
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        reason = lines[1] if len(lines) > 1 else lines[0]  # the first line only says which class failed to load
+        raise UserError(f"{path}: weights do not fit the {arch} architecture ({reason[:2 * MAX_QUOTED]})") from None
+    return place_model(model, device).eval(), checkpoint
 
 
 # ----------------------------------------------------------------------------- people's own images
@@ -638,13 +998,12 @@ def find_images(paths):
 
 def export_kaggle(data_dir, out):
     """Kaggle-format train.csv / test.csv / test_labels.csv from MNIST, for an offline end-to-end run."""
-    train_images, train_labels = load_mnist(data_dir, train=True)
-    test_images, test_labels = load_mnist(data_dir, train=False)
+    train_images, train_labels = load_mnist(data_dir, "train")
+    test_images, test_labels = load_mnist(data_dir, "test")
     out = Path(out)
-    write_csv(out / "train.csv", train_images, train_labels)
-    write_csv(out / "test.csv", test_images)
-    with atomic_path(out / "test_labels.csv") as tmp:
-        pd.DataFrame({"ImageId": np.arange(1, len(test_labels) + 1), "Label": test_labels.numpy()}).to_csv(tmp, index=False)
+    write_images_csv(out / "train.csv", train_images, train_labels)
+    write_images_csv(out / "test.csv", test_images)
+    write_submission(out / "test_labels.csv", test_labels)
     print(f"wrote {out}/train.csv ({len(train_labels)} rows), test.csv and test_labels.csv ({len(test_labels)} rows)")
 
 

@@ -2,7 +2,7 @@
 
     python evaluate.py --weights CNN_best_model.pth                  # MNIST test set -> reports/CNN_best_model/
     python evaluate.py --weights models --tta 4                      # the k-fold ensemble with TTA
-    python evaluate.py --csv labelled.csv --weights models           # a labelled Kaggle-format CSV
+    python evaluate.py --test-csv labelled.csv --weights models      # a labelled Kaggle-format CSV (or --labels)
     python evaluate.py --submission submission.csv --labels test_labels.csv   # score a submission file
 
 Writes confusion_matrix.png, misclassified.png, curves.png (from the history JSON beside each checkpoint),
@@ -19,19 +19,26 @@ from matplotlib.colors import LogNorm
 from sklearn.metrics import classification_report, confusion_matrix
 
 from data import (
-    DEFAULT_DATA_DIR,
+    EVAL_BATCH_SIZE,
+    UserError,
+    add_data_arguments,
     add_device_arguments,
     atomic_path,
-    load_csv,
-    load_mnist,
+    check_output_folder,
+    check_outputs,
+    history_path,
+    load_data,
     load_submission_csv,
     pick_device,
     pick_precision,
+    positive_int,
+    resolve_data_arguments,
     run_cli,
+    seed_int,
+    write_frame,
     write_json,
 )
-from predict_tta import ensemble_probabilities, load_ensemble, tta_variants
-from train_cnn import EVAL_BATCH_SIZE, history_path, positive_int
+from predict_tta import ensemble_probabilities, load_ensemble, tta_variants, weight_files
 
 plt.switch_backend("Agg")  # headless: figures go to files, never to a window
 DPI = 120
@@ -147,12 +154,21 @@ def plot_curves(histories, path):
 # ----------------------------------------------------------------------------- inputs and outputs
 
 def load_histories(paths):
-    """{checkpoint name: history} for every checkpoint that has a history JSON beside it."""
+    """{checkpoint name: history} for every checkpoint that has a history JSON beside it, each checked."""
     histories = {}
     for path in paths:
         json_path = history_path(path)
-        if json_path.is_file():
-            histories[Path(path).stem] = json.loads(json_path.read_text())
+        if not json_path.is_file():
+            continue
+        try:
+            history = json.loads(json_path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise UserError(f"{json_path}: not a readable history ({error}); move it away to report without curves") from None
+        keys = ("epoch", "train_loss", "val_loss", "train_accuracy", "val_accuracy")
+        if not (isinstance(history, list) and history and all(isinstance(h, dict) and all(
+                isinstance(h.get(k), (int, float)) for k in keys) for h in history)):
+            raise UserError(f"{json_path}: not a history of this project (a list of epochs with {', '.join(keys)})")
+        histories[Path(path).stem] = history
     return histories
 
 
@@ -165,28 +181,25 @@ def default_out(args):
 
 
 def write_predictions(path, labels, predicted, confidence):
-    frame = pd.DataFrame({"index": np.arange(len(labels)), "true": labels, "predicted": predicted,
-                          "confidence": np.round(confidence, 6)})
-    with atomic_path(path) as tmp:
-        frame.to_csv(tmp, index=False)
+    write_frame(path, pd.DataFrame({"index": np.arange(len(labels)), "true": labels, "predicted": predicted,
+                                    "confidence": np.round(confidence, 6)}))
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--weights", nargs="+", default=["CNN_best_model.pth"], help="checkpoint files and/or folders of them")
-    p.add_argument("--data-dir", default=DEFAULT_DATA_DIR, help="folder holding MNIST/raw; the MNIST test set is the default data")
-    p.add_argument("--csv", help="evaluate on a labelled Kaggle-format CSV (label, pixel0..pixel783) instead")
+    add_data_arguments(p, default="mnist", split="test")
+    p.add_argument("--csv", dest="test_csv", help="same as --data csv --test-csv CSV")
     p.add_argument("--tta", type=positive_int, default=1, help="number of TTA variants, as in predict_tta.py (1 = none)")
     p.add_argument("--submission", help="score this submission file (ImageId,Label) against --labels; no model needed")
-    p.add_argument("--labels", help="ImageId,Label file with the true labels (with --submission)")
     p.add_argument("--out", help="report folder (default: reports/<weights or submission name>/)")
     p.add_argument("--max-errors", type=positive_int, default=48, help="most misclassified images to show")
     p.add_argument("--batch-size", type=positive_int, default=EVAL_BATCH_SIZE)
-    p.add_argument("--seed", type=int, default=42, help="seed of the TTA variants' random shifts")
+    p.add_argument("--seed", type=seed_int, default=42, help="seed of the TTA variants' random shifts")
     add_device_arguments(p)
-    args = p.parse_args(argv)
-    if bool(args.submission) != bool(args.labels):
-        p.error("--submission and --labels go together")
+    args = resolve_data_arguments(p.parse_args(argv))
+    if args.submission and not args.labels:
+        p.error("--submission needs --labels")
     return args
 
 
@@ -203,11 +216,15 @@ def score_submission(args, out):
 def evaluate_models(args, out):
     device = pick_device(args.device)
     precision = pick_precision(args.precision, device)
-    images, labels = load_csv(args.csv, labelled=True) if args.csv else load_mnist(args.data_dir, train=False)
-    ensemble = load_ensemble(args.weights, device)
     variants = tta_variants(args.tta)
+    ensemble = load_ensemble(args.weights, device)
+    histories = load_histories([path for _, _, path in ensemble])  # read before any file is written
+    images, labels = load_data(args, "test")
+    source = args.test_csv if args.data == "csv" else "MNIST test set"
+    if labels is None:
+        raise UserError(f"{args.test_csv}: no labels to evaluate against; give a CSV with a label column, or --labels")
     print(f"{len(ensemble)} models x {len(variants)} TTA variants on {len(images)} images "
-          f"({args.csv or 'MNIST test set'}); device {device}, precision {precision}")
+          f"({source}); device {device}, precision {precision}")
     probs = ensemble_probabilities(ensemble, images.to(device), variants, precision, args.seed, args.batch_size).cpu().numpy()
     labels, predicted, confidence = labels.numpy(), probs.argmax(1), probs.max(1)
     metrics = compute_metrics(labels, predicted, probs)
@@ -215,19 +232,28 @@ def evaluate_models(args, out):
 
     plot_confusion_matrix(metrics["confusion_matrix"], metrics["accuracy"], out / "confusion_matrix.png")
     plot_misclassified(images.numpy(), labels, predicted, confidence, out / "misclassified.png", args.max_errors)
-    histories = load_histories([path for _, _, path in ensemble])
     if histories:
         plot_curves(histories, out / "curves.png")
     else:
         print("no history JSON beside the checkpoints: curves.png not written")
     write_predictions(out / "predictions.csv", labels, predicted, confidence)
     write_json(out / "metrics.json", {"weights": [str(path) for _, _, path in ensemble], "tta_variants": len(variants),
-                                      "data": args.csv or "MNIST test", **metrics})
+                                      "data": str(source), **metrics})
+
+
+REPORT_FILES = ("confusion_matrix.png", "misclassified.png", "curves.png", "predictions.csv", "metrics.json")
 
 
 def main(argv=None):
     args = parse_args(argv)
     out = Path(args.out) if args.out else default_out(args)
+    check_output_folder("--out", out)
+    inputs = {"--labels": [args.labels]}
+    if args.submission:
+        inputs["--submission"] = [args.submission]
+    else:
+        inputs.update({"--weights": weight_files(args.weights), "--test-csv": [args.test_csv] if args.data == "csv" else []})
+    check_outputs({"--out": [out / name for name in REPORT_FILES]}, inputs)
     if args.submission:
         score_submission(args, out)
     else:

@@ -20,10 +20,10 @@ def conv_bn(in_channels, out_channels, activation, stride=1):
 class Dropout(nn.Module):
     """nn.Dropout(p) with a cheaper mask: each element is kept with probability 1 - p and scaled to keep the mean.
 
-    nn.Dropout draws one random number per element (bernoulli_), serially on the CPU: 13% of widecnn's training
-    step. Here, on the CPU, one 64-bit draw gives four 16-bit ones, so the mask costs a quarter of the draws (the training
-    step of widecnn ran 10-15% faster). p is rounded to a multiple of 1/65536 (0.25 and 0.5 exactly, 0.35 and
-    0.4 within 1e-5), and the scale uses the rounded value, so the expected output is still x.
+    nn.Dropout draws one random number per element (bernoulli_), serially on the CPU, a visible share of a training
+    step (README, Speed). Here, on the CPU, one 64-bit draw gives four 16-bit ones, so the mask costs a quarter of
+    the draws. p is rounded to a multiple of 1/65536 (0.25 and 0.5 exactly, 0.35 and 0.4 within 1e-5), and the
+    scale uses the rounded value, so the expected output is still x.
     """
 
     def __init__(self, p):
@@ -137,11 +137,12 @@ class WideCNN(nn.Module):
 
 
 MODELS = {"vgg": VGG, "resnet": ResNet, "widecnn": WideCNN}
+# Training time per image relative to widecnn, from `make bench` on a CPU (README, Speed): deals k-fold jobs evenly.
+TRAINING_COST = {"vgg": 0.5, "resnet": 2.3, "widecnn": 1.0}
 
 
 def build_model(name):
-    if name not in MODELS:
-        raise ValueError(f"unknown architecture {name!r}; choose from {', '.join(MODELS)}")
+    """A fresh model of architecture `name` (a key of MODELS; names from users are checked where they are read)."""
     return MODELS[name]()
 
 

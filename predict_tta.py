@@ -12,34 +12,40 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import torch
 
 from data import (
-    DEFAULT_DATA_DIR,
+    EVAL_BATCH_SIZE,
+    RESUME_SUFFIX,
     TTA_VARIANTS,
     UserError,
+    add_data_arguments,
     add_device_arguments,
     atomic_path,
     autocast,
     batch_indices,
-    default_kaggle_csv,
+    check_output_folder,
+    check_outputs,
     find_images,
+    is_complete,
     load_checkpoint,
-    load_csv,
-    load_mnist,
-    load_submission_csv,
+    load_data,
     model_from_checkpoint,
     normalize,
     pick_device,
     pick_precision,
+    positive_int,
     preprocess_image,
     progress_bar,
+    resolve_data_arguments,
     run_cli,
+    seed_int,
     to_unit_float,
+    write_frame,
+    write_numpy,
+    write_submission,
 )
-from train_cnn import EVAL_BATCH_SIZE, positive_int
 
 
 def find_checkpoints(paths):
@@ -47,11 +53,11 @@ def find_checkpoints(paths):
     found = []
     for path in map(Path, paths):
         if path.is_dir():
-            candidates = [(p, load_checkpoint(p)) for p in sorted(path.glob("*.pth")) if not p.name.endswith(".resume.pth")]
-            complete = [(p, checkpoint) for p, checkpoint in candidates if checkpoint.get("complete", False)]
+            candidates = [(p, load_checkpoint(p)) for p in sorted(path.glob("*.pth")) if not p.name.endswith(RESUME_SUFFIX)]
             for skipped, checkpoint in candidates:
-                if not checkpoint.get("complete", False):
+                if not is_complete(checkpoint):
                     print(f"skipping {skipped}: training did not finish (rerun its training command to resume)")
+            complete = [(p, checkpoint) for p, checkpoint in candidates if is_complete(checkpoint)]
             if not complete:
                 raise UserError(f"{path}: no complete checkpoint (*.pth) in this folder; train first or pass --weights FILE")
             found += complete
@@ -76,22 +82,28 @@ def ensemble_probabilities(ensemble, images, variants, precision, seed, batch_si
     """Mean softmax [N, 10] over every model and every TTA variant, for uint8 images [N, 28, 28] on the device.
 
     Each batch is augmented once per variant and shared by all models; variant i draws from a generator
-    seeded with seed + i, so the result depends only on the inputs, the seed and the batch size.
+    seeded with seed + i, so the result depends only on the inputs, the seed and the batch size. A model
+    whose outputs are not finite is named in a UserError: its NaNs would otherwise label every image 0.
     """
     device = images.device
     generators = [torch.Generator(device).manual_seed(seed + i) for i in range(len(variants))]
     total = torch.zeros(len(images), 10, device=device)
+    finite = torch.ones(len(ensemble), dtype=torch.bool, device=device)  # per model, read once at the end
     batches = batch_indices(len(images), batch_size)
     progress = progress_bar(len(batches), "predict")
     for index in batches:
         for variant, generator in zip(variants, generators):
             x = to_unit_float(images[index], variant, generator)          # [B, 1, 28, 28] in 0..1
-            for model, normalization, _ in ensemble:
+            for m, (model, normalization, _) in enumerate(ensemble):
                 with autocast(device, precision):
-                    logits = model(normalize(x, normalization))           # [B, 10]
-                total[index] += torch.softmax(logits.float(), 1)
+                    logits = model(normalize(x, normalization)).float()   # [B, 10]
+                finite[m] &= torch.isfinite(logits).all()
+                total[index] += torch.softmax(logits, 1)
         progress.update()
     progress.close()
+    for ok, (_, _, path) in zip(finite.tolist(), ensemble):
+        if not ok:
+            raise UserError(f"{path}: the model's outputs are NaN or Inf on these images; nothing was written")
     return total / (len(ensemble) * len(variants))
 
 
@@ -102,15 +114,8 @@ def tta_variants(count):
     return TTA_VARIANTS[:count]
 
 
-def write_submission(path, labels):
-    """Kaggle's format: header ImageId,Label; ImageId 1..N in input order."""
-    frame = pd.DataFrame({"ImageId": np.arange(1, len(labels) + 1), "Label": labels.numpy()})
-    with atomic_path(path) as tmp:
-        frame.to_csv(tmp, index=False)
-
-
 def predict_images(args, ensemble, variants, device, precision):
-    """Predict each image file; a bad file is one line on stderr and exit code 2, after the others are done."""
+    """Predict each image file; a bad file is one line on stderr, and a UserError ends the run after the others."""
     files, problems = find_images(args.images)
     paths, digits = [], []
     for path in files:
@@ -130,33 +135,36 @@ def predict_images(args, ensemble, variants, device, precision):
             frame.insert(0, "path", [str(path) for path in paths])
             frame.insert(1, "label", top.indices[:, 0].numpy())
             frame.insert(2, "probability", top.values[:, 0].numpy().round(6))
-            with atomic_path(args.out) as tmp:
-                frame.to_csv(tmp, index=False)
+            write_frame(args.out, frame)
             print(f"wrote {args.out} ({len(paths)} rows)")
         if args.show_preprocessed:
             save_preprocessed(Path(args.show_preprocessed), paths, images)
     for problem in problems:
         print(f"error: {problem}", file=sys.stderr)
     if problems:
-        sys.exit(2)
+        raise UserError(f"{len(problems)} of the inputs could not be predicted (each named above)")
+
+
+def preprocessed_names(paths):
+    """A distinct PNG name per input: digit.png and digit.jpg become digit_28x28.png and digit.jpg_28x28.png."""
+    stems = [path.stem for path in paths]
+    return [f"{path.stem if stems.count(path.stem) == 1 else path.name}_28x28.png" for path in paths]
 
 
 def save_preprocessed(folder, paths, images):
     """The 28x28 inputs exactly as the model saw them (before normalization), one PNG per file."""
     from PIL import Image
-    for path, image in zip(paths, images):
-        with atomic_path(folder / f"{path.stem}_28x28.png") as tmp:
+    names = preprocessed_names(paths)
+    for name, image in zip(names, images):
+        with atomic_path(folder / name) as tmp:
             Image.fromarray(image.numpy()).save(tmp, format="PNG")
-    print(f"wrote {len(paths)} preprocessed images to {folder}/")
+    print(f"wrote {len(set(names))} preprocessed images to {folder}/")
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--weights", nargs="+", default=["models"], help="checkpoint files and/or folders of them")
-    p.add_argument("--data", choices=["csv", "mnist"], default="csv", help="Kaggle test.csv, or MNIST's test set (prints accuracy)")
-    p.add_argument("--test-csv", default=str(default_kaggle_csv("test.csv")), help="Kaggle test.csv (with --data csv)")
-    p.add_argument("--data-dir", default=DEFAULT_DATA_DIR, help="folder holding MNIST/raw (with --data mnist; env MNIST_DATA_DIR)")
-    p.add_argument("--labels", help="ImageId,Label CSV of the true labels, to report the submission's accuracy")
+    add_data_arguments(p, default="csv", split="test")
     p.add_argument("--images", nargs="+", help="predict these image files and folders of them (PNG, JPEG, BMP, ...) instead")
     p.add_argument("--invert", choices=["auto", "yes", "no"], default="auto",
                    help="with --images: make the ink white on black; auto inverts when the border is light")
@@ -166,9 +174,9 @@ def parse_args(argv=None):
     p.add_argument("--out", help="CSV to write (default: submission.csv; with --images, only written when given)")
     p.add_argument("--save-probs", help="also save the averaged probabilities [N, 10] to this .npy file")
     p.add_argument("--batch-size", type=positive_int, default=EVAL_BATCH_SIZE)
-    p.add_argument("--seed", type=int, default=42, help="seed of the TTA variants' random shifts")
+    p.add_argument("--seed", type=seed_int, default=42, help="seed of the TTA variants' random shifts")
     add_device_arguments(p)
-    args = p.parse_args(argv)
+    args = resolve_data_arguments(p.parse_args(argv))
     if args.images is None and (args.invert != "auto" or args.show_preprocessed):
         p.error("--invert and --show-preprocessed go with --images")
     if args.images is None and args.out is None:
@@ -176,19 +184,32 @@ def parse_args(argv=None):
     return args
 
 
+def check_paths(args):
+    """Before any work: outputs writable and distinct from every input (test CSV, labels, weights, images)."""
+    inputs = {"--weights": weight_files(args.weights), "--images": args.images or []}
+    if args.images is None and args.data == "csv":
+        inputs.update({"--test-csv": [args.test_csv], "--labels": [args.labels]})
+    check_outputs({"--out": [args.out] if args.out else [], "--save-probs": [args.save_probs] if args.save_probs else []},
+                  inputs)
+    if args.show_preprocessed:
+        check_output_folder("--show-preprocessed", args.show_preprocessed)
+
+
+def weight_files(paths):
+    """The checkpoint files that --weights names, folders expanded."""
+    return [f for path in map(Path, paths) for f in (sorted(path.glob("*.pth")) if path.is_dir() else [path])]
+
+
 def main(argv=None):
     args = parse_args(argv)
     variants = tta_variants(args.tta)
     device = pick_device(args.device)
     precision = pick_precision(args.precision, device)
+    check_paths(args)
     ensemble = load_ensemble(args.weights, device)
     if args.images:
         return predict_images(args, ensemble, variants, device, precision)
-    if args.data == "mnist":
-        images, labels = load_mnist(args.data_dir, train=False)
-    else:
-        images, _ = load_csv(args.test_csv, labelled=False)
-        labels = load_submission_csv(args.labels, len(images)) if args.labels else None
+    images, labels = load_data(args, "test")
     passes = len(ensemble) * len(variants)
     print(f"{len(ensemble)} models x {len(variants)} TTA variants = {passes} forward passes per image, "
           f"{len(images)} images; device {device}, precision {precision}")
@@ -201,9 +222,7 @@ def main(argv=None):
     write_submission(args.out, predicted)
     print(f"wrote {args.out} ({len(predicted)} rows)")
     if args.save_probs:
-        with atomic_path(args.save_probs) as tmp:
-            with open(tmp, "wb") as f:
-                np.save(f, probs.numpy())
+        write_numpy(args.save_probs, probs.numpy())
         print(f"wrote {args.save_probs}")
     if labels is not None:
         errors = int((predicted != labels).sum())

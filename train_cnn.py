@@ -3,64 +3,89 @@
     python train_cnn.py --data-dir ../shared/data          # train, or reuse CNN_best_model.pth if it exists
     python train_cnn.py --epochs 3 --limit 2000 --retrain   # a quick smoke run
 
-The epoch, evaluation and fit functions below are shared with train_kfold.py. The training loop keeps
+The epoch, validation and fit functions below are shared with train_kfold.py. The training loop keeps
 the whole data set on the device and never waits for it inside an epoch: metrics accumulate there and
 are read once per epoch. An interrupted run resumes from its last epoch when the command is repeated.
 """
 import argparse
+import math
 import time
 from pathlib import Path
 
 import torch
 from torch import nn
+from torch.optim.swa_utils import AveragedModel
 
 from data import (
     AUGMENTATIONS,
-    DEFAULT_DATA_DIR,
+    EVAL_BATCH_SIZE,
     NORMALIZATION,
     UserError,
+    add_data_arguments,
     add_device_arguments,
     autocast,
     batch_indices,
-    check_writable,
-    library_versions,
+    check_outputs,
+    checkpoint_dict,
+    checkpoint_lock,
+    data_fingerprint,
+    fraction,
+    history_path,
+    is_complete,
     load_checkpoint,
-    load_csv,
+    load_data,
     load_mnist,
+    load_resume_state,
+    mark_complete,
     model_from_checkpoint,
+    new_model,
+    nonnegative_float,
     pick_device,
     pick_precision,
+    positive_float,
+    positive_int,
     prepare_batch,
     progress_bar,
+    quoted,
+    resolve_data_arguments,
+    resume_path,
     run_cli,
     save_checkpoint,
+    save_resume_state,
+    seed_int,
+    settings_difference,
     stratified_split,
     to_device,
-    uses_channels_last,
     write_json,
 )
-from models import build_model
 
-# Inference batch: on a CPU, 1024 images of resnet's first stage (100 MB of activations) fall out of the cache and
-# its ReLU and BatchNorm passes wait on memory; 128-256 ran 1.4-1.9x faster here. A GPU is kept busy by 256 too.
-EVAL_BATCH_SIZE = 256
+SCHEDULES = ("step", "cosine", "warmup-cosine")
+# Settings named after their command-line flag (the others: arch, data, split, monitor, normalization).
+FLAG_SETTINGS = {"seed", "optimizer", "lr", "weight_decay", "schedule", "lr_step", "lr_gamma", "warmup_epochs", "epochs",
+                 "batch_size", "label_smoothing", "augmentation", "precision", "ema_decay", "patience"}
 
 
 # ----------------------------------------------------------------------------- one epoch
 
-def train_one_epoch(model, images, labels, optimizer, criterion, scaler, settings, generators):
-    """One pass over images (uint8 [N, 28, 28] on the device) in shuffled batches: (mean loss, accuracy)."""
+def train_one_epoch(model, images, labels, optimizer, scheduler, criterion, scaler, settings, generators, average):
+    """One pass over images (uint8 [N, 28, 28] on the device) in shuffled batches: (mean loss, accuracy, finite).
+
+    The learning rate moves every step; `average` (or None) follows the weights. finite is False when a
+    loss was NaN or Inf: a flag kept on the device, read once with the epoch's metrics.
+    """
     model.train()
     device = images.device
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
+    finite = torch.ones((), device=device, dtype=torch.bool)
     seen = 0
+    augmentation = AUGMENTATIONS[settings["augmentation"]]
     batches = batch_indices(len(images), settings["batch_size"], generators["shuffle"])
     progress = progress_bar(len(batches), "train")
     for index in batches:
         if len(index) < 2:  # BatchNorm cannot train on a single image
             continue
-        x = prepare_batch(images[index], NORMALIZATION, settings["augmentation"], generators["augment"])  # [B, 1, 28, 28]
+        x = prepare_batch(images[index], settings["normalization"], augmentation, generators["augment"])  # [B, 1, 28, 28]
         y = labels[index]
         with autocast(device, settings["precision"]):
             logits = model(x)                                                      # [B, 10]
@@ -69,43 +94,113 @@ def train_one_epoch(model, images, labels, optimizer, criterion, scaler, setting
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
+        scheduler.step()
+        if average is not None:
+            average.update(model)
+        finite &= torch.isfinite(loss.detach())
         loss_sum += loss.detach() * len(index)
         correct += (logits.argmax(1) == y).sum()
         seen += len(index)
         progress.update()
     progress.close()
-    return loss_sum.item() / max(seen, 1), correct.item() / max(seen, 1)
+    return loss_sum.item() / max(seen, 1), correct.item() / max(seen, 1), bool(finite)
 
 
 @torch.inference_mode()
-def predict_logits(model, images, precision, batch_size=EVAL_BATCH_SIZE):
+def predict_logits(model, images, normalization, precision):
     """Logits [N, 10] (float32) for uint8 images [N, 28, 28] on the model's device, in eval mode."""
     model.eval()
     outputs = []
-    for index in batch_indices(len(images), batch_size):
-        x = prepare_batch(images[index], NORMALIZATION)
+    for index in batch_indices(len(images), EVAL_BATCH_SIZE):
+        x = prepare_batch(images[index], normalization)
         with autocast(images.device, precision):
             outputs.append(model(x).float())
     return torch.cat(outputs) if outputs else torch.zeros(0, 10, device=images.device)
 
 
-def evaluate(model, images, labels, criterion, precision):
-    """(mean loss, accuracy) on a labelled set, without augmentation."""
-    logits = predict_logits(model, images, precision)
+def loss_and_accuracy(model, images, labels, criterion, normalization, precision):
+    """(mean loss, accuracy) of the model on a labelled set, without augmentation."""
+    logits = predict_logits(model, images, normalization, precision)
     loss = criterion(logits, labels).item()
     return loss, (logits.argmax(1) == labels).float().mean().item()
 
 
+# ----------------------------------------------------------------------------- optimizer, schedule, weight averaging
+
+def make_optimizer(model, settings):
+    if settings["optimizer"] == "adam":
+        return torch.optim.Adam(model.parameters(), lr=settings["lr"])
+    return torch.optim.AdamW(model.parameters(), lr=settings["lr"], weight_decay=settings["weight_decay"])
+
+
+def steps_per_epoch(n, batch_size):
+    """Optimizer steps in one epoch of n images (a last batch of one image is skipped, see train_one_epoch)."""
+    return n // batch_size + (n % batch_size > 1)
+
+
+def lr_factor(step, steps, settings):
+    """The learning rate at optimizer step `step` (from 0), as a fraction of settings['lr'].
+
+    step:          x gamma every lr_step epochs (torch's StepLR, pipeline A's protocol)
+    cosine:        cosine from 1 towards 0, one value per epoch (CosineAnnealingLR over the epochs, pipeline B's)
+    warmup-cosine: linear from 0 to 1 over warmup_epochs, then cosine to 0 at the last step, every step
+    """
+    epoch = step // steps
+    if settings["schedule"] == "step":
+        return settings["lr_gamma"] ** (epoch // settings["lr_step"])
+    if settings["schedule"] == "cosine":
+        return 0.5 * (1 + math.cos(math.pi * epoch / settings["epochs"]))
+    total = steps * settings["epochs"]
+    warmup = min(round(settings["warmup_epochs"] * steps), total - 1)
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / (total - warmup)))
+
+
+def make_schedule(optimizer, settings, steps):
+    """A LambdaLR stepped after every optimizer step; `steps` per epoch."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, steps, settings))
+
+
+class WeightAverage:
+    """An exponential moving average of the weights and BatchNorm statistics, updated after every step.
+
+    torch's AveragedModel with use_buffers=True keeps the copy; the decay warms up as (1 + t) / (10 + t)
+    until it reaches `decay`, so the first steps (random weights) fade quickly and a short run averages
+    over its last tenth instead of carrying its start.
+    """
+
+    def __init__(self, model, decay):
+        self.decay = decay
+        self.updates = 0
+        self.averaged = AveragedModel(model, multi_avg_fn=self.lerp, use_buffers=True)
+
+    @property
+    def module(self):
+        return self.averaged.module
+
+    @torch.no_grad()
+    def lerp(self, averaged, current, _):
+        decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        if averaged[0].is_floating_point():
+            torch._foreach_lerp_(averaged, current, 1 - decay)
+        else:  # BatchNorm's num_batches_tracked counts; it is not averaged
+            torch._foreach_copy_(averaged, current)
+
+    def update(self, model):
+        self.averaged.update_parameters(model)
+        self.updates += 1
+
+    def state_dict(self):
+        return {"model_state": self.module.state_dict(), "updates": self.updates}
+
+    def load_state_dict(self, state):
+        self.module.load_state_dict(state["model_state"])
+        self.updates = state["updates"]
+        self.averaged.n_averaged.fill_(state["updates"])
+
+
 # ----------------------------------------------------------------------------- fit: epochs, early stopping, files
-
-def history_path(checkpoint_path):
-    return Path(checkpoint_path).with_suffix(".history.json")
-
-
-def resume_path(checkpoint_path):
-    """Per-epoch training state beside the best checkpoint; removed once training completes."""
-    return Path(checkpoint_path).with_suffix(".resume.pth")
-
 
 def make_generators(seed, device):
     """One generator per purpose, so a resumed run replays exactly the shuffling and augmentation it would have."""
@@ -135,141 +230,191 @@ def is_better(value, best, monitor):
     return value < best if monitor == "val_loss" else value > best
 
 
-def fit(model, arch, train_set, val_set, optimizer, scheduler, settings, checkpoint_path, seed, log=print):
+def check_same_run(path, saved_settings, settings, log, resuming):
+    """A checkpoint or resume file belongs to a run with these settings; one line naming the first that differs.
+
+    Allowed to differ: --patience, and --epochs under the step schedule (whose rates do not depend on it);
+    a finished run may also be used at another --precision.
+    """
+    if saved_settings is None:
+        log(f"note: {path} records no run settings (written before they were kept); using it as it is")
+        return
+    may_change = {"patience"} | ({"epochs"} if settings["schedule"] == "step" else set())
+    if not resuming:
+        may_change.add("precision")
+    difference = settings_difference(saved_settings, settings, may_change)
+    if difference:
+        name, before, now = difference
+        name = f"--{name.replace('_', '-')}" if name in FLAG_SETTINGS else name
+        raise UserError(f"{path} was trained with {name} {quoted(before)}, this run has {quoted(now)}: "
+                        "repeat the original settings, or pass --retrain to start again")
+
+
+def fit(model, train_set, val_set, settings, checkpoint_path, seed, log=print):
     """Train until settings['epochs'] or early stopping; the best epoch by settings['monitor'] is kept.
 
     Files: the best checkpoint (rewritten on each improvement, marked complete at the end), the
     history JSON, and a resume file written every epoch, so a killed run loses at most one epoch.
+    With weight averaging (settings['ema_decay'] > 0) the averaged weights are validated and saved.
     Returns the history (one dict per epoch) and leaves the best weights loaded in `model`.
     """
     device = train_set[0].device
     criterion = nn.CrossEntropyLoss(label_smoothing=settings["label_smoothing"])
     scaler = torch.amp.GradScaler(device.type, enabled=settings["precision"] == "fp16")
+    optimizer = make_optimizer(model, settings)
+    scheduler = make_schedule(optimizer, settings, steps_per_epoch(len(train_set[0]), settings["batch_size"]))
+    average = WeightAverage(model, settings["ema_decay"]) if settings["ema_decay"] > 0 else None
     generators = make_generators(seed, device)
     state = {"epoch": 0, "best": None, "best_epoch": None, "stale_epochs": 0, "history": []}
     resume = resume_path(checkpoint_path)
     if resume.exists():
-        saved = load_checkpoint(resume, required=("model_state", "optimizer_state", "scheduler_state", "rng", "progress"))
+        saved = load_resume_state(resume, settings["arch"])
+        if saved.get("settings") is None:
+            raise UserError(f"{resume} was written by an earlier version of this project; pass --retrain to start again")
+        check_same_run(resume, saved["settings"], settings, log, resuming=True)
         model.load_state_dict(saved["model_state"])
         optimizer.load_state_dict(saved["optimizer_state"])
         scheduler.load_state_dict(saved["scheduler_state"])
         scaler.load_state_dict(saved["scaler_state"])
+        if average is not None:
+            average.load_state_dict(saved["average"])
         set_rng_state(generators, saved["rng"])
         state = saved["progress"]
         log(f"resuming {checkpoint_path} after epoch {state['epoch']} from {resume}")
 
+    evaluated = model if average is None else average.module
     monitor, patience = settings["monitor"], settings["patience"]
     while state["epoch"] < settings["epochs"] and state["stale_epochs"] < patience:
         start = time.perf_counter()
-        train_loss, train_acc = train_one_epoch(model, *train_set, optimizer, criterion, scaler, settings, generators)
-        train_seconds = time.perf_counter() - start
-        val_loss, val_acc = evaluate(model, *val_set, criterion, settings["precision"])
         lr = optimizer.param_groups[0]["lr"]
-        scheduler.step()
+        train_loss, train_acc, finite = train_one_epoch(model, *train_set, optimizer, scheduler, criterion, scaler,
+                                                        settings, generators, average)
+        if not finite or not all_finite(model):
+            raise UserError(f"training diverged in epoch {state['epoch'] + 1}: the loss or the weights became NaN or Inf "
+                            f"(try a lower --lr); {checkpoint_path} is not marked complete")
+        train_seconds = time.perf_counter() - start
+        val_loss, val_acc = loss_and_accuracy(evaluated, *val_set, criterion, settings["normalization"], settings["precision"])
         state["epoch"] += 1
         record = {"epoch": state["epoch"], "train_loss": train_loss, "train_accuracy": train_acc,
                   "val_loss": val_loss, "val_accuracy": val_acc, "lr": lr,
                   "seconds": time.perf_counter() - start, "images_per_second": len(train_set[0]) / train_seconds}
+        if average is not None:  # what the averaging gains: the same epoch's plain weights
+            record["raw_val_loss"], record["raw_val_accuracy"] = loss_and_accuracy(
+                model, *val_set, criterion, settings["normalization"], settings["precision"])
         state["history"].append(record)
         value = record[monitor]
         if is_better(value, state["best"], monitor):
             state.update(best=value, best_epoch=state["epoch"], stale_epochs=0)
-            save_checkpoint(checkpoint_path, checkpoint_dict(model, arch, settings, record, complete=False))
+            save_checkpoint(checkpoint_path, checkpoint_dict(evaluated, record, settings))
         else:
             state["stale_epochs"] += 1
-        save_checkpoint(resume, {
-            "model_state": model.state_dict(), "optimizer_state": optimizer.state_dict(),
-            "scheduler_state": scheduler.state_dict(), "scaler_state": scaler.state_dict(),
-            "rng": rng_state(generators), "progress": state, "arch": arch})
+        save_resume_state(resume, model_state=model.state_dict(), optimizer_state=optimizer.state_dict(),
+                          scheduler_state=scheduler.state_dict(), scaler_state=scaler.state_dict(),
+                          rng=rng_state(generators), progress=state, arch=settings["arch"], settings=settings,
+                          average=None if average is None else average.state_dict())
         write_json(history_path(checkpoint_path), state["history"])
+        raw = f"  (plain weights {record['raw_val_accuracy']:.4f})" if average is not None else ""
         log(f"epoch {state['epoch']:3d}  train loss {train_loss:.4f} acc {train_acc:.4f}  "
-            f"val loss {val_loss:.4f} acc {val_acc:.4f}  lr {lr:.2e}  {record['seconds']:.1f}s  "
+            f"val loss {val_loss:.4f} acc {val_acc:.4f}{raw}  lr {lr:.2e}  {record['seconds']:.1f}s  "
             f"{record['images_per_second']:.0f} img/s" + ("  *" if state["best_epoch"] == state["epoch"] else ""))
     if state["stale_epochs"] >= patience:
         log(f"early stop: {monitor} did not improve for {patience} epochs")
 
     # Mark the best checkpoint complete, then drop the resume file: a run is finished only when both are done.
-    best = load_checkpoint(checkpoint_path)
-    best["complete"] = True
-    save_checkpoint(checkpoint_path, best)
+    best = mark_complete(checkpoint_path)
     resume.unlink(missing_ok=True)
     model.load_state_dict(best["model_state"])
     log(f"best epoch {state['best_epoch']} ({monitor} {state['best']:.4f}) saved to {checkpoint_path}")
     return state["history"]
 
 
-def checkpoint_dict(model, arch, settings, record, complete):
-    """The checkpoint format every script reads: plain types and tensors only (weights_only loadable)."""
-    return {"model_state": model.state_dict(), "arch": arch, "normalization": dict(NORMALIZATION),
-            "precision": settings["precision"], "epoch": record["epoch"],
-            "metrics": {"val_loss": record["val_loss"], "val_accuracy": record["val_accuracy"]},
-            "versions": library_versions(), "complete": complete}
+def all_finite(model):
+    """True when every parameter and buffer is finite (read once per epoch)."""
+    tensors = [t for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()]
+    return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
 
 
-def new_model(arch, device, seed):
-    """A freshly initialised model on the device; the seed fixes the initial weights."""
-    torch.manual_seed(seed)
-    model = build_model(arch)
-    if uses_channels_last(device):
-        model = model.to(memory_format=torch.channels_last)
-    return model.to(device)
+def add_training_arguments(p, epochs, optimizer, schedule, patience, augmentation, monitor_help):
+    """The optimization flags pipelines A and B share; each passes its own protocol's defaults."""
+    p.add_argument("--epochs", type=positive_int, default=epochs, help="epoch budget (the schedule's length)")
+    p.add_argument("--batch-size", type=positive_int, default=128)
+    p.add_argument("--optimizer", choices=["adam", "adamw"], default=optimizer)
+    p.add_argument("--lr", type=positive_float, default=1e-3, help="peak learning rate")
+    p.add_argument("--weight-decay", type=nonnegative_float, default=1e-4, help="AdamW's decoupled weight decay (not used by adam)")
+    p.add_argument("--schedule", choices=SCHEDULES, default=schedule,
+                   help="step: x --lr-gamma every --lr-step epochs; cosine: cosine to 0 by epoch; "
+                        "warmup-cosine: linear warm-up over --warmup-epochs, then cosine to 0, every step")
+    p.add_argument("--lr-step", type=positive_int, default=10, help="step schedule: epochs between learning-rate cuts")
+    p.add_argument("--lr-gamma", type=positive_float, default=0.5, help="step schedule: factor at each cut")
+    p.add_argument("--warmup-epochs", type=nonnegative_float, default=0.3, help="warmup-cosine schedule: warm-up length in epochs")
+    p.add_argument("--ema-decay", type=ema_decay, default=0.999,
+                   help="weight averaging: the EMA's decay per step (warmed up from 0.1); 0 turns it off")
+    p.add_argument("--label-smoothing", type=label_smoothing, default=0.1)
+    p.add_argument("--patience", type=positive_int, default=patience, help=f"early stop after this many epochs without {monitor_help}")
+    p.add_argument("--augmentation", choices=AUGMENTATIONS, default=augmentation)
+    p.add_argument("--seed", type=seed_int, default=42)
+
+
+def ema_decay(text):
+    value = float(text)
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must be 0 (off) or in (0, 1), got {text}")
+    return value
+
+
+def label_smoothing(text):
+    value = float(text)
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
+    return value
+
+
+def training_settings(args, arch, precision, monitor, fingerprint, split):
+    """Everything that defines a training run, as plain values: the loop reads it, checkpoints record it."""
+    return {"arch": arch, "data": fingerprint, "split": split, "seed": args.seed, "optimizer": args.optimizer,
+            "lr": args.lr, "weight_decay": args.weight_decay if args.optimizer == "adamw" else 0.0,
+            "schedule": args.schedule, "lr_step": args.lr_step, "lr_gamma": args.lr_gamma,
+            "warmup_epochs": args.warmup_epochs, "epochs": args.epochs, "batch_size": args.batch_size,
+            "label_smoothing": args.label_smoothing, "augmentation": args.augmentation, "precision": precision,
+            "ema_decay": args.ema_decay, "monitor": monitor, "patience": args.patience,
+            "normalization": dict(NORMALIZATION)}
 
 
 # ----------------------------------------------------------------------------- pipeline A's command line
 
-def positive_int(text):
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
-
-
-def fraction(text):
-    value = float(text)
-    if not 0 < value < 1:
-        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {text}")
-    return value
-
-
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--data-dir", default=DEFAULT_DATA_DIR, help="folder holding MNIST/raw/*.gz (env MNIST_DATA_DIR)")
-    p.add_argument("--train-csv", help="train on a Kaggle train.csv instead of MNIST; a stratified part is held out as test set")
+    add_data_arguments(p, default="mnist", split="train")
     p.add_argument("--checkpoint", default="CNN_best_model.pth", help="best-model file; reused if complete")
     p.add_argument("--retrain", action="store_true", help="train even if the checkpoint exists")
-    p.add_argument("--epochs", type=positive_int, default=50, help="upper bound on epochs")
-    p.add_argument("--batch-size", type=positive_int, default=128)
-    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
-    p.add_argument("--lr-step", type=positive_int, default=10, help="StepLR: epochs between learning-rate cuts")
-    p.add_argument("--lr-gamma", type=float, default=0.5, help="StepLR: factor at each cut")
-    p.add_argument("--label-smoothing", type=float, default=0.1)
-    p.add_argument("--patience", type=positive_int, default=5, help="early stop after this many epochs without a lower validation loss")
-    p.add_argument("--augmentation", choices=AUGMENTATIONS, default="light")
+    add_training_arguments(p, epochs=50, optimizer="adam", schedule="step", patience=5, augmentation="light",
+                           monitor_help="a lower validation loss")
     p.add_argument("--val-fraction", type=fraction, default=0.1, help="stratified validation share of the training set")
     p.add_argument("--limit", type=positive_int, help="use only the first N training and N test images (smoke runs)")
-    p.add_argument("--seed", type=int, default=42)
     add_device_arguments(p)
-    return p.parse_args(argv)
+    return resolve_data_arguments(p.parse_args(argv))
 
 
 def load_splits(args, device):
-    """(train, val, test) as (uint8 images [N, 28, 28], int64 labels [N]) pairs on the device."""
-    if args.train_csv:
-        images, labels = load_csv(args.train_csv, labelled=True)
+    """(train, val, test) as (uint8 images [N, 28, 28], int64 labels [N]) pairs on the device, and the data's fingerprint.
+
+    MNIST brings its own test set; a CSV gives up a stratified --val-fraction of its rows as the test set.
+    """
+    images, labels = load_data(args, "train")
+    if args.data == "csv":
         if args.limit:
             images, labels = images[:args.limit], labels[:args.limit]
         kept, test = stratified_split(labels, args.val_fraction, args.seed)
         test_images, test_labels = images[test], labels[test]
         images, labels = images[kept], labels[kept]
     else:
-        images, labels = load_mnist(args.data_dir, train=True)
-        test_images, test_labels = load_mnist(args.data_dir, train=False)
+        test_images, test_labels = load_mnist(args.data_dir, "test")
         if args.limit:
             images, labels = images[:args.limit], labels[:args.limit]
             test_images, test_labels = test_images[:args.limit], test_labels[:args.limit]
     train, val = stratified_split(labels, args.val_fraction, args.seed)
     return (to_device(images, labels, train, device), to_device(images, labels, val, device),
-            to_device(test_images, test_labels, torch.arange(len(test_labels)), device))
+            to_device(test_images, test_labels, torch.arange(len(test_labels)), device), data_fingerprint(images, labels))
 
 
 def main(argv=None):
@@ -277,35 +422,39 @@ def main(argv=None):
     device = pick_device(args.device)
     precision = pick_precision(args.precision, device)
     checkpoint_path = Path(args.checkpoint)
+    check_outputs({"--checkpoint": [checkpoint_path, history_path(checkpoint_path), resume_path(checkpoint_path)]},
+                  {"--train-csv": [args.train_csv] if args.data == "csv" else []})
+    with checkpoint_lock(checkpoint_path):
+        train_and_report(args, device, precision, checkpoint_path)
+
+
+def train_and_report(args, device, precision, checkpoint_path):
     existing = load_checkpoint(checkpoint_path) if checkpoint_path.exists() and not args.retrain else None
-    reuse = existing is not None and existing.get("complete")
+    reuse = existing is not None and is_complete(existing)
     if reuse and existing["arch"] != "vgg":
         raise UserError(f"{checkpoint_path} holds a {existing['arch']} model, not pipeline A's vgg; "
                         "pass another --checkpoint or --retrain")
-    if not reuse:
-        check_writable(checkpoint_path)
-    train_set, val_set, test_set = load_splits(args, device)
+    train_set, val_set, test_set, fingerprint = load_splits(args, device)
+    settings = training_settings(args, "vgg", precision, "val_loss", fingerprint, {"val_fraction": args.val_fraction})
     print(f"device {device}, precision {precision}, {torch.get_num_threads()} threads; "
           f"{len(train_set[0])} train / {len(val_set[0])} val / {len(test_set[0])} test images")
 
     if reuse:
+        check_same_run(checkpoint_path, existing.get("settings"), settings, print, resuming=False)
         model, _ = model_from_checkpoint(checkpoint_path, device, existing)
+        normalization = existing["normalization"]
         print(f"using {checkpoint_path} (epoch {existing['epoch']}); --retrain to train again")
     else:
         if args.retrain:
             resume_path(checkpoint_path).unlink(missing_ok=True)
         model = new_model("vgg", device, args.seed)
-        optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
-        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=args.lr_step, gamma=args.lr_gamma)
-        settings = {"epochs": args.epochs, "batch_size": args.batch_size, "precision": precision,
-                    "augmentation": AUGMENTATIONS[args.augmentation], "label_smoothing": args.label_smoothing,
-                    "monitor": "val_loss", "patience": args.patience}
+        normalization = settings["normalization"]
         start = time.perf_counter()
-        fit(model, "vgg", train_set, val_set, optimizer, scheduler, settings, checkpoint_path, args.seed)
+        fit(model, train_set, val_set, settings, checkpoint_path, args.seed)
         print(f"training took {time.perf_counter() - start:.0f}s")
 
     criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
-    test_loss, test_acc = evaluate(model, *test_set, criterion, precision)
+    test_loss, test_acc = loss_and_accuracy(model, *test_set, criterion, normalization, precision)
     errors = round((1 - test_acc) * len(test_set[0]))
     print(f"test loss {test_loss:.4f}  accuracy {test_acc:.4f} ({errors} errors in {len(test_set[0])} images)")
 

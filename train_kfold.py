@@ -10,6 +10,7 @@ its last epoch. When all jobs are done, rank 0 writes the summary: validation ac
 architecture, and of the out-of-fold ensemble.
 """
 import argparse
+import contextlib
 import datetime
 import os
 import time
@@ -20,49 +21,46 @@ import torch
 import torch.distributed as dist
 
 from data import (
-    AUGMENTATIONS,
-    DEFAULT_DATA_DIR,
     UserError,
+    add_data_arguments,
     add_device_arguments,
-    atomic_path,
-    check_writable,
-    default_kaggle_csv,
+    check_outputs,
+    checkpoint_lock,
+    data_fingerprint,
+    history_path,
+    is_complete,
     load_checkpoint,
-    load_csv,
-    load_mnist,
+    load_data,
     model_from_checkpoint,
+    new_model,
     pick_device,
     pick_precision,
+    positive_int,
+    resolve_data_arguments,
+    resume_path,
     run_cli,
     share_cpu_threads,
     to_device,
     write_json,
+    write_numpy,
 )
-from models import MODELS
-from train_cnn import fit, new_model, positive_int, predict_logits, resume_path
+from models import MODELS, TRAINING_COST
+from train_cnn import add_training_arguments, check_same_run, fit, predict_logits, training_settings
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--data", choices=["csv", "mnist"], default="csv", help="Kaggle train.csv, or MNIST's 60,000 training images")
-    p.add_argument("--train-csv", default=str(default_kaggle_csv("train.csv")), help="Kaggle train.csv (with --data csv)")
-    p.add_argument("--data-dir", default=DEFAULT_DATA_DIR, help="folder holding MNIST/raw (with --data mnist; env MNIST_DATA_DIR)")
+    add_data_arguments(p, default="csv", split="train")
     p.add_argument("--out", default="models", help="folder for checkpoints, histories, out-of-fold probabilities, summary")
     p.add_argument("--archs", nargs="+", choices=list(MODELS), default=["resnet", "widecnn"])
     p.add_argument("--n-folds", type=positive_int, default=5, help="number of stratified folds")
     p.add_argument("--folds", nargs="+", type=int, help="which folds to train (default: all)")
     p.add_argument("--retrain", action="store_true", help="train jobs again even if complete")
-    p.add_argument("--epochs", type=positive_int, default=30, help="epoch budget per model (cosine schedule length)")
-    p.add_argument("--batch-size", type=positive_int, default=128)
-    p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate")
-    p.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW weight decay")
-    p.add_argument("--label-smoothing", type=float, default=0.1)
-    p.add_argument("--patience", type=positive_int, default=10, help="early stop after this many epochs without a better validation accuracy")
-    p.add_argument("--augmentation", choices=AUGMENTATIONS, default="strong")
+    add_training_arguments(p, epochs=30, optimizer="adamw", schedule="cosine", patience=10, augmentation="strong",
+                           monitor_help="a better validation accuracy")
     p.add_argument("--limit", type=positive_int, help="use only the first N training images (smoke runs)")
-    p.add_argument("--seed", type=int, default=42)
     add_device_arguments(p)
-    args = p.parse_args(argv)
+    args = resolve_data_arguments(p.parse_args(argv))
     if args.n_folds < 2:
         p.error("--n-folds must be at least 2")
     args.folds = sorted(set(args.folds if args.folds is not None else range(args.n_folds)))
@@ -73,10 +71,7 @@ def parse_args(argv=None):
 
 def load_training_data(args):
     """(uint8 images [N, 28, 28], int64 labels [N]) on the CPU."""
-    if args.data == "mnist":
-        images, labels = load_mnist(args.data_dir, train=True)
-    else:
-        images, labels = load_csv(args.train_csv, labelled=True)
+    images, labels = load_data(args, "train")
     if args.limit:
         images, labels = images[:args.limit], labels[:args.limit]
     return images, labels
@@ -102,42 +97,63 @@ def oof_path(out, arch, fold):
     return Path(out) / f"{arch}_fold{fold}.oof.npz"
 
 
-def save_oof(path, indices, labels, probs):
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as f:
-            np.savez(f, indices=indices.numpy(), labels=labels.numpy(), probs=probs.numpy())
+def job_files(out, arch, fold):
+    """Every file an (arch, fold) job writes."""
+    path = checkpoint_path(out, arch, fold)
+    return [path, history_path(path), resume_path(path), oof_path(out, arch, fold)]
 
 
-def is_complete(path):
-    return path.exists() and load_checkpoint(path).get("complete", False)
+def deal_jobs(jobs, world, costs):
+    """Jobs per rank, so the ranks finish close together: the costliest first, each to the least-loaded rank.
+
+    costs: {job: relative cost}; a rank's list keeps the jobs in the order it will run them.
+    """
+    loads, dealt = [0.0] * world, [[] for _ in range(world)]
+    for job in sorted(jobs, key=lambda job: -costs[job]):  # sorted() is stable: ties keep the jobs' order
+        rank = loads.index(min(loads))
+        loads[rank] += costs[job]
+        dealt[rank].append(job)
+    return dealt
+
+
+def job_cost(out, arch, fold):
+    """TRAINING_COST of the job's architecture; nothing when it is already complete (it will be skipped)."""
+    path = checkpoint_path(out, arch, fold)
+    done = path.exists() and oof_path(out, arch, fold).exists() and is_complete(load_checkpoint(path))
+    return 0.0 if done else TRAINING_COST[arch]
 
 
 # ----------------------------------------------------------------------------- one (arch, fold) job
 
-def run_job(args, arch, fold, images, labels, split, device, precision, log):
+def run_job(args, arch, fold, images, labels, split, fingerprint, device, precision, log):
     """Train one model on the other folds (or reuse its complete checkpoint), save its out-of-fold probabilities."""
-    out_ckpt = checkpoint_path(args.out, arch, fold)
+    log = (lambda line, log=log: log(f"[{arch} fold {fold}] {line}"))
+    path = checkpoint_path(args.out, arch, fold)
+    settings = training_settings(args, arch, precision, "val_accuracy", fingerprint, {"n_folds": args.n_folds, "fold": fold})
+    existing = load_checkpoint(path) if path.exists() and not args.retrain else None
+    reuse = existing is not None and is_complete(existing)
+    if reuse:
+        check_same_run(path, existing.get("settings"), settings, log, resuming=False)
+        if oof_path(args.out, arch, fold).exists():
+            log("complete, skipped (--retrain to train again)")
+            return
     train_idx, val_idx = split
     val_set = to_device(images, labels, val_idx, device)
     start = time.perf_counter()
-    if not args.retrain and is_complete(out_ckpt):
-        model, _ = model_from_checkpoint(out_ckpt, device)
+    if reuse:
+        model, _ = model_from_checkpoint(path, device, existing)
+        normalization = existing["normalization"]
     else:
         if args.retrain:
-            resume_path(out_ckpt).unlink(missing_ok=True)
+            resume_path(path).unlink(missing_ok=True)
         seed = args.seed + 100 * fold + list(MODELS).index(arch)  # distinct, reproducible per job
         model = new_model(arch, device, seed)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.epochs)
-        settings = {"epochs": args.epochs, "batch_size": args.batch_size, "precision": precision,
-                    "augmentation": AUGMENTATIONS[args.augmentation], "label_smoothing": args.label_smoothing,
-                    "monitor": "val_accuracy", "patience": args.patience}
-        fit(model, arch, to_device(images, labels, train_idx, device), val_set, optimizer, scheduler, settings,
-            out_ckpt, seed, log=lambda line: log(f"[{arch} fold {fold}] {line}"))
-    probs = torch.softmax(predict_logits(model, val_set[0], precision), 1).cpu()  # [N_val, 10]
-    save_oof(oof_path(args.out, arch, fold), val_idx, labels[val_idx], probs)
-    log(f"[{arch} fold {fold}] done in {time.perf_counter() - start:.0f}s, "
-        f"val accuracy {(probs.argmax(1) == labels[val_idx]).float().mean():.4f}")
+        fit(model, to_device(images, labels, train_idx, device), val_set, settings, path, seed, log=log)
+        normalization = settings["normalization"]
+    probs = torch.softmax(predict_logits(model, val_set[0], normalization, precision), 1).cpu()  # [N_val, 10]
+    write_numpy(oof_path(args.out, arch, fold), {"indices": val_idx.numpy(), "labels": labels[val_idx].numpy(),
+                                                 "probs": probs.numpy()})
+    log(f"done in {time.perf_counter() - start:.0f}s, val accuracy {(probs.argmax(1) == labels[val_idx]).float().mean():.4f}")
 
 
 # ----------------------------------------------------------------------------- summary
@@ -209,18 +225,20 @@ def main(argv=None):
     precision = pick_precision(args.precision, device)
     log = print if world == 1 else (lambda line: print(f"rank {rank}: {line}", flush=True))
 
-    check_writable(Path(args.out) / "summary.json")
-    images, labels = load_training_data(args)
-    splits = fold_indices(labels, args.n_folds, args.seed)
     jobs = [(arch, fold) for arch in args.archs for fold in args.folds]
-    mine = jobs[rank::world]
-    log(f"device {device}, precision {precision}, {torch.get_num_threads()} threads; {len(images)} images, "
-        f"{args.n_folds} folds; jobs {', '.join(f'{a}/{f}' for a, f in mine) or 'none'}")
-    for arch, fold in mine:
-        if not args.retrain and oof_path(args.out, arch, fold).exists() and is_complete(checkpoint_path(args.out, arch, fold)):
-            log(f"[{arch} fold {fold}] complete, skipped (--retrain to train again)")
-            continue
-        run_job(args, arch, fold, images, labels, splits[fold], device, precision, log)
+    check_outputs({"--out": [Path(args.out) / "summary.json", *(p for job in jobs for p in job_files(args.out, *job))]},
+                  {"--train-csv": [args.train_csv] if args.data == "csv" else []})
+    mine = deal_jobs(jobs, world, {job: job_cost(args.out, *job) for job in jobs})[rank]
+    with contextlib.ExitStack() as locks:  # this rank's checkpoints are its own until it ends
+        for job in mine:
+            locks.enter_context(checkpoint_lock(checkpoint_path(args.out, *job)))
+        images, labels = load_training_data(args)
+        fingerprint = data_fingerprint(images, labels)
+        splits = fold_indices(labels, args.n_folds, args.seed)
+        log(f"device {device}, precision {precision}, {torch.get_num_threads()} threads; {len(images)} images, "
+            f"{args.n_folds} folds; jobs {', '.join(f'{a}/{f}' for a, f in mine) or 'none'}")
+        for arch, fold in mine:
+            run_job(args, arch, fold, images, labels, splits[fold], fingerprint, device, precision, log)
 
     if world > 1:
         dist.barrier()

@@ -98,7 +98,7 @@ def measure_training(arch, precision, batch_size, device, images_count, data_dir
     in either direction. Alternating them puts the same drift on both, so their ratio holds. Each round is one of our
     epochs over images_count / rounds images, then half as many images of ceiling steps.
     """
-    images, labels = data.load_mnist(data_dir, train=True)
+    images, labels = data.load_mnist(data_dir, "train")
     train_images, train_labels = images[:images_count].to(device), labels[:images_count].to(device)
     val_count = images_count // 10
     val_images, val_labels = images[-val_count:].to(device), labels[-val_count:].to(device)
@@ -172,7 +172,7 @@ def measure_notebook(arch, batch_size, images_count, data_dir, workers):
 def measure_inference(archs, precision, device, images_count, data_dir, folds):
     """Images/s of plain prediction (one vgg) and of the TTA ensemble (archs x folds models x 4 variants)."""
     from predict_tta import ensemble_probabilities
-    images, _ = data.load_mnist(data_dir, train=False)
+    images, _ = data.load_mnist(data_dir, "test")
     images = images[:images_count].to(device)
     plain = [(new_model("vgg", device).eval(), data.NORMALIZATION, "vgg")]
     ensemble = [(new_model(arch, device).eval(), data.NORMALIZATION, arch) for arch in archs for _ in range(folds)]
@@ -229,8 +229,8 @@ def run_child(args, kind, **options):
 
 def scratch_copy_of_mnist(data_dir):
     """torchvision's MNIST extracts the .gz files beside them: give it a copy, not the shared folder."""
-    for train in (True, False):  # downloads the files when they are missing, and checks them
-        data.load_mnist(data_dir, train)
+    for split in ("train", "test"):  # downloads the files when they are missing, and checks them
+        data.load_mnist(data_dir, split)
     scratch = Path(tempfile.mkdtemp(prefix="bench-mnist-"))
     shutil.copytree(Path(data_dir) / "MNIST" / "raw", scratch / "MNIST" / "raw")
     return scratch

@@ -15,6 +15,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+import data  # noqa: E402
 from data import run_cli  # noqa: E402
 
 
@@ -39,13 +40,20 @@ def synthetic_mnist(root, n_train=40, n_test=20, gz=True, seed=0):
     return Path(root)
 
 
+MNIST_CANDIDATES = (os.environ.get("MNIST_DATA_DIR"), ROOT / "data", ROOT.parent / "shared" / "data")
+
+
 @pytest.fixture(scope="session")
 def mnist_dir():
-    """The real MNIST files: $MNIST_DATA_DIR, else ../shared/data beside the repository."""
-    for candidate in (os.environ.get("MNIST_DATA_DIR"), ROOT.parent / "shared" / "data"):
-        if candidate and (Path(candidate) / "MNIST" / "raw" / "train-images-idx3-ubyte.gz").is_file():
+    """The real MNIST files: $MNIST_DATA_DIR, else <repo>/data (where `make train` downloads), else ../shared/data.
+
+    Never downloads: without the files, the tests that need them are skipped with this message.
+    """
+    for candidate in MNIST_CANDIDATES:
+        raw = Path(candidate) / "MNIST" / "raw" if candidate else None
+        if raw and all(data.find_idx_file(raw, stem) for stems in data.MNIST_FILES.values() for stem in stems):
             return Path(candidate).resolve()
-    pytest.skip("real MNIST not found: set MNIST_DATA_DIR to a folder holding MNIST/raw/*.gz")
+    pytest.skip("real MNIST not found: set MNIST_DATA_DIR to a folder holding MNIST/raw/*.gz, or put them in ./data")
 
 
 def run_script(script, *args, cwd, check=True):

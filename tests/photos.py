@@ -49,7 +49,7 @@ def main():
 
     from predict_tta import ensemble_probabilities, load_ensemble
 
-    images, labels = data.load_mnist(args.data_dir, train=False)
+    images, labels = data.load_mnist(args.data_dir, "test")
     images, labels = images[:args.count], labels[:args.count]
     rng = np.random.default_rng(args.seed)
     folder = Path(tempfile.mkdtemp(prefix="photos-"))

@@ -22,10 +22,10 @@ from models import build_model
 def test_load_mnist_reads_gz_or_plain_idx_without_writing(tmp_path, gz):
     root = synthetic_mnist(tmp_path, n_train=30, n_test=10, gz=gz)
     before = sorted(p.name for p in (root / "MNIST" / "raw").iterdir())
-    images, labels = data.load_mnist(root, train=True)
+    images, labels = data.load_mnist(root, "train")
     assert images.shape == (30, 28, 28) and images.dtype == torch.uint8
     assert labels.dtype == torch.int64 and labels.tolist() == [i % 10 for i in range(30)]
-    assert data.load_mnist(root, train=False)[0].shape == (10, 28, 28)
+    assert data.load_mnist(root, "test")[0].shape == (10, 28, 28)
     assert sorted(p.name for p in (root / "MNIST" / "raw").iterdir()) == before
 
 
@@ -68,9 +68,9 @@ def test_image_and_label_counts_must_agree(tmp_path):
 
 def test_missing_files_fall_back_to_torchvision_download(tmp_path, monkeypatch):
     calls = []
-    monkeypatch.setattr(data, "download_mnist", lambda root, train: calls.append((root, train)) or synthetic_mnist(root))
-    images, _ = data.load_mnist(tmp_path, train=True)
-    assert calls == [(tmp_path, True)] and len(images) == 40
+    monkeypatch.setattr(data, "download_mnist", lambda root, split: calls.append((root, split)) or synthetic_mnist(root))
+    images, _ = data.load_mnist(tmp_path, "train")
+    assert calls == [(tmp_path, "train")] and len(images) == 40
 
 
 def test_failed_download_is_a_user_error(tmp_path, monkeypatch):
@@ -125,10 +125,10 @@ def test_load_csv_unlabelled(tmp_path):
     assert images.shape == (5, 28, 28) and labels is None
 
 
-def test_write_csv_round_trips(tmp_path):
+def test_write_images_csv_round_trips(tmp_path):
     images = torch.randint(0, 256, (7, 28, 28), dtype=torch.uint8)
     labels = torch.arange(7)
-    data.write_csv(tmp_path / "t.csv", images, labels)
+    data.write_images_csv(tmp_path / "t.csv", images, labels)
     back, back_labels = data.load_csv(tmp_path / "t.csv", labelled=True)
     assert torch.equal(back, images) and torch.equal(back_labels, labels)
 

@@ -40,7 +40,7 @@ def labelled_csv(tmp_path):
     rng = np.random.default_rng(0)
     images = torch.from_numpy(rng.integers(0, 256, (30, 28, 28), dtype=np.uint8))
     labels = torch.arange(30) % 10
-    data.write_csv(tmp_path / "labelled.csv", images, labels)
+    data.write_images_csv(tmp_path / "labelled.csv", images, labels)
     return tmp_path / "labelled.csv"
 
 
@@ -152,11 +152,11 @@ def test_evaluate_user_errors(tmp_path, constant_checkpoint, labelled_csv):
     data.save_checkpoint(tmp_path / "lenet.pth", checkpoint)
     assert_user_error(run_script("evaluate.py", "--weights", "lenet.pth", "--csv", labelled_csv, cwd=tmp_path,
                                  check=False), "unknown architecture 'lenet'")
-    data.write_csv(tmp_path / "unlabelled.csv", torch.zeros(3, 28, 28, dtype=torch.uint8))
+    data.write_images_csv(tmp_path / "unlabelled.csv", torch.zeros(3, 28, 28, dtype=torch.uint8))
     assert_user_error(run_script("evaluate.py", "--weights", constant_checkpoint, "--csv", "unlabelled.csv",
-                                 cwd=tmp_path, check=False), "unlabelled.csv: missing column label")
+                                 cwd=tmp_path, check=False), "unlabelled.csv: no labels to evaluate against")
     result = run_script("evaluate.py", "--submission", "s.csv", cwd=tmp_path, check=False)
-    assert result.returncode == 2 and "--submission and --labels go together" in result.stderr
+    assert result.returncode == 2 and "--submission needs --labels" in result.stderr
     assert not (tmp_path / "reports").exists()
 
 

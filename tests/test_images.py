@@ -13,7 +13,7 @@ import data
 def photos(tmp_path_factory, mnist_dir):
     """20 MNIST test digits re-rendered as colour 'photos' (dark on light, 4x larger, off-centre, noisy)."""
     folder = tmp_path_factory.mktemp("photos")
-    images, labels = data.load_mnist(mnist_dir, train=False)
+    images, labels = data.load_mnist(mnist_dir, "test")
     rng = np.random.default_rng(0)
     for i in range(20):
         render_as_photo(images[i].numpy(), rng).save(folder / f"digit{i:02d}_label{labels[i]}.png")
@@ -85,7 +85,8 @@ def test_bad_files_are_reported_and_the_others_still_predicted(photos, small_vgg
     assert result.returncode == 2
     assert "digit00_label7.png: " in result.stdout
     errors = result.stderr.strip().splitlines()
-    assert len(errors) == 4 and "Traceback" not in result.stderr
+    assert len(errors) == 5 and "Traceback" not in result.stderr
+    assert errors[-1] == "error: 4 of the inputs could not be predicted (each named above)"
     assert any("blank.png: no digit found" in e for e in errors)
     assert any("notes.png: not a readable image" in e for e in errors)
     assert any("empty: no image files" in e for e in errors)

@@ -20,9 +20,9 @@ TINY = ["--n-folds", "2", "--epochs", "1", "--batch-size", "32"]
 def kaggle_dir(tmp_path_factory, mnist_dir):
     """Kaggle-format train.csv (400 MNIST test digits), test.csv (300 others) and its answer key."""
     folder = tmp_path_factory.mktemp("kaggle")
-    images, labels = data.load_mnist(mnist_dir, train=False)
-    data.write_csv(folder / "train.csv", images[:400], labels[:400])
-    data.write_csv(folder / "test.csv", images[400:700])
+    images, labels = data.load_mnist(mnist_dir, "test")
+    data.write_images_csv(folder / "train.csv", images[:400], labels[:400])
+    data.write_images_csv(folder / "test.csv", images[400:700])
     pd.DataFrame({"ImageId": np.arange(1, 301), "Label": labels[400:700].numpy()}).to_csv(folder / "test_labels.csv", index=False)
     return folder
 
@@ -152,8 +152,8 @@ def test_export_kaggle_writes_the_three_csvs(tmp_path):
     assert "train.csv (30 rows)" in result.stdout
     train_images, train_labels = data.load_csv(tmp_path / "kaggle" / "train.csv", labelled=True)
     test_images, _ = data.load_csv(tmp_path / "kaggle" / "test.csv", labelled=False)
-    original, original_labels = data.load_mnist(tmp_path / "mnist", train=True)
+    original, original_labels = data.load_mnist(tmp_path / "mnist", "train")
     assert (train_images == original).all() and (train_labels == original_labels).all()
     assert test_images.shape == (20, 28, 28)
     key = data.load_submission_csv(tmp_path / "kaggle" / "test_labels.csv", 20)
-    assert (key == data.load_mnist(tmp_path / "mnist", train=False)[1]).all()
+    assert (key == data.load_mnist(tmp_path / "mnist", "test")[1]).all()

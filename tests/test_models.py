@@ -37,8 +37,8 @@ def test_parameter_counts_are_distinct_and_in_the_millions():
     assert len(set(counts.values())) == 3
 
 
-def test_unknown_architecture_is_refused():
-    with pytest.raises(ValueError, match="unknown architecture 'lenet'"):
+def test_unknown_architecture_is_a_bug_not_a_new_model():
+    with pytest.raises(KeyError, match="lenet"):
         build_model("lenet")
 
 

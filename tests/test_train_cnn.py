@@ -15,8 +15,8 @@ SMOKE = ["--limit", "600", "--batch-size", "64"]
 
 def test_one_epoch_writes_checkpoint_and_history_and_beats_chance(tmp_path, mnist_dir):
     # batch 16: enough steps in one epoch for BatchNorm's running statistics to settle
-    result = run_script("train_cnn.py", "--data-dir", mnist_dir, "--epochs", "1", "--limit", "600", "--batch-size", "16",
-                        cwd=tmp_path)
+    args = ["--data-dir", mnist_dir, "--epochs", "1", "--limit", "600", "--batch-size", "16"]
+    result = run_script("train_cnn.py", *args, cwd=tmp_path)
     assert "540 train / 60 val / 600 test images" in result.stdout
     checkpoint = data.load_checkpoint(tmp_path / "CNN_best_model.pth")
     assert checkpoint["arch"] == "vgg" and checkpoint["complete"] is True and checkpoint["epoch"] == 1
@@ -30,9 +30,11 @@ def test_one_epoch_writes_checkpoint_and_history_and_beats_chance(tmp_path, mnis
     test_accuracy = float(result.stdout.split("test loss")[1].split("accuracy")[1].split()[0])
     assert test_accuracy > 0.3  # chance is 0.1
     assert not (tmp_path / "CNN_best_model.resume.pth").exists()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["CNN_best_model.history.json", "CNN_best_model.pth"]
+    # the lock file stays (removing it could let a third run lock a file a second run still holds)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["CNN_best_model.history.json", "CNN_best_model.lock",
+                                                          "CNN_best_model.pth"]
 
-    again = run_script("train_cnn.py", "--data-dir", mnist_dir, *SMOKE, cwd=tmp_path)
+    again = run_script("train_cnn.py", *args, cwd=tmp_path)
     assert "using CNN_best_model.pth" in again.stdout and "epoch   1" not in again.stdout
     assert again.stdout.splitlines()[-1] == result.stdout.splitlines()[-1]  # same test report
 
@@ -76,8 +78,8 @@ def test_killed_run_resumes_where_it_stopped_and_matches_an_uninterrupted_run(tm
 
 
 def test_trains_on_a_kaggle_csv_with_a_held_out_test_part(tmp_path, mnist_dir):
-    images, labels = data.load_mnist(mnist_dir, train=False)
-    data.write_csv(tmp_path / "train.csv", images[:500], labels[:500])
+    images, labels = data.load_mnist(mnist_dir, "test")
+    data.write_images_csv(tmp_path / "train.csv", images[:500], labels[:500])
     result = run_script("train_cnn.py", "--train-csv", "train.csv", "--epochs", "1", "--batch-size", "64", cwd=tmp_path)
     assert "405 train / 45 val / 50 test images" in result.stdout
     assert "accuracy" in result.stdout.splitlines()[-1]
@@ -101,7 +103,8 @@ def test_user_errors_are_one_line_with_exit_code_2(tmp_path):
                           "no CUDA GPU is available")
     flag = run_script("train_cnn.py", "--epochs", "0", cwd=tmp_path, check=False)
     assert flag.returncode == 2 and "--epochs: must be a positive integer" in flag.stderr.splitlines()[-1]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["CNN_best_model.pth", "bad.csv", "blocker", "mnist"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["CNN_best_model.lock", "CNN_best_model.pth", "bad.csv",
+                                                          "blocker", "mnist"]
 
 
 def test_checkpoint_of_another_architecture_is_refused(tmp_path, mnist_dir):
