@@ -174,15 +174,36 @@ def read_idx(path, expected_magic):
 
 
 def download_mnist(data_dir, split):
-    """Fetch MNIST with torchvision into data_dir/MNIST/raw (only called when the files are missing)."""
+    """Fetch MNIST with torchvision into data_dir/MNIST/raw (only called when the files are missing).
+
+    torchvision downloads into a scratch folder beside; only the verified .gz files move into place, so a
+    failed or interrupted download leaves data_dir as it was.
+    """
+    import shutil
     from torchvision.datasets import MNIST
+    data_dir = Path(data_dir)
+    created = next((p for p in [data_dir, *data_dir.parents][::-1] if not p.exists()), None)  # the first missing folder
     try:
-        MNIST(str(data_dir), train=split == "train", download=True)
+        data_dir.mkdir(parents=True, exist_ok=True)
+        scratch = Path(tempfile.mkdtemp(dir=data_dir, prefix=".mnist-download-"))
+    except OSError as error:
+        raise UserError(f"MNIST files not found in {data_dir}/MNIST/raw, and {data_dir} is not writable "
+                        f"({error.strerror or error}); pass --data-dir") from None
+    try:
+        MNIST(str(scratch), train=split == "train", download=True)
+        raw = data_dir / "MNIST" / "raw"
+        raw.mkdir(parents=True, exist_ok=True)
+        for stem in MNIST_FILES[split]:
+            os.replace(scratch / "MNIST" / "raw" / f"{stem}.gz", raw / f"{stem}.gz")
     except Exception as error:  # network errors come in many types; all mean the same to the user
+        if created is not None:
+            shutil.rmtree(created, ignore_errors=True)
         # torchvision lists every mirror it tried over several lines; the last one says what went wrong
         reasons = [line.strip() for line in str(error).splitlines() if line.strip(" )")] or [type(error).__name__]
-        raise UserError(f"MNIST files not found in {data_dir}/MNIST/raw and the download failed ({reasons[-1]}); "
+        raise UserError(f"MNIST files not found in {data_dir}/MNIST/raw and the download failed ({reasons[-1][:2 * MAX_QUOTED]}); "
                         "offline, put the four MNIST .gz files there or pass --data-dir") from None
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def load_mnist(data_dir, split="train"):
@@ -531,7 +552,9 @@ def pick_device(requested="auto", local_rank=None):
     try:
         device = torch.device(requested)
     except RuntimeError:
-        raise UserError(f"--device {requested}: not a device name (try cpu, cuda, cuda:1, mps)") from None
+        raise UserError(f"--device {quoted(requested)}: not a device name (try cpu, cuda, cuda:1, mps)") from None
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise UserError(f"--device {requested}: not supported here (use cpu, cuda, cuda:N or mps)")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"--device {requested}: no CUDA GPU is available here")
     if device.type == "mps" and not torch.backends.mps.is_available():
@@ -550,6 +573,9 @@ def add_device_arguments(parser):
 def pick_precision(requested, device):
     """'auto' -> bf16 on a bf16-capable CPU or GPU, fp16 on older GPUs (with a gradient scaler), else fp32."""
     if requested != "auto":
+        if device.type == "cpu" and requested != "fp32" and (requested == "fp16" or not cpu_supports_bf16()):
+            print(f"note: --precision {requested} on this CPU runs many times slower than fp32 "
+                  "(it has no native bf16 or fp16 arithmetic); --precision auto picks the fast one", file=sys.stderr)
         return requested
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
@@ -902,22 +928,33 @@ def model_from_checkpoint(path, device, checkpoint=None):
 # through the same steps before the model sees it.
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
+MAX_IMAGE_PIXELS = 50 * 10**6  # above this, refused before decoding: 50 megapixels is already 200 MB as float
+DECODE_SIZE = 2048             # a JPEG larger than this on both sides is decoded at a reduced scale
 INK_THRESHOLD = 0.25  # after the contrast stretch, fainter pixels are paper texture or noise
 MIN_INK_PIXELS = 12   # fewer than this above the threshold: no digit in the image
 
 
-def read_greyscale(path):
-    """Any image file -> float [H, W] in 0..1; transparency is composited onto white paper."""
-    from PIL import Image, UnidentifiedImageError
+def read_greyscale(source):
+    """An image file (or an open PIL image) -> float [H, W] in 0..1, the way it is meant to be seen.
+
+    Guards every image read: the size is checked from the header before anything is decoded (a large JPEG
+    is decoded at a reduced scale instead), a phone's EXIF orientation is applied, and transparency is
+    composited onto white paper.
+    """
+    from PIL import Image, ImageOps, UnidentifiedImageError
     try:
-        with Image.open(path) as image:
-            image.load()
+        with (Image.open(source) if isinstance(source, (str, Path)) else contextlib.nullcontext(source)) as image:
+            image.draft("RGB", (DECODE_SIZE, DECODE_SIZE))  # JPEG only: decode at 1/2, 1/4 or 1/8 scale when that is enough
+            if image.width * image.height > MAX_IMAGE_PIXELS:
+                raise UserError(f"{source}: {image.width}x{image.height} pixels, more than a photo of a digit needs "
+                                f"(at most {MAX_IMAGE_PIXELS // 10**6} megapixels); scale it down")
+            image = ImageOps.exif_transpose(image)
             if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
                 paper = Image.new("RGBA", image.size, "white")
                 image = Image.alpha_composite(paper, image.convert("RGBA"))
             grey = np.asarray(image.convert("L"), dtype=np.float32) / 255
-    except (UnidentifiedImageError, OSError, ValueError) as error:
-        raise UserError(f"{path}: not a readable image ({error})") from None
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError, SyntaxError) as error:
+        raise UserError(f"{source}: not a readable image ({str(error)[:2 * MAX_QUOTED]})") from None
     return grey
 
 
@@ -986,9 +1023,13 @@ def find_images(paths):
             found = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
             if not found:
                 problems.append(f"{path}: no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) in this folder")
-            files += found
+            # a FIFO or device named like an image would block the read forever: only regular files are read
+            problems += [f"{p}: not a regular file, skipped" for p in found if not p.is_file()]
+            files += [p for p in found if p.is_file()]
         elif path.is_file():
             files.append(path)
+        elif path.exists():
+            problems.append(f"{path}: not a regular file or folder, skipped")
         else:
             problems.append(f"{path}: no such file or folder")
     return files, problems
