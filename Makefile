@@ -1,5 +1,6 @@
 # make test | make train | make kfold | make submission | make evaluate | make bench | make clean
 # PYTHON=python make train   uses the current interpreter instead of creating .venv (e.g. in a Kaggle kernel)
+# ARGS="..."                  more flags for train_cnn.py (make train) or train_kfold.py (make kfold, make submission)
 
 PYTHON    ?= .venv/bin/python
 DATA_DIR  ?= $(or $(MNIST_DATA_DIR),data)
@@ -13,6 +14,7 @@ ARCHS     ?= resnet widecnn
 FOLDS     ?= 0 1 2 3 4
 NPROC     ?= 1
 WEIGHTS   ?= CNN_best_model.pth
+ARGS      ?=
 
 # Only the default interpreter is ours to create; one given on the command line is used as it is.
 VENV := $(if $(filter .venv/bin/python,$(PYTHON)),.venv/bin/python)
@@ -31,7 +33,7 @@ test: $(VENV)
 	$(PYTHON) -m pytest -q tests
 
 train: $(VENV)
-	$(PYTHON) train_cnn.py --data-dir $(DATA_DIR) $(EPOCHS_FLAG) --device $(DEVICE)
+	$(PYTHON) train_cnn.py --data-dir $(DATA_DIR) $(EPOCHS_FLAG) --device $(DEVICE) $(ARGS)
 
 # Without a Kaggle download, MNIST is exported in Kaggle's format (train.csv, test.csv, test_labels.csv).
 # A pattern rule with two targets is made by one run of its recipe, in every version of make.
@@ -39,7 +41,7 @@ data/%/train.csv data/%/test.csv: | $(VENV)
 	$(PYTHON) data.py export-kaggle --data-dir $(DATA_DIR) --out data/$*
 
 kfold: $(VENV) $(TRAIN_CSV)
-	$(KFOLD) train_kfold.py --train-csv $(TRAIN_CSV) --archs $(ARCHS) --folds $(FOLDS) $(EPOCHS_FLAG) --device $(DEVICE)
+	$(KFOLD) train_kfold.py --train-csv $(TRAIN_CSV) --archs $(ARCHS) --folds $(FOLDS) $(EPOCHS_FLAG) --device $(DEVICE) $(ARGS)
 
 submission: kfold $(TEST_CSV)
 	$(PYTHON) predict_tta.py --test-csv $(TEST_CSV) --weights models --out submission.csv --device $(DEVICE) \

@@ -2,7 +2,8 @@
 
 For each architecture at one batch size, in one run on one machine:
   ceiling   forward + backward + optimizer step on one batch already on the device (project precision, and fp32)
-  ours      train_cnn.train_one_epoch + evaluate: slicing, on-device augmentation, bookkeeping, validation pass;
+  ours      train_cnn.train_one_epoch + loss_and_accuracy: slicing, on-device augmentation, the per-step schedule and
+            weight average, bookkeeping, validation pass;
             measured in rounds alternating with the ceiling at the project precision, so both see the same load
   notebook  torchvision MNIST + per-sample PIL RandomAffine/ToTensor/Normalize in a DataLoader, fp32,
             best of num_workers 0, 1, 2
@@ -43,18 +44,16 @@ def peak_rss_mb():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def new_model(arch, device, channels_last=True):
-    model = build_model(arch)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    return model.to(device).train()
+def new_model(arch, device):
+    """A fresh model as training places it (the device, channels_last where that is faster)."""
+    return data.place_model(build_model(arch), device).train()
 
 
 # ----------------------------------------------------------------------------- the measurements (run in a child)
 
 def ceiling_step(arch, precision, batch_size, device):
     """One forward + backward + Adam step on one resident, already-normalized batch: the ceiling's unit of work."""
-    model = new_model(arch, device, data.uses_channels_last(device))
+    model = new_model(arch, device)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     criterion = nn.CrossEntropyLoss(label_smoothing=0.1)
     x = torch.randn(batch_size, 1, 28, 28, device=device).contiguous(memory_format=torch.channels_last)
@@ -102,14 +101,20 @@ def measure_training(arch, precision, batch_size, device, images_count, data_dir
     train_images, train_labels = images[:images_count].to(device), labels[:images_count].to(device)
     val_count = images_count // 10
     val_images, val_labels = images[-val_count:].to(device), labels[-val_count:].to(device)
-    model = train_cnn.new_model(arch, device, seed=0)
+    model = data.new_model(arch, device, seed=0)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)  # stepped every step, as in training
+    average = train_cnn.WeightAverage(model, decay=0.999)
     criterion = nn.CrossEntropyLoss(label_smoothing=0.1)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-    settings = {"batch_size": batch_size, "precision": precision, "augmentation": data.light_augmentation}
+    settings = {"batch_size": batch_size, "precision": precision, "augmentation": "light",
+                "normalization": data.NORMALIZATION}
     generators = train_cnn.make_generators(0, device)
-    train_cnn.train_one_epoch(model, train_images[:batch_size * 3], train_labels[:batch_size * 3], optimizer,
-                              criterion, scaler, settings, generators)  # warm-up
+
+    def epoch(images, labels):
+        train_cnn.train_one_epoch(model, images, labels, optimizer, schedule, criterion, scaler, settings, generators, average)
+
+    epoch(train_images[:batch_size * 3], train_labels[:batch_size * 3])  # warm-up
     step = ceiling_step(arch, precision, batch_size, device)
     ours_seconds = train_seconds = ceiling_seconds = 0.0
     ceiling_steps = 0
@@ -117,10 +122,10 @@ def measure_training(arch, precision, batch_size, device, images_count, data_dir
         part = slice(round_ * images_count // rounds, (round_ + 1) * images_count // rounds)
         val_part = slice(round_ * val_count // rounds, (round_ + 1) * val_count // rounds)
         start = time.perf_counter()
-        train_cnn.train_one_epoch(model, train_images[part], train_labels[part], optimizer, criterion, scaler,
-                                  settings, generators)
+        epoch(train_images[part], train_labels[part])
         train_seconds += time.perf_counter() - start
-        train_cnn.evaluate(model, val_images[val_part], val_labels[val_part], criterion, precision)
+        train_cnn.loss_and_accuracy(average.module, val_images[val_part], val_labels[val_part], criterion,
+                                    data.NORMALIZATION, precision)
         ours_seconds += time.perf_counter() - start
         steps = max(1, images_count // rounds // batch_size // 2)
         ceiling_seconds += time_steps(step, steps, device)
@@ -152,7 +157,7 @@ def measure_notebook(arch, batch_size, images_count, data_dir, workers):
     dataset = Subset(datasets.MNIST(data_dir, train=True, download=True, transform=transform),
                      range(images_count + 2 * batch_size))
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=workers)
-    model = new_model(arch, torch.device("cpu"), channels_last=False)
+    model = build_model(arch).train()  # the notebook's plain model: contiguous layout, on the CPU
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     criterion = nn.CrossEntropyLoss(label_smoothing=0.1)
     seen, correct, start = 0, 0, None

@@ -59,10 +59,22 @@ def test_wrong_magic_number_is_reported(tmp_path):
         data.load_mnist(root)
 
 
-def test_image_and_label_counts_must_agree(tmp_path):
+@pytest.mark.parametrize("labels, message", [(np.zeros(29), "30 images but 29 labels"),
+                                             (np.zeros(0), "its header announces 0 items")])
+def test_label_files_must_match_the_images(tmp_path, labels, message):
     root = synthetic_mnist(tmp_path, n_train=30)
-    write_idx(root / "MNIST" / "raw" / "train-labels-idx1-ubyte.gz", np.zeros(29), 2049)
-    with pytest.raises(UserError, match="30 images but 29 labels"):
+    write_idx(root / "MNIST" / "raw" / "train-labels-idx1-ubyte.gz", labels, 2049)
+    with pytest.raises(UserError, match=message):
+        data.load_mnist(root)
+
+
+def test_a_corrupt_deflate_stream_is_a_clear_error(tmp_path):
+    root = synthetic_mnist(tmp_path, n_train=30)
+    path = root / "MNIST" / "raw" / "train-images-idx3-ubyte.gz"
+    raw = bytearray(path.read_bytes())
+    raw[20:60] = bytes(40)                                  # inside the deflate stream, past the gzip header: zlib.error
+    path.write_bytes(bytes(raw))
+    with pytest.raises(UserError, match="train-images-idx3-ubyte.gz: cannot read"):
         data.load_mnist(root)
 
 

@@ -53,7 +53,8 @@ def test_same_seed_in_fp32_gives_the_same_run(tmp_path, mnist_dir):
 
 
 def test_killed_run_resumes_where_it_stopped_and_matches_an_uninterrupted_run(tmp_path, mnist_dir):
-    args = ["--data-dir", mnist_dir, "--epochs", "3", "--patience", "10", "--precision", "fp32", *SMOKE]
+    args = ["--data-dir", mnist_dir, "--epochs", "3", "--patience", "10", "--precision", "fp32", "--ema-decay", "0.99",
+            "--schedule", "warmup-cosine", *SMOKE]  # the averaged weights and the per-step schedule resume exactly too
     (tmp_path / "straight").mkdir()
     run_script("train_cnn.py", *args, cwd=tmp_path / "straight")
 
