@@ -247,7 +247,7 @@ def check_integers_in_range(path, frame, low, high):
         elif values.dtype.kind == "b":  # True/False is not a pixel value, though pandas would cast it to 1/0
             bad = pd.Series(True, index=values.index)
         else:
-            numeric = pd.to_numeric(values.where(values.map(type) != bool), errors="coerce")
+            numeric = pd.to_numeric(values.mask(values.map(lambda v: isinstance(v, bool))), errors="coerce")
             bad = numeric.isna() | (numeric % 1 != 0) | (numeric < low) | (numeric > high)
         if not bad.any():
             continue

@@ -127,15 +127,17 @@ def job_cost(out, arch, fold):
 
 def run_job(args, arch, fold, images, labels, split, fingerprint, device, precision, log):
     """Train one model on the other folds (or reuse its complete checkpoint), save its out-of-fold probabilities."""
-    log = (lambda line, log=log: log(f"[{arch} fold {fold}] {line}"))
+    def job_log(line):
+        log(f"[{arch} fold {fold}] {line}")
+
     path = checkpoint_path(args.out, arch, fold)
     settings = training_settings(args, arch, precision, "val_accuracy", fingerprint, {"n_folds": args.n_folds, "fold": fold})
     existing = load_checkpoint(path) if path.exists() and not args.retrain else None
     reuse = existing is not None and is_complete(existing)
     if reuse:
-        check_same_run(path, existing.get("settings"), settings, log, resuming=False)
+        check_same_run(path, existing.get("settings"), settings, job_log, resuming=False)
         if oof_path(args.out, arch, fold).exists():
-            log("complete, skipped (--retrain to train again)")
+            job_log("complete, skipped (--retrain to train again)")
             return
     train_idx, val_idx = split
     val_set = to_device(images, labels, val_idx, device)
@@ -148,12 +150,12 @@ def run_job(args, arch, fold, images, labels, split, fingerprint, device, precis
             resume_path(path).unlink(missing_ok=True)
         seed = args.seed + 100 * fold + list(MODELS).index(arch)  # distinct, reproducible per job
         model = new_model(arch, device, seed)
-        fit(model, to_device(images, labels, train_idx, device), val_set, settings, path, seed, log=log)
+        fit(model, to_device(images, labels, train_idx, device), val_set, settings, path, seed, log=job_log)
         normalization = settings["normalization"]
     probs = torch.softmax(predict_logits(model, val_set[0], normalization, precision), 1).cpu()  # [N_val, 10]
     write_numpy(oof_path(args.out, arch, fold), {"indices": val_idx.numpy(), "labels": labels[val_idx].numpy(),
                                                  "probs": probs.numpy()})
-    log(f"done in {time.perf_counter() - start:.0f}s, val accuracy {(probs.argmax(1) == labels[val_idx]).float().mean():.4f}")
+    job_log(f"done in {time.perf_counter() - start:.0f}s, val accuracy {(probs.argmax(1) == labels[val_idx]).float().mean():.4f}")
 
 
 # ----------------------------------------------------------------------------- summary
