@@ -802,8 +802,11 @@ def data_fingerprint(images, labels):
 
 
 def settings_difference(saved, current, may_change=()):
-    """(name, saved value, current value) of the first setting that differs outside may_change, else None."""
-    for name in sorted(set(saved) | set(current)):
+    """(name, saved value, current value) of the first setting that differs outside may_change, else None.
+
+    First in the order of `current` (the order the run defines them in), then settings only `saved` has.
+    """
+    for name in [*current, *(name for name in saved if name not in current)]:
         if name not in may_change and saved.get(name) != current.get(name):
             return name, saved.get(name), current.get(name)
     return None

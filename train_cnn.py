@@ -59,7 +59,8 @@ from data import (
     write_json,
 )
 
-SCHEDULES = ("step", "cosine", "warmup-cosine")
+# Each schedule and the settings it reads besides --lr and --epochs (see lr_factor).
+SCHEDULE_SETTINGS = {"step": ("lr_step", "lr_gamma"), "cosine": (), "warmup-cosine": ("warmup_epochs",)}
 # Settings named after their command-line flag (the others: arch, data, split, monitor, normalization).
 FLAG_SETTINGS = {"seed", "optimizer", "lr", "weight_decay", "schedule", "lr_step", "lr_gamma", "warmup_epochs", "epochs",
                  "batch_size", "label_smoothing", "augmentation", "precision", "ema_decay", "patience"}
@@ -341,7 +342,7 @@ def add_training_arguments(p, epochs, optimizer, schedule, patience, augmentatio
     p.add_argument("--optimizer", choices=["adam", "adamw"], default=optimizer)
     p.add_argument("--lr", type=positive_float, default=1e-3, help="peak learning rate")
     p.add_argument("--weight-decay", type=nonnegative_float, default=1e-4, help="AdamW's decoupled weight decay (not used by adam)")
-    p.add_argument("--schedule", choices=SCHEDULES, default=schedule,
+    p.add_argument("--schedule", choices=SCHEDULE_SETTINGS, default=schedule,
                    help="step: x --lr-gamma every --lr-step epochs; cosine: cosine to 0 by epoch; "
                         "warmup-cosine: linear warm-up over --warmup-epochs, then cosine to 0, every step")
     p.add_argument("--lr-step", type=positive_int, default=10, help="step schedule: epochs between learning-rate cuts")
@@ -370,14 +371,20 @@ def label_smoothing(text):
 
 
 def training_settings(args, arch, precision, monitor, fingerprint, split):
-    """Everything that defines a training run, as plain values: the loop reads it, checkpoints record it."""
-    return {"arch": arch, "data": fingerprint, "split": split, "seed": args.seed, "optimizer": args.optimizer,
-            "lr": args.lr, "weight_decay": args.weight_decay if args.optimizer == "adamw" else 0.0,
-            "schedule": args.schedule, "lr_step": args.lr_step, "lr_gamma": args.lr_gamma,
-            "warmup_epochs": args.warmup_epochs, "epochs": args.epochs, "batch_size": args.batch_size,
-            "label_smoothing": args.label_smoothing, "augmentation": args.augmentation, "precision": precision,
-            "ema_decay": args.ema_decay, "monitor": monitor, "patience": args.patience,
-            "normalization": dict(NORMALIZATION)}
+    """Everything that defines a training run, as plain values: the loop reads it, checkpoints record it.
+
+    Flags that do not act in this run (weight decay for adam, another schedule's parameters) are left out,
+    so changing them does not count as another run.
+    """
+    settings = {"arch": arch, "data": fingerprint, "split": split, "seed": args.seed, "optimizer": args.optimizer,
+                "lr": args.lr, "schedule": args.schedule, "epochs": args.epochs, "batch_size": args.batch_size,
+                "label_smoothing": args.label_smoothing, "augmentation": args.augmentation, "precision": precision,
+                "ema_decay": args.ema_decay, "monitor": monitor, "patience": args.patience,
+                "normalization": dict(NORMALIZATION)}
+    if args.optimizer == "adamw":
+        settings["weight_decay"] = args.weight_decay
+    settings.update({name: getattr(args, name) for name in SCHEDULE_SETTINGS[args.schedule]})
+    return settings
 
 
 # ----------------------------------------------------------------------------- pipeline A's command line
