@@ -944,9 +944,13 @@ def read_greyscale(source):
     is decoded at a reduced scale instead), a phone's EXIF orientation is applied, and transparency is
     composited onto white paper.
     """
+    import warnings
     from PIL import Image, ImageOps, UnidentifiedImageError
     try:
-        with (Image.open(source) if isinstance(source, (str, Path)) else contextlib.nullcontext(source)) as image:
+        with warnings.catch_warnings():  # PIL warns from 89 megapixels on; the cap below is stricter and one line
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            opened = Image.open(source) if isinstance(source, (str, Path)) else contextlib.nullcontext(source)
+        with opened as image:
             image.draft("RGB", (DECODE_SIZE, DECODE_SIZE))  # JPEG only: decode at 1/2, 1/4 or 1/8 scale when that is enough
             if image.width * image.height > MAX_IMAGE_PIXELS:
                 raise UserError(f"{source}: {image.width}x{image.height} pixels, more than a photo of a digit needs "

@@ -167,3 +167,15 @@ def test_evaluates_the_trained_model_on_mnist(tmp_path, small_vgg, mnist_dir):
     assert "most frequent confusions" in result.stdout
     (width, height), spread = png_size(tmp_path / "r" / "misclassified.png")
     assert spread > 10 and height > 600  # 48 errors: six rows of digits
+
+
+@pytest.mark.parametrize("history", ['[{"epoch": 1, "train_loss"', '{"epoch": 1}', '[{"epoch": 1, "val_loss": "x"}]'])
+def test_a_broken_history_stops_the_report_before_anything_is_written(tmp_path, constant_checkpoint, labelled_csv, history):
+    report = tmp_path / "report"
+    run_script("evaluate.py", "--weights", constant_checkpoint, "--csv", labelled_csv, "--out", report, cwd=tmp_path)
+    before = {p.name: p.read_bytes() for p in report.iterdir()}
+    (tmp_path / "constant.history.json").write_text(history)
+    result = run_script("evaluate.py", "--weights", constant_checkpoint, "--csv", labelled_csv, "--out", report,
+                        cwd=tmp_path, check=False)
+    assert_user_error(result, "constant.history.json: not a")
+    assert {p.name: p.read_bytes() for p in report.iterdir()} == before  # the old report, whole and untouched

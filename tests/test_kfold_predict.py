@@ -59,6 +59,17 @@ def test_rerun_skips_complete_jobs(trained):
     assert result.stdout.count("complete, skipped") == 4 and "train loss" not in result.stdout
 
 
+@pytest.mark.parametrize("changed, message", [
+    (["--seed", "7"], "models/resnet_fold0.pth was trained with --seed 42, this run has 7"),
+    (["--n-folds", "3"], "models/resnet_fold0.pth was trained with split {'n_folds': 2, 'fold': 0}, this run has {'n_folds': 3"),
+    (["--limit", "300"], "models/resnet_fold0.pth was trained with data '400 images"),
+])
+def test_complete_jobs_of_other_settings_are_not_skipped_silently(trained, changed, message):
+    folder, _ = trained
+    args = ["--train-csv", "train.csv", *TINY, *changed]
+    assert_user_error(run_script("train_kfold.py", *args, cwd=folder, check=False), message, "--retrain")
+
+
 def read_submission(path):
     frame = pd.read_csv(path)
     assert list(frame.columns) == ["ImageId", "Label"]

@@ -296,16 +296,20 @@ def test_phone_photos_are_turned_the_right_way_up(tmp_path, orientation, transpo
     assert raw.shape == (28, 28)
 
 
-def test_a_fifo_among_the_images_is_skipped_and_names_are_kept_apart(tmp_path, small_vgg):
+def test_a_fifo_and_a_huge_image_are_skipped_the_others_predicted_and_names_kept_apart(tmp_path, small_vgg):
     folder = tmp_path / "photos"
     folder.mkdir()
     for suffix in ("jpg", "jpeg", "png"):
         upright_seven().save(folder / f"digit.{suffix}")
     os.mkfifo(folder / "pipe.png")
+    (folder / "zbomb.png").write_bytes(png_header(10_000, 10_000))
     result = run_script("predict_tta.py", "--weights", small_vgg, "--no-tta", "--images", folder,
                         "--show-preprocessed", "seen", cwd=tmp_path, check=False)
     assert result.returncode == 2
-    assert result.stderr.splitlines()[0] == f"error: {folder / 'pipe.png'}: not a regular file, skipped"
+    errors = result.stderr.splitlines()
+    assert errors[0] == f"error: {folder / 'pipe.png'}: not a regular file, skipped"
+    assert errors[1].startswith(f"error: {folder / 'zbomb.png'}: 10000x10000 pixels, more than a photo of a digit needs")
+    assert errors[2] == "error: 2 of the inputs could not be predicted (each named above)" and len(errors) == 3
     assert sorted(p.name for p in (tmp_path / "seen").iterdir()) == [
         "digit.jpeg_28x28.png", "digit.jpg_28x28.png", "digit.png_28x28.png"]
     assert "wrote 3 preprocessed images" in result.stdout and result.stdout.count("digit.") == 3
