@@ -281,9 +281,9 @@ def demo_page(gr, predict, title):
             with gr.Column(min_width=CANVAS_SIZE):
                 canvas = gr.Sketchpad(paper, label="Draw a digit", type="pil", canvas_size=(CANVAS_SIZE, CANVAS_SIZE),
                                       brush=brush, layers=False, elem_id="canvas")
-                # any file type: what is not an image gets read_greyscale's message, as with --images
-                photo = gr.File(label="or upload a photo of one", type="filepath", height=120, elem_id="photo")
                 clear = gr.ClearButton(value="Clear", elem_id="clear")
+                # any file type: what is not an image gets read_greyscale's message, as with --images
+                photo = gr.File(label="or upload a photo of one", type="filepath", elem_id="photo")
             with gr.Column(min_width=CANVAS_SIZE):
                 seen = gr.Image(label="What the model saw (28x28)", format="png", interactive=False, buttons=["download"],
                                 height=CANVAS_SIZE, elem_id="seen")

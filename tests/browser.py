@@ -110,6 +110,14 @@ def chromium(folder, width=1200, height=900):
             driver.quit()
 
 
+def open_page(driver, url, timeout=60):
+    """Load the page and wait until its canvas is there to draw on."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+    driver.get(url)
+    WebDriverWait(driver, timeout).until(lambda d: d.find_elements(By.CSS_SELECTOR, "#canvas canvas"))
+
+
 def draw(driver, strokes, steps=10):
     """Draw the strokes on the page's canvas: press, move segment by segment in small steps, release."""
     from selenium.webdriver.common.action_chains import ActionChains

@@ -7,7 +7,7 @@ import tempfile
 import numpy as np
 import pandas as pd
 import pytest
-from browser import STROKES, chromium, demo_server, draw, missing, wait_for_answer
+from browser import STROKES, chromium, demo_server, draw, missing, open_page, wait_for_answer
 from conftest import assert_user_error, run_script
 from photos import render_as_photo
 from PIL import Image
@@ -87,8 +87,7 @@ def test_drawn_digits_are_read_in_the_browser(server, tmp_path):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
     with chromium(tmp_path) as driver:
-        driver.get(server[0])
-        WebDriverWait(driver, 60).until(lambda d: d.find_elements(By.CSS_SELECTOR, "#canvas canvas"))
+        open_page(driver, server[0])
         for digit in ("1", "7"):
             draw(driver, STROKES[digit])
             predicted, natural, shown = wait_for_answer(driver)
