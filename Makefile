@@ -1,4 +1,4 @@
-# make test | make train | make kfold | make submission | make evaluate | make bench | make clean
+# make test | make train | make kfold | make submission | make evaluate | make demo | make bench | make clean
 # PYTHON=python make train   uses the current interpreter instead of creating .venv (e.g. in a Kaggle kernel)
 # ARGS="..."                  more flags for train_cnn.py (make train) or train_kfold.py (make kfold, make submission)
 
@@ -18,22 +18,34 @@ ARGS      ?=
 
 # Only the default interpreter is ours to create; one given on the command line is used as it is.
 VENV := $(if $(filter .venv/bin/python,$(PYTHON)),.venv/bin/python)
+DEMO_VENV := $(if $(VENV),.venv/demo-requirements.installed)
 # Each script has its own default epoch budget (50 for train, 30 for kfold); EPOCHS overrides both.
 EPOCHS_FLAG := $(if $(EPOCHS),--epochs $(EPOCHS))
 KFOLD := $(if $(filter 1,$(NPROC)),$(PYTHON),$(PYTHON) -m torch.distributed.run --standalone --nproc_per_node=$(NPROC))
 
-.PHONY: test train kfold submission evaluate bench clean
+.PHONY: test train kfold submission evaluate demo bench clean
 
 $(VENV): requirements.txt
 	python3 -m venv .venv
 	.venv/bin/pip install --quiet -r requirements.txt
 	touch $@
 
+# Gradio and the browser test's packages are optional: only make demo installs them.
+$(DEMO_VENV): requirements-demo.txt $(VENV)
+	.venv/bin/pip install --quiet -r requirements-demo.txt
+	touch $@
+
 test: $(VENV)
 	$(PYTHON) -m pytest -q tests
 
+TRAIN := $(PYTHON) train_cnn.py --data-dir $(DATA_DIR) $(EPOCHS_FLAG) --device $(DEVICE) $(ARGS)
+
 train: $(VENV)
-	$(PYTHON) train_cnn.py --data-dir $(DATA_DIR) $(EPOCHS_FLAG) --device $(DEVICE) $(ARGS)
+	$(TRAIN)
+
+# make demo trains pipeline A's model first when there is none yet (make train reuses or resumes it).
+CNN_best_model.pth: | $(VENV)
+	$(TRAIN)
 
 # Without a Kaggle download, MNIST is exported in Kaggle's format (train.csv, test.csv, test_labels.csv).
 # A pattern rule with two targets is made by one run of its recipe, in every version of make.
@@ -49,6 +61,9 @@ submission: kfold $(TEST_CSV)
 
 evaluate: $(VENV)
 	$(PYTHON) evaluate.py --weights $(WEIGHTS) --data-dir $(DATA_DIR) --device $(DEVICE)
+
+demo: $(VENV) $(DEMO_VENV) $(WEIGHTS)
+	$(PYTHON) predict_tta.py --weights $(WEIGHTS) --demo --device $(DEVICE)
 
 bench: $(VENV)
 	$(PYTHON) tests/bench.py --data-dir $(DATA_DIR) --out bench.json

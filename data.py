@@ -937,15 +937,16 @@ INK_THRESHOLD = 0.25  # after the contrast stretch, fainter pixels are paper tex
 MIN_INK_PIXELS = 12   # fewer than this above the threshold: no digit in the image
 
 
-def read_greyscale(source):
+def read_greyscale(source, name=None):
     """An image file (or an open PIL image) -> float [H, W] in 0..1, the way it is meant to be seen.
 
     Guards every image read: the size is checked from the header before anything is decoded (a large JPEG
     is decoded at a reduced scale instead), a phone's EXIF orientation is applied, and transparency is
-    composited onto white paper.
+    composited onto white paper. Messages call the image `name` (default: the source itself, a path).
     """
     import warnings
     from PIL import Image, ImageOps, UnidentifiedImageError
+    name = source if name is None else name
     try:
         with warnings.catch_warnings():  # PIL warns from 89 megapixels on; the cap below is stricter and one line
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -953,7 +954,7 @@ def read_greyscale(source):
         with opened as image:
             image.draft("RGB", (DECODE_SIZE, DECODE_SIZE))  # JPEG only: decode at 1/2, 1/4 or 1/8 scale when that is enough
             if image.width * image.height > MAX_IMAGE_PIXELS:
-                raise UserError(f"{source}: {image.width}x{image.height} pixels, more than a photo of a digit needs "
+                raise UserError(f"{name}: {image.width}x{image.height} pixels, more than a photo of a digit needs "
                                 f"(at most {MAX_IMAGE_PIXELS // 10**6} megapixels); scale it down")
             image = ImageOps.exif_transpose(image)
             if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
@@ -961,7 +962,7 @@ def read_greyscale(source):
                 image = Image.alpha_composite(paper, image.convert("RGBA"))
             grey = np.asarray(image.convert("L"), dtype=np.float32) / 255
     except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError, SyntaxError) as error:
-        raise UserError(f"{source}: not a readable image ({str(error)[:2 * MAX_QUOTED]})") from None
+        raise UserError(f"{name}: not a readable image ({str(error)[:2 * MAX_QUOTED]})") from None
     return grey
 
 
@@ -983,11 +984,11 @@ def remove_background(image):
     return np.clip((stretched - INK_THRESHOLD) / (1 - INK_THRESHOLD), 0, 1)
 
 
-def crop_to_ink(image, path):
-    """The bounding box of the ink; an image without enough ink is an error for that file."""
+def crop_to_ink(image, name):
+    """The bounding box of the ink; an image without enough ink is an error named after the image."""
     ink = image > 0
     if ink.sum() < MIN_INK_PIXELS:
-        raise UserError(f"{path}: no digit found (the image is blank or has too little contrast)")
+        raise UserError(f"{name}: no digit found (the image is blank or has too little contrast)")
     rows, columns = np.flatnonzero(ink.any(1)), np.flatnonzero(ink.any(0))
     return image[rows[0]:rows[-1] + 1, columns[0]:columns[-1] + 1]
 
@@ -1014,10 +1015,14 @@ def centre_by_mass(image, size=IMAGE_SIZE):
     return field
 
 
-def preprocess_image(path, invert="auto"):
-    """An image file of a digit -> uint8 [28, 28] as an MNIST sample looks (normalization comes later, as in training)."""
-    grey = read_greyscale(path)
-    digit = crop_to_ink(remove_background(ink_on_black(grey, invert)), path)
+def preprocess_image(source, invert="auto", name=None):
+    """An image file or a PIL image of a digit -> uint8 [28, 28] as an MNIST sample looks (normalization comes later).
+
+    Messages call the image `name` (default: the path), e.g. "the drawing" for the demo page's canvas.
+    """
+    name = source if name is None else name
+    grey = read_greyscale(source, name)
+    digit = crop_to_ink(remove_background(ink_on_black(grey, invert)), name)
     field = centre_by_mass(fit_in_box(digit))
     return torch.from_numpy(np.round(field * 255).astype(np.uint8))
 

@@ -3,12 +3,17 @@
     python predict_tta.py --test-csv data/digit-recognizer/test.csv               # every complete model in models/
     python predict_tta.py --weights CNN_best_model.pth --data mnist --no-tta      # one model on MNIST's test set
     python predict_tta.py --weights CNN_best_model.pth --images photo.jpg my_digits/   # people's own images
+    python predict_tta.py --weights CNN_best_model.pth --demo    # draw a digit in the browser (requirements-demo.txt)
 
 Each checkpoint brings its own architecture and normalization. The same inputs, seed and batch size give
 the same submission: each TTA variant draws its random shifts from its own seeded generator.
 """
 import argparse
+import functools
+import os
+import socket
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -46,6 +51,15 @@ from data import (
     write_numpy,
     write_submission,
 )
+
+DEMO_HOST, DEMO_PORT = "127.0.0.1", 7860
+# --demo serves one drawing or photo at a time: options about files and batches have nothing to act on
+NOT_WITH_DEMO = ("--images", "--invert", "--show-preprocessed", "--data", "--data-dir", "--test-csv", "--labels",
+                 "--out", "--save-probs", "--batch-size")
+CANVAS_SIZE = 280  # pixels a side; the brush is a tenth of that wide, as MNIST's strokes are of its 28 pixels
+MAX_UPLOAD = "50mb"  # refused before it is stored; a phone's photo of a digit is a few MB
+# The 28x28 input is shown 8x enlarged with every pixel a sharp square, so a thin or off-centre digit is plain to see.
+PAGE_CSS = "#seen img { width: 224px; height: 224px; object-fit: contain; image-rendering: pixelated; }"
 
 
 def find_checkpoints(paths):
@@ -176,12 +190,36 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=positive_int, default=EVAL_BATCH_SIZE)
     p.add_argument("--seed", type=seed_int, default=42, help="seed of the TTA variants' random shifts")
     add_device_arguments(p)
-    args = resolve_data_arguments(p.parse_args(argv))
+    p.add_argument("--demo", action="store_true",
+                   help="serve a page to draw a digit on (or upload a photo) and watch the model read it "
+                        "(needs pip install -r requirements-demo.txt)")
+    p.add_argument("--host", default=DEMO_HOST,
+                   help="with --demo: the address to serve on; 0.0.0.0 exposes the model to everyone on the network")
+    p.add_argument("--port", type=port_number, default=DEMO_PORT, help="with --demo: the port to serve on")
+    args = p.parse_args(argv)
+    if args.demo and (extra := changed_options(p, args, NOT_WITH_DEMO)):
+        raise UserError(f"--demo predicts what is drawn or uploaded on its page; it takes no {', '.join(extra)}")
+    if not args.demo and (extra := changed_options(p, args, ("--host", "--port"))):
+        raise UserError(f"{' and '.join(extra)} go with --demo")
+    args = resolve_data_arguments(args)
     if args.images is None and (args.invert != "auto" or args.show_preprocessed):
         p.error("--invert and --show-preprocessed go with --images")
-    if args.images is None and args.out is None:
+    if args.images is None and args.out is None and not args.demo:
         args.out = "submission.csv"
     return args
+
+
+def port_number(text):
+    value = int(text)
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a port number in 1..65535, got {text}")
+    return value
+
+
+def changed_options(parser, args, flags):
+    """The flags among `flags` whose value differs from their default, that is, that were given."""
+    dests = [flag[2:].replace("-", "_") for flag in flags]
+    return [flag for flag, dest in zip(flags, dests) if getattr(args, dest) != parser.get_default(dest)]
 
 
 def check_paths(args):
@@ -200,12 +238,105 @@ def weight_files(paths):
     return [f for path in map(Path, paths) for f in (sorted(path.glob("*.pth")) if path.is_dir() else [path])]
 
 
+# ----------------------------------------------------------------------------- the draw-a-digit page (--demo)
+
+def import_gradio(folder):
+    """The gradio module, with analytics off and what it writes (uploads, images it serves, matplotlib's font cache)
+    kept in `folder`; a UserError when it is not installed."""
+    os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
+    os.environ["GRADIO_TEMP_DIR"] = folder  # read when gradio is imported
+    os.environ["MPLCONFIGDIR"] = folder     # gradio imports matplotlib, which would cache its fonts in the home folder
+    try:
+        import gradio
+    except ImportError:
+        raise UserError("--demo needs Gradio, which is not installed: pip install -r requirements-demo.txt") from None
+    return gradio
+
+
+def predict_one(source, name, *, ensemble, variants, device, precision, seed):
+    """(probabilities [10], the uint8 [28, 28] image the model saw) for one image file or PIL image."""
+    digit = preprocess_image(source, name=name)                                               # uint8 [28, 28]
+    probs = ensemble_probabilities(ensemble, digit[None].to(device), variants, precision, seed)  # [1, 10]
+    return probs[0].cpu(), digit
+
+
+def page_answer(predict, source, name):
+    """The page's outputs for one image: (digit -> probability, the 28x28 image, message); bad input is the message."""
+    try:
+        probs, digit = predict(source, name)
+    except UserError as error:
+        return None, None, f"**{error}**"
+    return {str(d): float(p) for d, p in enumerate(probs)}, digit.numpy(), ""
+
+
+def demo_page(gr, predict, title):
+    """The page: a canvas and a photo upload in; the ten probabilities, the 28x28 input and any message out."""
+    from PIL import Image
+    brush = gr.Brush(default_size=CANVAS_SIZE // 20, colors=["#000000"], color_mode="fixed")  # a radius
+    # With white paper to draw on, the canvas opens with the brush in hand (empty, it asks for a tool first).
+    paper = {"background": Image.new("RGB", (CANVAS_SIZE, CANVAS_SIZE), "white"), "layers": [], "composite": None}
+    with gr.Blocks(title="Draw a digit", analytics_enabled=False) as page:
+        gr.Markdown(f"## Draw a digit\n{title}. Draw with the mouse, a finger or a pen, or upload a photo of a digit.")
+        with gr.Row():
+            with gr.Column(min_width=CANVAS_SIZE):
+                canvas = gr.Sketchpad(paper, label="Draw a digit", type="pil", canvas_size=(CANVAS_SIZE, CANVAS_SIZE),
+                                      brush=brush, layers=False, elem_id="canvas")
+                clear = gr.ClearButton(value="Clear", elem_id="clear")
+                # any file type: what is not an image gets read_greyscale's message, as with --images
+                photo = gr.File(label="or upload a photo of one", type="filepath", elem_id="photo")
+            with gr.Column(min_width=CANVAS_SIZE):
+                seen = gr.Image(label="What the model saw (28x28)", format="png", interactive=False, buttons=["download"],
+                                height=CANVAS_SIZE, elem_id="seen")
+                message = gr.Markdown(elem_id="message")
+            with gr.Column(min_width=CANVAS_SIZE):
+                probabilities = gr.Label(num_top_classes=10, label="Predicted digit and probabilities",
+                                         elem_id="probabilities")
+        outputs = [probabilities, seen, message]
+        clear.add([canvas, photo, *outputs])
+
+        def read_drawing(value):
+            if value is None or value["composite"] is None:  # a stroke has begun; its end sends the picture
+                return gr.skip(), gr.skip(), gr.skip()
+            return page_answer(predict, value["composite"], "the drawing")
+
+        canvas.input(read_drawing, canvas, outputs, api_name="drawing", trigger_mode="always_last", show_progress="hidden")
+        photo.upload(lambda path: page_answer(predict, path, Path(path).name), photo, outputs, api_name="photo")
+    return page
+
+
+def check_can_serve(host, port):
+    """One line saying why, when host:port cannot be served on (Gradio would print a traceback)."""
+    try:
+        socket.create_server((host, port)).close()
+    except OSError as error:  # the port is taken, or the address is not one of this machine's
+        raise UserError(f"cannot serve on {host}:{port}: {error.strerror or error}; pick another --port or --host") from None
+
+
+def serve_demo(args, variants, device, precision):
+    """Serve the page until Ctrl-C; Gradio's uploads and served images live in a temporary folder removed at exit."""
+    with tempfile.TemporaryDirectory(prefix="predict_tta-demo-") as folder:
+        gr = import_gradio(folder)
+        ensemble = load_ensemble(args.weights, device)
+        title = f"{len(ensemble)} model(s) x {len(variants)} TTA variant(s)"
+        predict = functools.partial(predict_one, ensemble=ensemble, variants=variants, device=device,
+                                    precision=precision, seed=args.seed)
+        page = demo_page(gr, predict, title)
+        check_can_serve(args.host, args.port)
+        _, url, _ = page.launch(server_name=args.host, server_port=args.port, share=False, run_history=False,
+                                enable_monitoring=False, mcp_server=False, max_file_size=MAX_UPLOAD, css=PAGE_CSS,
+                                quiet=True, prevent_thread_lock=True)
+        print(f"draw a digit at {url} (Ctrl-C to stop)")
+        page.block_thread()
+
+
 def main(argv=None):
     args = parse_args(argv)
     variants = tta_variants(args.tta)
     device = pick_device(args.device)
     precision = pick_precision(args.precision, device)
     check_paths(args)
+    if args.demo:
+        return serve_demo(args, variants, device, precision)
     ensemble = load_ensemble(args.weights, device)
     if args.images:
         return predict_images(args, ensemble, variants, device, precision)

@@ -98,3 +98,15 @@ def test_image_options_need_images(tmp_path):
     assert result.returncode == 2 and "--invert and --show-preprocessed go with --images" in result.stderr
     assert_user_error(run_script("predict_tta.py", "--weights", "nowhere.pth", "--images", ".", cwd=tmp_path, check=False),
                       "nowhere.pth: no such checkpoint")
+
+
+def test_a_pil_image_is_preprocessed_as_its_file_and_named_in_messages(tmp_path):
+    rgba = np.zeros((64, 64, 4), dtype=np.uint8)
+    rgba[16:48, 28:36] = (0, 0, 0, 255)
+    drawing = Image.fromarray(rgba, mode="RGBA")
+    drawing.save(tmp_path / "drawing.png")
+    assert np.array_equal(data.preprocess_image(drawing, name="the drawing"), data.preprocess_image(tmp_path / "drawing.png"))
+    with pytest.raises(data.UserError, match="^the drawing: no digit found"):
+        data.preprocess_image(Image.new("RGBA", (64, 64)), name="the drawing")
+    with pytest.raises(data.UserError, match="^the photo: 8000x7000 pixels"):
+        data.preprocess_image(Image.new("L", (8000, 7000)), name="the photo")

@@ -1,0 +1,89 @@
+"""Latency of the draw-a-digit page: median milliseconds per prediction of one drawn digit, measured in-process.
+
+A prediction is what the page does with a finished stroke: preprocess the canvas (a 280x280 RGBA image, like
+the page's) and run the ensemble with its TTA variants. Two configurations: one vgg (--weights, or random
+weights) with 1 and 4 TTA variants, and the 10-model ensemble (5 resnet + 5 widecnn) with 4 TTA variants. The
+ensemble's checkpoints are random-init ones in the project's format, written to a temporary folder: the time
+does not depend on the weights. Not collected by pytest (its name does not start with test_).
+
+    OMP_NUM_THREADS=2 python tests/demo_latency.py --repeats 50
+"""
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+from PIL import Image, ImageDraw  # noqa: E402
+
+import data  # noqa: E402
+from browser import STROKES  # noqa: E402
+from models import build_model  # noqa: E402
+from predict_tta import CANVAS_SIZE, load_ensemble, predict_one, tta_variants  # noqa: E402
+
+
+def drawing(strokes, size=CANVAS_SIZE):
+    """The strokes drawn as the page's canvas gives them: black, a tenth of the canvas wide, on white, RGBA."""
+    image = Image.new("RGBA", (size, size), "white")
+    pen = ImageDraw.Draw(image)
+    for stroke in strokes:
+        pen.line([(x * size, y * size) for x, y in stroke], fill="black", width=size // 10, joint="curve")
+    return image
+
+
+def random_checkpoints(folder, archs):
+    """One random-init checkpoint per arch in `folder`, complete, in the project's format."""
+    paths = []
+    for i, arch in enumerate(archs):
+        torch.manual_seed(i)
+        path = Path(folder) / f"{arch}_{i}.pth"
+        data.save_checkpoint(path, {"model_state": build_model(arch).state_dict(), "arch": arch,
+                                    "normalization": data.NORMALIZATION, "epoch": 1, "complete": True})
+        paths.append(path)
+    return paths
+
+
+def median_ms(image, ensemble, variants, device, precision, repeats):
+    """Median wall time of predict_one on `image`, in ms, after 3 warm-up predictions."""
+    times = []
+    for i in range(repeats + 3):
+        start = time.perf_counter()
+        predict_one(image, "the drawing", ensemble=ensemble, variants=variants, device=device, precision=precision,
+                    seed=42)
+        times.append(time.perf_counter() - start)
+    return 1000 * statistics.median(times[3:])
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--weights", help="the single model's checkpoint (default: a random-init vgg)")
+    p.add_argument("--repeats", type=int, default=50)
+    p.add_argument("--device", default="auto")
+    args = p.parse_args()
+    device = data.pick_device(args.device)
+    precision = data.pick_precision("auto", device)
+    image = drawing(STROKES["7"])
+    print(f"device {device}, precision {precision}, {torch.get_num_threads()} threads, {args.repeats} predictions each")
+    with tempfile.TemporaryDirectory() as folder:
+        single = [args.weights] if args.weights else random_checkpoints(folder, ["vgg"])
+        ensemble_paths = random_checkpoints(folder, ["resnet"] * 5 + ["widecnn"] * 5)
+        for name, paths, tta in (("1 vgg, no TTA", single, 1), ("1 vgg x 4 TTA", single, 4),
+                                 ("10 models x 4 TTA", ensemble_paths, 4)):
+            ensemble = load_ensemble(paths, device)
+            ms = median_ms(image, ensemble, tta_variants(tta), device, precision, args.repeats)
+            probs, _ = predict_one(image, "the drawing", ensemble=ensemble, variants=tta_variants(tta), device=device,
+                                   precision=precision, seed=42)
+            print(f"{name:<20} {ms:7.1f} ms median per prediction (answer {probs.argmax()}, {probs.max():.2f})")
+        start = time.perf_counter()
+        for _ in range(args.repeats):
+            data.preprocess_image(image, name="the drawing")
+        print(f"{'preprocessing alone':<20} {1000 * (time.perf_counter() - start) / args.repeats:7.1f} ms mean")
+
+
+if __name__ == "__main__":
+    main()

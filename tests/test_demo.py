@@ -1,0 +1,155 @@
+"""predict_tta.py --demo: the draw-a-digit page, in a real browser and through its API."""
+import os
+import socket
+import sys
+import tempfile
+
+import numpy as np
+import pandas as pd
+import pytest
+from browser import STROKES, chromium, demo_server, draw, missing, open_page, wait_for_answer
+from conftest import assert_user_error, run_script
+from photos import render_as_photo
+from PIL import Image
+
+import data
+
+
+def require(browser=True):
+    """Skip with what is missing; under CI=true, fail instead, so CI cannot pass without running these tests."""
+    problem = missing(browser)
+    if problem and os.environ.get("CI") == "true":
+        pytest.fail(f"CI=true and the demo's test environment is incomplete: {problem}")
+    if problem:
+        pytest.skip(problem)
+
+
+@pytest.fixture
+def in_process(monkeypatch, tmp_path):
+    """For --demo run in this process: the environment it sets is restored, its temporary folder is tmp_path/tmp."""
+    for name in ("GRADIO_ANALYTICS_ENABLED", "GRADIO_TEMP_DIR", "MPLCONFIGDIR"):
+        monkeypatch.delenv(name, raising=False)
+    for sub in ("cwd", "tmp"):
+        (tmp_path / sub).mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    yield tmp_path / "cwd"
+    assert list((tmp_path / "cwd").iterdir()) == [] and list((tmp_path / "tmp").iterdir()) == []
+
+
+def test_demo_without_gradio_says_how_to_install_it(monkeypatch, in_process):
+    monkeypatch.setitem(sys.modules, "gradio", None)  # `import gradio` raises ImportError, as when not installed
+    result = run_script("predict_tta.py", "--weights", "nowhere.pth", "--demo", cwd=in_process, check=False)
+    assert_user_error(result, "--demo needs Gradio", "pip install -r requirements-demo.txt")
+
+
+def test_a_port_in_use_is_one_line(small_vgg, in_process):
+    require(browser=False)
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        result = run_script("predict_tta.py", "--weights", small_vgg, "--demo", "--port", port, cwd=in_process,
+                            check=False)
+    assert_user_error(result, f"cannot serve on 127.0.0.1:{port}: Address already in use", "pick another --port")
+
+
+@pytest.mark.parametrize("options, fragment", [
+    (["--demo", "--images", "x.png"], "it takes no --images"),
+    (["--demo", "--out", "p.csv", "--save-probs", "p.npy"], "it takes no --out, --save-probs"),
+    (["--demo", "--invert", "yes"], "it takes no --invert"),
+    (["--demo", "--test-csv", "test.csv"], "it takes no --test-csv"),
+    (["--port", "8000"], "--port go with --demo"),
+    (["--host", "0.0.0.0", "--images", "x.png"], "--host go with --demo"),
+])
+def test_options_that_make_no_sense_with_demo_are_refused(tmp_path, options, fragment):
+    assert_user_error(run_script("predict_tta.py", *options, cwd=tmp_path, check=False), fragment)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, small_vgg):
+    """The page for the small vgg (default TTA), on a free port of 127.0.0.1; checks what it left behind at the end."""
+    require(browser=False)
+    folder = tmp_path_factory.mktemp("demo_server")
+    with demo_server(small_vgg, folder) as url:
+        yield url, folder
+    assert list((folder / "tmp").iterdir()) == []   # its temporary folder is gone
+    assert list((folder / "cwd").iterdir()) == []   # nothing written where it ran
+    assert list((folder / "home").iterdir()) == []  # nor in the home folder
+    assert "Traceback" not in (folder / "demo.log").read_text()
+
+
+@pytest.fixture(scope="module")
+def client(server, tmp_path_factory):
+    from gradio_client import Client
+    return Client(server[0], verbose=False, download_files=str(tmp_path_factory.mktemp("downloads")))
+
+
+def test_drawn_digits_are_read_in_the_browser(server, tmp_path):
+    require(browser=True)
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+    with chromium(tmp_path) as driver:
+        open_page(driver, server[0])
+        for digit in ("1", "7"):
+            draw(driver, STROKES[digit])
+            predicted, natural, shown = wait_for_answer(driver)
+            assert predicted == digit
+            assert natural == (28, 28) and min(shown) >= 8 * 28  # the image the model saw, shown 8x enlarged
+            assert driver.find_element(By.ID, "message").text == ""
+            driver.find_element(By.ID, "clear").click()
+            WebDriverWait(driver, 30).until(lambda d: not d.find_elements(By.CSS_SELECTOR, "#seen img"))
+
+
+@pytest.fixture(scope="module")
+def digit_files(tmp_path_factory, mnist_dir):
+    """20 MNIST test digits rendered as photos (PNG files): dark on light paper, larger, off-centre, noisy."""
+    folder = tmp_path_factory.mktemp("digit_files")
+    images, labels = data.load_mnist(mnist_dir, "test")
+    rng = np.random.default_rng(1)
+    paths = [folder / f"digit{i:02d}.png" for i in range(20)]
+    for image, path in zip(images, paths):
+        render_as_photo(image.numpy(), rng).save(path)
+    return paths
+
+
+def test_the_page_answers_as_predict_tta_images_does(client, small_vgg, digit_files, tmp_path):
+    from gradio_client import handle_file
+    for path in digit_files:
+        label, seen, message = client.predict(handle_file(path), api_name="/photo")
+        assert message == "" and Image.open(seen).size == (28, 28)
+        # --images one file at a time: a TTA variant's random shifts depend on an image's place in its batch
+        run_script("predict_tta.py", "--weights", small_vgg, "--images", path, "--out", "expected.csv", cwd=tmp_path)
+        expected = pd.read_csv(tmp_path / "expected.csv").iloc[0]
+        assert label["label"] == str(expected["label"]), path.name
+        probabilities = {c["label"]: c["confidence"] for c in label["confidences"]}
+        assert np.allclose([probabilities[str(d)] for d in range(10)], [expected[f"p{d}"] for d in range(10)],
+                           atol=1e-4, rtol=0), path.name
+
+
+def test_bad_input_gets_a_message_and_the_server_keeps_serving(client, digit_files, tmp_path):
+    from gradio_client import handle_file
+    Image.new("RGB", (280, 280), "white").save(tmp_path / "blank.png")
+    speck = np.full((280, 280), 255, dtype=np.uint8)
+    speck[140, 140:143] = 0                                          # three pixels of ink
+    Image.fromarray(speck).save(tmp_path / "speck.png")
+    Image.new("L", (8000, 7000), "white").save(tmp_path / "huge.png")  # 56 megapixels in a small file
+    (tmp_path / "notes.png").write_text("this is not an image")
+    (tmp_path / "notes.txt").write_text("this is not an image either")
+
+    def drawing(path):
+        return {"background": None, "layers": [], "composite": handle_file(path)}
+
+    answers = {
+        "blank": client.predict(drawing(tmp_path / "blank.png"), api_name="/drawing"),
+        "speck": client.predict(drawing(tmp_path / "speck.png"), api_name="/drawing"),
+        "huge": client.predict(handle_file(tmp_path / "huge.png"), api_name="/photo"),
+        "notes": client.predict(handle_file(tmp_path / "notes.png"), api_name="/photo"),
+        "text": client.predict(handle_file(tmp_path / "notes.txt"), api_name="/photo"),
+    }
+    for name, (label, seen, message) in answers.items():
+        assert not label and seen is None, name
+    assert answers["blank"][2].startswith("**the drawing: no digit found")
+    assert answers["speck"][2].startswith("**the drawing: no digit found")
+    assert answers["huge"][2].startswith("**huge.png: 8000x7000 pixels, more than a photo of a digit needs")
+    assert answers["notes"][2].startswith("**notes.png: not a readable image")
+    assert answers["text"][2].startswith("**notes.txt: not a readable image")
+    label, seen, message = client.predict(drawing(digit_files[0]), api_name="/drawing")
+    assert label["label"] and message == ""                   # and the next good input is read as usual
