@@ -552,7 +552,7 @@ def pick_device(requested="auto", local_rank=None):
     try:
         device = torch.device(requested)
     except RuntimeError:
-        raise UserError(f"--device {quoted(requested)}: not a device name (try cpu, cuda, cuda:1, mps)") from None
+        raise UserError(f"--device {requested[:MAX_QUOTED]}: not a device name (try cpu, cuda, cuda:1, mps)") from None
     if device.type not in ("cpu", "cuda", "mps"):
         raise UserError(f"--device {requested}: not supported here (use cpu, cuda, cuda:N or mps)")
     if device.type == "cuda" and not torch.cuda.is_available():

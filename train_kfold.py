@@ -125,20 +125,30 @@ def job_cost(out, arch, fold):
 
 # ----------------------------------------------------------------------------- one (arch, fold) job
 
-def run_job(args, arch, fold, images, labels, split, fingerprint, device, precision, log):
+def job_settings(args, arch, fold, precision, fingerprint):
+    return training_settings(args, arch, precision, "val_accuracy", fingerprint, {"n_folds": args.n_folds, "fold": fold})
+
+
+def finished_checkpoint(args, arch, fold, settings, log):
+    """The job's complete checkpoint, if it has one of these settings (None to train); one line when it is another run's."""
+    path = checkpoint_path(args.out, arch, fold)
+    existing = load_checkpoint(path) if path.exists() and not args.retrain else None
+    if existing is None or not is_complete(existing):
+        return None
+    check_same_run(path, existing.get("settings"), settings, log, resuming=False)
+    return existing
+
+
+def run_job(args, arch, fold, images, labels, split, settings, existing, device, precision, log):
     """Train one model on the other folds (or reuse its complete checkpoint), save its out-of-fold probabilities."""
     def job_log(line):
         log(f"[{arch} fold {fold}] {line}")
 
     path = checkpoint_path(args.out, arch, fold)
-    settings = training_settings(args, arch, precision, "val_accuracy", fingerprint, {"n_folds": args.n_folds, "fold": fold})
-    existing = load_checkpoint(path) if path.exists() and not args.retrain else None
-    reuse = existing is not None and is_complete(existing)
-    if reuse:
-        check_same_run(path, existing.get("settings"), settings, job_log, resuming=False)
-        if oof_path(args.out, arch, fold).exists():
-            job_log("complete, skipped (--retrain to train again)")
-            return
+    reuse = existing is not None
+    if reuse and oof_path(args.out, arch, fold).exists():
+        job_log("complete, skipped (--retrain to train again)")
+        return
     train_idx, val_idx = split
     val_set = to_device(images, labels, val_idx, device)
     start = time.perf_counter()
@@ -239,8 +249,12 @@ def main(argv=None):
         splits = fold_indices(labels, args.n_folds, args.seed)
         log(f"device {device}, precision {precision}, {torch.get_num_threads()} threads; {len(images)} images, "
             f"{args.n_folds} folds; jobs {', '.join(f'{a}/{f}' for a, f in mine) or 'none'}")
+        settings = {job: job_settings(args, *job, precision, fingerprint) for job in mine}
+        # every finished job is checked against this run's settings before any training starts
+        finished = {job: finished_checkpoint(args, *job, settings[job], log) for job in mine}
         for arch, fold in mine:
-            run_job(args, arch, fold, images, labels, splits[fold], fingerprint, device, precision, log)
+            job = (arch, fold)
+            run_job(args, arch, fold, images, labels, splits[fold], settings[job], finished[job], device, precision, log)
 
     if world > 1:
         dist.barrier()
