@@ -66,7 +66,7 @@ def test_pipeline_b_commands(workspace):
     assert float(accuracy.pop()) == pytest.approx((truth == submission).mean(), abs=1e-4)
 
 
-def test_export_and_image_commands(workspace, tmp_path):
+def test_export_and_image_commands(workspace, tmp_path, small_vgg):
     # python data.py export-kaggle --data-dir data --out data/digit-recognizer
     synthetic_mnist(tmp_path / "data", n_train=30, n_test=20)
     exported = run_script("data.py", "export-kaggle", "--data-dir", "data", "--out", "data/digit-recognizer", cwd=tmp_path)
@@ -78,7 +78,7 @@ def test_export_and_image_commands(workspace, tmp_path):
     (tmp_path / "my_digits").mkdir()
     for i in range(1, 4):
         Image.fromarray(255 - images[i].numpy()).resize((84, 84)).save(tmp_path / "my_digits" / f"{i}.png")
-    result = run_script("predict_tta.py", "--weights", workspace / "CNN_best_model.pth", "--images", "photo.jpg",
+    result = run_script("predict_tta.py", "--weights", small_vgg, "--images", "photo.jpg",
                         "my_digits/", "--show-preprocessed", "seen/", cwd=tmp_path)
     assert result.stdout.startswith("photo.jpg: ") and len(list((tmp_path / "seen").iterdir())) == 4
     assert np.asarray(Image.open(tmp_path / "seen" / "photo_28x28.png")).shape == (28, 28)
