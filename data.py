@@ -762,8 +762,9 @@ def checkpoint_dict(model, record, settings, complete=False):
             "settings": settings, "versions": library_versions(), "complete": complete}
 
 
-def try_checkpoint_lock(checkpoint_path):
-    """The checkpoint's lock, acquired, or None when another process holds it.
+@contextlib.contextmanager
+def checkpoint_lock(checkpoint_path):
+    """Hold the checkpoint's lock for a run's life; a UserError when another run holds it.
 
     An advisory lock on a file beside the checkpoint (filelock, flock on POSIX): the system releases it
     when the process ends, however it ends, so a killed run never leaves a stale lock behind.
@@ -774,19 +775,10 @@ def try_checkpoint_lock(checkpoint_path):
     try:
         lock.acquire()
     except Timeout:
-        return None
+        raise UserError(f"{checkpoint_path} is in use by another training run (it holds {path}); "
+                        "wait for it to finish, or choose another checkpoint or output folder") from None
     except OSError as error:
         raise UserError(f"cannot lock {path}: {error.strerror or error}") from None
-    return lock
-
-
-@contextlib.contextmanager
-def checkpoint_lock(checkpoint_path):
-    """Hold the checkpoint's lock for a run's life; a UserError when another run holds it."""
-    lock = try_checkpoint_lock(checkpoint_path)
-    if lock is None:
-        raise UserError(f"{checkpoint_path} is in use by another training run (it holds {lock_path(checkpoint_path)}); "
-                        "wait for it to finish, or choose another checkpoint or output folder")
     try:
         yield
     finally:
