@@ -1,4 +1,4 @@
-# make test | make train | make kfold | make submission | make evaluate | make demo | make bench | make clean
+# make test | make train | make kfold | make submission | make evaluate | make demo | make bench | make gpu-check | make clean
 # PYTHON=python make train   uses the current interpreter instead of creating .venv (e.g. in a Kaggle kernel)
 # ARGS="..."                  more flags for train_cnn.py (make train) or train_kfold.py (make kfold, make submission)
 
@@ -15,6 +15,7 @@ FOLDS     ?= 0 1 2 3 4
 NPROC     ?= 1
 WEIGHTS   ?= CNN_best_model.pth
 ARGS      ?=
+GPU_CHECK ?= gpu-check
 
 # Only the default interpreter is ours to create; one given on the command line is used as it is.
 VENV := $(if $(filter .venv/bin/python,$(PYTHON)),.venv/bin/python)
@@ -23,7 +24,7 @@ DEMO_VENV := $(if $(VENV),.venv/demo-requirements.installed)
 EPOCHS_FLAG := $(if $(EPOCHS),--epochs $(EPOCHS))
 KFOLD := $(if $(filter 1,$(NPROC)),$(PYTHON),$(PYTHON) -m torch.distributed.run --standalone --nproc_per_node=$(NPROC))
 
-.PHONY: test train kfold submission evaluate demo bench clean
+.PHONY: test train kfold submission evaluate demo bench gpu-check clean
 
 $(VENV): requirements.txt
 	python3 -m venv .venv
@@ -68,5 +69,9 @@ demo: $(VENV) $(DEMO_VENV) $(WEIGHTS)
 bench: $(VENV)
 	$(PYTHON) tests/bench.py --data-dir $(DATA_DIR) --out bench.json
 
+# A GPU's first run: every device path in about 4 minutes; the report is $(GPU_CHECK)/gpu_check.json (README, GPUs and Macs).
+gpu-check: $(VENV)
+	$(PYTHON) tests/gpu_check.py --data-dir $(DATA_DIR) --device $(DEVICE) --out $(GPU_CHECK)
+
 clean:
-	rm -rf .venv .pytest_cache __pycache__ tests/__pycache__ CNN_best_model.* models reports submission.csv bench.json
+	rm -rf .venv .pytest_cache __pycache__ tests/__pycache__ CNN_best_model.* models reports submission.csv bench.json $(GPU_CHECK)

@@ -20,6 +20,7 @@ import gzip
 import math
 import os
 import platform
+import re
 import struct
 import sys
 import tempfile
@@ -383,17 +384,22 @@ def stratified_split(labels, fraction, seed):
 
 
 def to_device(images, labels, indices, device):
-    """The selected images and labels, copied to the device, where they stay for the whole run."""
-    return images[indices].to(device, non_blocking=True), labels[indices].to(device, non_blocking=True)
+    """The selected images and labels, copied to the device, where they stay for the whole run.
+
+    A blocking copy: the indexed tensors are temporaries, and a non-blocking copy from pageable memory may read
+    them after they are freed (on MPS); it would gain nothing for a copy made once per run.
+    """
+    return images[indices].to(device), labels[indices].to(device)
 
 
 def batch_indices(n, batch_size, generator=None):
-    """Index tensors of consecutive batches; a random permutation when a generator is given."""
+    """Batches in order as slices, or shuffled as index tensors on the generator's device.
+
+    Neither needs a copy from the host: a CPU index tensor on GPU data would cost a blocking copy per batch.
+    """
     if generator is None:
-        order = torch.arange(n)
-    else:
-        order = torch.randperm(n, generator=generator, device=generator.device)
-    return order.split(batch_size)
+        return [slice(start, min(start + batch_size, n)) for start in range(0, n, batch_size)]
+    return torch.randperm(n, generator=generator, device=generator.device).split(batch_size)
 
 
 def to_unit_float(images, augmentation=None, generator=None):
@@ -471,7 +477,9 @@ def perspective_matrices(offsets, size=IMAGE_SIZE):
     the corners' destinations in torchvision's RandomPerspective; all zeros gives the identity.
     """
     half = (size - 1) / 2
-    corners = torch.tensor([[-half, -half], [half, -half], [half, half], [-half, half]], device=offsets.device)
+    # the corners (-h, -h), (h, -h), (h, h), (-h, h) [4, 2], made on the device: torch.tensor would copy from the host
+    corner = torch.arange(4, device=offsets.device)
+    corners = torch.stack([(corner == 1) | (corner == 2), corner >= 2], 1).float() * (2 * half) - half
     moved = corners - torch.sign(corners) * offsets * (size // 2)   # [B, 4, 2]
     # Solve for the 8 coefficients mapping moved (output) -> corners (input): two linear equations per corner.
     x, y = moved.unbind(-1)                                         # [B, 4]
@@ -480,7 +488,8 @@ def perspective_matrices(offsets, size=IMAGE_SIZE):
     rows_u = torch.stack([x, y, one, zero, zero, zero, -u * x, -u * y], -1)
     rows_v = torch.stack([zero, zero, zero, x, y, one, -v * x, -v * y], -1)
     system = torch.cat([rows_u, rows_v], 1)                         # [B, 8, 8]
-    coefficients = torch.linalg.solve(system, torch.cat([u, v], 1))  # [B, 8]
+    # solve_ex, not solve: solve checks for a singular system on the host, which waits for a GPU
+    coefficients = torch.linalg.solve_ex(system, torch.cat([u, v], 1)).result  # [B, 8]
     return torch.cat([coefficients, one[:, :1]], 1).view(-1, 3, 3)
 
 
@@ -494,7 +503,7 @@ def warp(images, inverse_maps):
     source = points @ inverse_maps.transpose(1, 2).to(images.dtype)         # [B, H*W, 3]
     source = source[..., :2] / source[..., 2:]
     # grid_sample with align_corners=False puts pixel edges at -1 and 1: divide centred pixels by half the size
-    grid = (source / torch.tensor([width / 2, height / 2], device=images.device)).view(batch, height, width, 2)
+    grid = torch.stack([source[..., 0] / (width / 2), source[..., 1] / (height / 2)], -1).view(batch, height, width, 2)
     return F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
@@ -513,7 +522,7 @@ def augment(images, augmentation, generator):
         scale=uniform(n, *aug.scale, generator),
         shear=uniform(n, -aug.shear, aug.shear, generator),
     )
-    inverse = torch.linalg.inv(forward)
+    inverse = torch.linalg.inv_ex(forward).inverse  # inv_ex: no check on the host (an affine map is invertible)
     if aug.perspective > 0:
         offsets = torch.rand(n, 4, 2, generator=generator, device=generator.device) * aug.perspective
         chosen = torch.rand(n, 1, 1, generator=generator, device=generator.device) < aug.perspective_p
@@ -542,10 +551,15 @@ def cpu_supports_bf16(cpuinfo=None):
 
 
 def pick_device(requested="auto", local_rank=None):
-    """CUDA, else Apple MPS, else CPU; an explicit request is checked against what is there."""
+    """CUDA, else Apple MPS, else CPU; an explicit request is checked against what is there.
+
+    A CUDA device is always indexed (cuda:LOCAL_RANK under torchrun, else cuda:0 unless one is named), made the
+    current device, and checked against the GPU kernels this PyTorch build carries, before any work starts.
+    local_rank: torchrun's LOCAL_RANK, or None outside torchrun.
+    """
     if requested == "auto":
         if torch.cuda.is_available():
-            return torch.device("cuda", local_rank or 0)
+            return cuda_device(local_rank or 0, f"--device auto picked cuda:{local_rank or 0}", local_rank)
         if torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
@@ -559,7 +573,50 @@ def pick_device(requested="auto", local_rank=None):
         raise UserError(f"--device {requested}: no CUDA GPU is available here")
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise UserError(f"--device {requested}: Apple MPS is not available here")
+    if device.type != "cuda":
+        return device
+    if device.index is not None and local_rank is not None:
+        raise UserError(f"--device {requested} under torchrun would put every rank on that one GPU; "
+                        "pass --device cuda (each rank then takes cuda:LOCAL_RANK)")
+    index = device.index if device.index is not None else local_rank or 0
+    return cuda_device(index, f"--device {requested}", local_rank)
+
+
+def cuda_device(index, request, local_rank):
+    """torch.device("cuda", index), made current, after checking that it exists and that torch has kernels for it."""
+    count = torch.cuda.device_count()
+    if index >= count:
+        where = f"torchrun's LOCAL_RANK is {local_rank}" if local_rank is not None else f"{request} asks for GPU {index}"
+        raise UserError(f"{where}, but this machine shows {count} CUDA GPU(s) (0..{count - 1}); "
+                        "start fewer processes, or check CUDA_VISIBLE_DEVICES")
+    device = torch.device("cuda", index)
+    capability = torch.cuda.get_device_capability(device)
+    architectures = torch.cuda.get_arch_list()
+    if architectures and not cuda_build_runs_on(capability, architectures):
+        name = torch.cuda.get_device_name(device)
+        raise UserError(f"{request}: this PyTorch build has no GPU kernels for {name} (compute capability "
+                        f"{capability[0]}.{capability[1]}; it carries {' '.join(architectures)}); "
+                        "use --device cpu, or install a PyTorch build that supports this GPU")
+    torch.cuda.set_device(device)  # later allocations, generators and kernels of this process go to this GPU
     return device
+
+
+def cuda_build_runs_on(capability, architectures):
+    """True when a torch build with these get_arch_list() entries runs on a GPU of this (major, minor) capability.
+
+    Compiled code (sm_XY) runs on GPUs of the same major version and a minor at least Y ("a" variants such as
+    sm_90a on that exact GPU only); PTX (compute_XY) is compiled by the driver for any GPU from X.Y on.
+    """
+    for entry in architectures:
+        match = re.fullmatch(r"(sm|compute)_(\d+)(\d)([a-z]?)", entry)
+        if match is None:
+            continue
+        kind, major, minor, variant = match[1], int(match[2]), int(match[3]), match[4]
+        if kind == "compute" and (major, minor) <= tuple(capability):
+            return True
+        if kind == "sm" and major == capability[0] and (minor == capability[1] or (variant != "a" and minor <= capability[1])):
+            return True
+    return False
 
 
 def add_device_arguments(parser):
@@ -571,17 +628,35 @@ def add_device_arguments(parser):
 
 
 def pick_precision(requested, device):
-    """'auto' -> bf16 on a bf16-capable CPU or GPU, fp16 on older GPUs (with a gradient scaler), else fp32."""
+    """'auto' -> bf16 on a bf16-capable CPU or GPU, fp16 on older GPUs (with a gradient scaler), else fp32.
+
+    A GPU counts as bf16-capable only with native bf16 (compute capability 8.0 and newer): below that, torch
+    emulates bf16 and cuDNN has no bf16 convolutions, so every convolution would take a slow path.
+    """
+    native_bf16 = (torch.cuda.is_bf16_supported(including_emulation=False) if device.type == "cuda"
+                   else device.type == "cpu" and cpu_supports_bf16())
     if requested != "auto":
-        if device.type == "cpu" and requested != "fp32" and (requested == "fp16" or not cpu_supports_bf16()):
+        if device.type == "cpu" and requested != "fp32" and (requested == "fp16" or not native_bf16):
             print(f"note: --precision {requested} on this CPU runs many times slower than fp32 "
                   "(it has no native bf16 or fp16 arithmetic); --precision auto picks the fast one", file=sys.stderr)
+        if device.type == "cuda" and requested == "bf16" and not native_bf16:
+            print("note: --precision bf16 on this GPU is emulated (native bf16 needs compute capability 8.0) and runs "
+                  "many times slower than fp16; --precision auto picks the fast one", file=sys.stderr)
         return requested
     if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    if device.type == "cpu" and cpu_supports_bf16():
-        return "bf16"
-    return "fp32"
+        return "bf16" if native_bf16 else "fp16"
+    return "bf16" if native_bf16 else "fp32"
+
+
+def use_deterministic_algorithms():
+    """Make a run repeat bit for bit on a GPU too, at some cost in speed (torchvision's references offer the same).
+
+    cuBLAS needs a fixed workspace for deterministic matrix products (set before its first call), and cuDNN
+    must not pick its convolution algorithms by timing them. An operation with no deterministic version raises.
+    """
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.backends.cudnn.benchmark = False
+    torch.use_deterministic_algorithms(True)
 
 
 def share_cpu_threads(processes):

@@ -8,13 +8,13 @@ the whole data set on the device and never waits for it inside an epoch: metrics
 are read once per epoch. An interrupted run resumes from its last epoch when the command is repeated.
 """
 import argparse
+import copy
 import math
 import time
 from pathlib import Path
 
 import torch
 from torch import nn
-from torch.optim.swa_utils import AveragedModel
 
 from data import (
     AUGMENTATIONS,
@@ -56,6 +56,7 @@ from data import (
     settings_difference,
     stratified_split,
     to_device,
+    use_deterministic_algorithms,
     write_json,
 )
 
@@ -129,9 +130,16 @@ def loss_and_accuracy(model, images, labels, criterion, normalization, precision
 # ----------------------------------------------------------------------------- optimizer, schedule, weight averaging
 
 def make_optimizer(model, settings):
+    """Adam or AdamW; fused on a GPU and wherever a gradient scaler runs (fp16).
+
+    The fused step reads the scaler's scale and its inf check on the device; with the plain step, GradScaler
+    reads them on the host every step, which waits for the GPU.
+    """
+    device = next(model.parameters()).device
+    fused = device.type == "cuda" or settings["precision"] == "fp16"
     if settings["optimizer"] == "adam":
-        return torch.optim.Adam(model.parameters(), lr=settings["lr"])
-    return torch.optim.AdamW(model.parameters(), lr=settings["lr"], weight_decay=settings["weight_decay"])
+        return torch.optim.Adam(model.parameters(), lr=settings["lr"], fused=fused)
+    return torch.optim.AdamW(model.parameters(), lr=settings["lr"], weight_decay=settings["weight_decay"], fused=fused)
 
 
 def steps_per_epoch(n, batch_size):
@@ -166,30 +174,29 @@ def make_schedule(optimizer, settings, steps):
 class WeightAverage:
     """An exponential moving average of the weights and BatchNorm statistics, updated after every step.
 
-    torch's AveragedModel with use_buffers=True keeps the copy; the decay warms up as (1 + t) / (10 + t)
-    until it reaches `decay`, so the first steps (random weights) fade quickly and a short run averages
-    over its last tenth instead of carrying its start.
+    The first update copies the weights; after that the decay warms up as (1 + t) / (10 + t) until it reaches
+    `decay`, so the first steps (random weights) fade quickly and a short run averages over its last tenth
+    instead of carrying its start. The average is a copy of the model on its device, moved with one foreach
+    lerp per step and a step count kept on the host: nothing waits for a GPU (torch's AveragedModel keeps its
+    count in a tensor and reads it back on every update).
     """
 
     def __init__(self, model, decay):
         self.decay = decay
         self.updates = 0
-        self.averaged = AveragedModel(model, multi_avg_fn=self.lerp, use_buffers=True)
-
-    @property
-    def module(self):
-        return self.averaged.module
+        self.module = copy.deepcopy(model).requires_grad_(False)
 
     @torch.no_grad()
-    def lerp(self, averaged, current, _):
-        decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
-        if averaged[0].is_floating_point():
-            torch._foreach_lerp_(averaged, current, 1 - decay)
-        else:  # BatchNorm's num_batches_tracked counts; it is not averaged
-            torch._foreach_copy_(averaged, current)
-
     def update(self, model):
-        self.averaged.update_parameters(model)
+        averaged, current = model_tensors(self.module), model_tensors(model)
+        if self.updates == 0:
+            torch._foreach_copy_(averaged, current)
+        else:
+            decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
+            floating = [i for i, t in enumerate(averaged) if t.is_floating_point()]
+            counts = [i for i, t in enumerate(averaged) if not t.is_floating_point()]  # BatchNorm's num_batches_tracked
+            torch._foreach_lerp_([averaged[i] for i in floating], [current[i] for i in floating], 1 - decay)
+            torch._foreach_copy_([averaged[i] for i in counts], [current[i] for i in counts])
         self.updates += 1
 
     def state_dict(self):
@@ -198,7 +205,11 @@ class WeightAverage:
     def load_state_dict(self, state):
         self.module.load_state_dict(state["model_state"])
         self.updates = state["updates"]
-        self.averaged.n_averaged.fill_(state["updates"])
+
+
+def model_tensors(model):
+    """The parameters and buffers of a model, in a fixed order."""
+    return [t.detach() for t in (*model.parameters(), *model.buffers())]
 
 
 # ----------------------------------------------------------------------------- fit: epochs, early stopping, files
@@ -209,20 +220,37 @@ def make_generators(seed, device):
             "augment": torch.Generator(device).manual_seed(seed + 2)}
 
 
-def rng_state(generators):
+def rng_state(generators, device):
+    """The random state a resumed run needs: its generators, and the one dropout draws from on its device.
+
+    Only the run's own device is saved (not every visible GPU), so a run resumes on a machine with fewer GPUs.
+    """
     state = {name: g.get_state() for name, g in generators.items()}
-    state["torch"] = torch.get_rng_state()  # dropout draws from the global generator
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    state["device"] = device.type
+    state["torch"] = torch.get_rng_state()  # dropout on the CPU draws from the global generator
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    elif device.type == "mps":
+        state["mps"] = torch.mps.get_rng_state()
     return state
 
 
-def set_rng_state(generators, state):
+def check_resume_device(path, state, device):
+    """A resume file carries generator states of its device type, which no other type can take; one line if so."""
+    saved = state.get("device", "cpu")  # resume files that record no device were written by CPU runs
+    if saved != device.type:
+        raise UserError(f"{path} was written by a run on {saved}, this run is on {device.type}: random generator states "
+                        f"do not carry across device types; resume with --device {saved}, or pass --retrain to start again")
+
+
+def set_rng_state(generators, state, device):
     for name, g in generators.items():
         g.set_state(state[name])
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)
+    elif device.type == "mps":
+        torch.mps.set_rng_state(state["mps"])
 
 
 def is_better(value, best, monitor):
@@ -273,13 +301,14 @@ def fit(model, train_set, val_set, settings, checkpoint_path, seed, log=print):
         if saved.get("settings") is None:
             raise UserError(f"{resume} was written by an earlier version of this project; pass --retrain to start again")
         check_same_run(resume, saved["settings"], settings, log, resuming=True)
+        check_resume_device(resume, saved["rng"], device)
         model.load_state_dict(saved["model_state"])
         optimizer.load_state_dict(saved["optimizer_state"])
         scheduler.load_state_dict(saved["scheduler_state"])
         scaler.load_state_dict(saved["scaler_state"])
         if average is not None:
             average.load_state_dict(saved["average"])
-        set_rng_state(generators, saved["rng"])
+        set_rng_state(generators, saved["rng"], device)
         state = saved["progress"]
         log(f"resuming {checkpoint_path} after epoch {state['epoch']} from {resume}")
 
@@ -311,7 +340,7 @@ def fit(model, train_set, val_set, settings, checkpoint_path, seed, log=print):
             state["stale_epochs"] += 1
         save_resume_state(resume, model_state=model.state_dict(), optimizer_state=optimizer.state_dict(),
                           scheduler_state=scheduler.state_dict(), scaler_state=scaler.state_dict(),
-                          rng=rng_state(generators), progress=state, arch=settings["arch"], settings=settings,
+                          rng=rng_state(generators, device), progress=state, arch=settings["arch"], settings=settings,
                           average=None if average is None else average.state_dict())
         write_json(history_path(checkpoint_path), state["history"])
         raw = f"  (plain weights {record['raw_val_accuracy']:.4f})" if average is not None else ""
@@ -354,6 +383,8 @@ def add_training_arguments(p, epochs, optimizer, schedule, patience, augmentatio
     p.add_argument("--patience", type=positive_int, default=patience, help=f"early stop after this many epochs without {monitor_help}")
     p.add_argument("--augmentation", choices=AUGMENTATIONS, default=augmentation)
     p.add_argument("--seed", type=seed_int, default=42)
+    p.add_argument("--use-deterministic-algorithms", action="store_true",
+                   help="repeat bit for bit on a GPU as well as on a CPU, somewhat slower (see README, GPUs and Macs)")
 
 
 def ema_decay(text):
@@ -426,6 +457,8 @@ def load_splits(args, device):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.use_deterministic_algorithms:
+        use_deterministic_algorithms()
     device = pick_device(args.device)
     precision = pick_precision(args.precision, device)
     checkpoint_path = Path(args.checkpoint)

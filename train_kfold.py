@@ -41,6 +41,7 @@ from data import (
     run_cli,
     share_cpu_threads,
     to_device,
+    use_deterministic_algorithms,
     write_json,
     write_numpy,
 )
@@ -228,11 +229,11 @@ def distributed_context():
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.use_deterministic_algorithms:
+        use_deterministic_algorithms()
     rank, world, local_rank = distributed_context()
-    device = pick_device(args.device, local_rank)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    else:  # ranks on one machine share its cores instead of fighting over them
+    device = pick_device(args.device, local_rank)  # under torchrun: cuda:LOCAL_RANK, made current
+    if device.type == "cpu":  # ranks on one machine share its cores instead of fighting over them
         share_cpu_threads(int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
     precision = pick_precision(args.precision, device)
     log = print if world == 1 else (lambda line: print(f"rank {rank}: {line}", flush=True))

@@ -99,7 +99,7 @@ def test_weight_average_state_round_trips():
         average.update(model)
     copy = train_cnn.WeightAverage(build_model("widecnn"), decay=0.99)
     copy.load_state_dict(average.state_dict())
-    assert copy.updates == 3 and int(copy.averaged.n_averaged) == 3
+    assert copy.updates == 3
     for name, tensor in average.module.state_dict().items():
         assert torch.equal(copy.module.state_dict()[name], tensor)
 
