@@ -318,10 +318,8 @@ def test_perspective_maps_moved_corners_back_to_the_image_corners():
 # ----------------------------------------------------------------------------- device and precision
 
 
-def test_device_pick_prefers_cuda_then_mps_then_cpu(monkeypatch):
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert data.pick_device("auto") == torch.device("cuda", 0)
-    assert data.pick_device("auto", local_rank=1) == torch.device("cuda", 1)
+def test_device_pick_prefers_mps_then_cpu_without_cuda(monkeypatch):
+    # CUDA first: tests/test_gpu_paths.py, with a faked GPU
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
     assert data.pick_device("auto") == torch.device("mps")
@@ -341,12 +339,9 @@ def test_device_requests_that_cannot_be_met_are_user_errors(monkeypatch):
         data.pick_device("gpu0")
 
 
-def test_precision_choice(monkeypatch):
-    cuda, cpu, mps = torch.device("cuda"), torch.device("cpu"), torch.device("mps")
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
-    assert data.pick_precision("auto", cuda) == "bf16"
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)
-    assert data.pick_precision("auto", cuda) == "fp16"
+def test_precision_choice_on_cpu_and_mps(monkeypatch):
+    # GPUs by their compute capability: tests/test_gpu_paths.py
+    cpu, mps = torch.device("cpu"), torch.device("mps")
     monkeypatch.setattr(data, "cpu_supports_bf16", lambda: True)
     assert data.pick_precision("auto", cpu) == "bf16"
     monkeypatch.setattr(data, "cpu_supports_bf16", lambda: False)
