@@ -1,29 +1,22 @@
-"""What several scripts share, from files on disk to a normalized batch on the device, and back to files.
+"""Data from files on disk to a normalized batch on the device, and what every script reads and writes.
 
-Sections, in order:
-  command line     UserError and run_cli (one line, exit code 2), argument types, --device/--precision, --data
-  MNIST            the four IDX files, validated
-  Kaggle CSV       reading and validating train.csv / test.csv / ImageId,Label files; writing them
-  data source      load_data: MNIST or CSV, as --data says, the same in every script
-  batches          stratified splits, batch indices, uint8 -> normalized float, channels_last
-  augmentation     batched affine + perspective on the device, TTA variants
-  device           device pick, precision, autocast
-  files            atomic writes, JSON
-  checkpoints      the checkpoint format: save, load and validate, completeness, resume state, models from them
-  images           people's own photos and drawings -> MNIST-like uint8 [28, 28]
-  export-kaggle    `python data.py export-kaggle --out DIR` writes Kaggle-format CSVs from MNIST
+In data-flow order: MNIST, Kaggle CSV, the data source, batches, augmentation and TTA, photos, device and
+precision, the checkpoint format as read, files; then command-line plumbing and the export-kaggle command.
 """
 import argparse
 import contextlib
 import glob
 import gzip
+import json
 import math
 import os
 import platform
 import re
+import shutil
 import struct
 import sys
 import tempfile
+import warnings
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,113 +26,35 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
+from models import MODELS, build_model
+
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
+
 NORMALIZATION = {"mean": MNIST_MEAN, "std": MNIST_STD}
+
 IMAGE_SIZE = 28
+
 NUM_PIXELS = IMAGE_SIZE * IMAGE_SIZE
+
 PIXEL_COLUMNS = [f"pixel{i}" for i in range(NUM_PIXELS)]
+
 KAGGLE_INPUT = Path("/kaggle/input/digit-recognizer")
+
 DEFAULT_DATA_DIR = os.environ.get("MNIST_DATA_DIR") or "data"  # folder holding MNIST/raw; an empty variable is unset
+
 # Batch size for inference (validation, prediction): on a CPU, larger batches of resnet's first stage fall out of
 # the cache and its element-wise passes wait on memory (README, Speed); a GPU is kept busy by 256 too.
 EVAL_BATCH_SIZE = 256
 
 
-# ----------------------------------------------------------------------------- command line
-
-class UserError(Exception):
-    """A problem the user can fix (bad file, bad flag); scripts print it as one line and exit with code 2."""
-
-
-def run_cli(main):
-    """Run a script's main(); a UserError becomes one line on stderr and exit code 2, Ctrl-C exit code 130."""
-    if hasattr(sys.stdout, "reconfigure"):  # each epoch's line reaches a log file or a notebook cell as it is printed
-        sys.stdout.reconfigure(line_buffering=True)
-    try:
-        main()
-    except UserError as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        sys.exit(130)
-
-
-def positive_int(text):
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
-
-
-def fraction(text):
-    value = float(text)
-    if not 0 < value < 1:
-        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {text}")
-    return value
-
-
-def positive_float(text):
-    value = float(text)
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
-    return value
-
-
-def nonnegative_float(text):
-    value = float(text)
-    if not (math.isfinite(value) and value >= 0):
-        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text}")
-    return value
-
-
-MAX_SEED = 2**32 - 1000  # numpy and scikit-learn take seeds below 2**32; runs derive a few seeds above --seed
-
-
-def seed_int(text):
-    value = int(text)
-    if not 0 <= value < MAX_SEED:
-        raise argparse.ArgumentTypeError(f"must be an integer in 0..{MAX_SEED - 1}, got {text}")
-    return value
-
-
-def add_data_arguments(parser, default, split):
-    """--data and the files it reads, spelled and explained the same in every script.
-
-    split: "train" (a labelled --train-csv) or "test" (--test-csv, labelled or with --labels).
-    A CSV file named on the command line without --data selects csv, so `--train-csv FILE` alone works.
-    """
-    parser.add_argument("--data", choices=["mnist", "csv"],
-                        help=f"mnist: the IDX files in --data-dir; csv: Kaggle-format --{split}-csv "
-                             f"(default: {default}, or csv when --{split}-csv is given)")
-    parser.add_argument("--data-dir", default=DEFAULT_DATA_DIR, help="folder holding MNIST/raw/*.gz (env MNIST_DATA_DIR)")
-    if split == "train":
-        parser.add_argument("--train-csv", help=f"Kaggle train.csv: label, pixel0..pixel783 (default: {default_kaggle_csv('train.csv')})")
-    else:
-        parser.add_argument("--test-csv", help="Kaggle test.csv: pixel0..pixel783, or with a label column first "
-                                               f"(default: {default_kaggle_csv('test.csv')})")
-        parser.add_argument("--labels", help="ImageId,Label CSV of the true labels of --test-csv, to report accuracy")
-    parser.set_defaults(data_default=default, data_split=split)
-
-
-def resolve_data_arguments(args):
-    """Fill in --data and the CSV path after parsing (see add_data_arguments)."""
-    csv_attribute = f"{args.data_split}_csv"
-    if args.data is None:
-        args.data = "csv" if getattr(args, csv_attribute) is not None else args.data_default
-    if getattr(args, csv_attribute) is None:
-        setattr(args, csv_attribute, str(default_kaggle_csv(f"{args.data_split}.csv")))
-    return args
-
-
 # ----------------------------------------------------------------------------- MNIST (IDX files)
 
 IDX_IMAGES_MAGIC, IDX_LABELS_MAGIC = 2051, 2049
+
 MNIST_FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
 }
-
 
 def find_idx_file(raw_dir, stem):
     """The .gz file if present, else the extracted one, else None."""
@@ -147,7 +62,6 @@ def find_idx_file(raw_dir, stem):
         if candidate.is_file():
             return candidate
     return None
-
 
 def read_idx(path, expected_magic):
     """Read one IDX file into a uint8 tensor, checking the magic number and that the size matches the header."""
@@ -173,15 +87,12 @@ def read_idx(path, expected_magic):
         raise UserError(f"{path}: {len(raw)} bytes, but its header announces {dims[0]} items ({expected_bytes} bytes): truncated or corrupt")
     return torch.frombuffer(bytearray(raw), dtype=torch.uint8, offset=header_size).view(*dims)
 
-
 def download_mnist(data_dir, split):
     """Fetch MNIST with torchvision into data_dir/MNIST/raw (only called when the files are missing).
 
     torchvision downloads into a scratch folder beside; only the verified .gz files move into place, so a
     failed or interrupted download leaves data_dir as it was.
     """
-    import shutil
-    from torchvision.datasets import MNIST
     data_dir = Path(data_dir)
     created = next((p for p in [data_dir, *data_dir.parents][::-1] if not p.exists()), None)  # the first missing folder
     try:
@@ -191,6 +102,7 @@ def download_mnist(data_dir, split):
         raise UserError(f"MNIST files not found in {data_dir}/MNIST/raw, and {data_dir} is not writable "
                         f"({error.strerror or error}); pass --data-dir") from None
     try:
+        from torchvision.datasets import MNIST  # torchvision, scikit-learn, PIL and tqdm load when first needed
         MNIST(str(scratch), train=split == "train", download=True)
         raw = data_dir / "MNIST" / "raw"
         raw.mkdir(parents=True, exist_ok=True)
@@ -200,12 +112,11 @@ def download_mnist(data_dir, split):
         if created is not None:
             shutil.rmtree(created, ignore_errors=True)
         # torchvision lists every mirror it tried over several lines; the last one says what went wrong
-        reasons = [line.strip() for line in str(error).splitlines() if line.strip(" )")] or [type(error).__name__]
-        raise UserError(f"MNIST files not found in {data_dir}/MNIST/raw and the download failed ({reasons[-1][:2 * MAX_QUOTED]}); "
+        reason = brief(error, lambda lines: lines[-1])
+        raise UserError(f"MNIST files not found in {data_dir}/MNIST/raw and the download failed ({reason}); "
                         "offline, put the four MNIST .gz files there or pass --data-dir") from None
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-
 
 def load_mnist(data_dir, split="train"):
     """MNIST's "train" or "test" split as (images uint8 [N, 28, 28], labels int64 [N]), read from data_dir/MNIST/raw."""
@@ -226,17 +137,21 @@ def load_mnist(data_dir, split="train"):
 
 MAX_QUOTED = 100  # characters of an offending cell quoted in an error message
 
-
 def default_kaggle_csv(name):
     """Inside a Kaggle kernel the competition data is mounted read-only under /kaggle/input."""
     folder = KAGGLE_INPUT if KAGGLE_INPUT.is_dir() else Path("data/digit-recognizer")
     return folder / name
 
-
 def quoted(value):
     """repr(value), cut to MAX_QUOTED characters: a 5 MB cell must not become a 5 MB error line."""
     text = repr(value)
     return text if len(text) <= MAX_QUOTED else text[:MAX_QUOTED] + f"... ({len(text)} characters)"
+
+
+def brief(error, choose=lambda lines: lines[0]):
+    """One line of an exception's message for a one-line error: the line `choose` picks, cut to 2 * MAX_QUOTED."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip(" )")] or [type(error).__name__]
+    return choose(lines)[:2 * MAX_QUOTED]
 
 
 def check_integers_in_range(path, frame, low, high):
@@ -261,7 +176,6 @@ def check_integers_in_range(path, frame, low, high):
             problem = f"value {quoted(value)} is not an integer in {low}..{high}"
         raise UserError(f"{path}: line {row + 2}, column {column}: {problem}")
 
-
 def read_csv_frame(path):
     """A CSV file (plain, gzip or zip) as a DataFrame; a missing, empty or unparsable file is a UserError naming it."""
     path = Path(path)
@@ -276,8 +190,7 @@ def read_csv_frame(path):
     except pd.errors.EmptyDataError:
         raise UserError(f"{path}: the file is empty") from None
     except (pd.errors.ParserError, UnicodeDecodeError, ValueError, OSError, EOFError, zlib.error) as error:
-        raise UserError(f"{path}: not a readable CSV ({str(error).splitlines()[0][:2 * MAX_QUOTED]})") from None
-
+        raise UserError(f"{path}: not a readable CSV ({brief(error)})") from None
 
 def load_csv(path, labelled):
     """A Kaggle Digit Recognizer CSV as (images uint8 [N, 28, 28], labels int64 [N] or None), validated.
@@ -309,7 +222,6 @@ def load_csv(path, labelled):
     check_integers_in_range(path, frame[["label"]], 0, 9)
     return images, torch.from_numpy(frame["label"].to_numpy(dtype=np.int64, copy=True))
 
-
 def load_submission_csv(path, n_rows=None):
     """Labels int64 [N] from an ImageId,Label file (a submission or its answer key), its format checked.
 
@@ -332,12 +244,10 @@ def load_submission_csv(path, n_rows=None):
         raise UserError(f"{path}: line {row + 2}: ImageId {frame['ImageId'].iloc[row]}, expected {row + 1} (ImageId must run 1..N in order)")
     return torch.from_numpy(frame["Label"].to_numpy(dtype=np.int64, copy=True))
 
-
 def write_frame(path, frame):
     """Write a DataFrame as CSV, atomically (the old file or the new one, never half of one)."""
     with atomic_path(path) as tmp:
         frame.to_csv(tmp, index=False)
-
 
 def write_images_csv(path, images, labels=None):
     """Images uint8 [N, 28, 28] (and labels) in Kaggle's train.csv / test.csv format."""
@@ -346,7 +256,6 @@ def write_images_csv(path, images, labels=None):
         frame.insert(0, "label", labels.numpy())
     write_frame(path, frame)
 
-
 def write_submission(path, labels):
     """Kaggle's submission format (also that of test_labels.csv): header ImageId,Label; ImageId 1..N in input order."""
     write_frame(path, pd.DataFrame({"ImageId": np.arange(1, len(labels) + 1), "Label": labels.numpy()}))
@@ -354,43 +263,76 @@ def write_submission(path, labels):
 
 # ----------------------------------------------------------------------------- the data source
 
+def add_data_arguments(parser, default, split):
+    """--data and the files it reads, spelled and explained the same in every script.
+
+    split: "train" (a labelled --train-csv) or "test" (--test-csv, labelled or with --labels).
+    A CSV file named on the command line without --data selects csv, so `--train-csv FILE` alone works.
+    """
+    parser.add_argument("--data", choices=["mnist", "csv"],
+                        help=f"mnist: the IDX files in --data-dir; csv: Kaggle-format --{split}-csv "
+                             f"(default: {default}, or csv when --{split}-csv is given)")
+    parser.add_argument("--data-dir", default=DEFAULT_DATA_DIR, help="folder holding MNIST/raw/*.gz (env MNIST_DATA_DIR)")
+    if split == "train":
+        parser.add_argument("--train-csv", help=f"Kaggle train.csv: label, pixel0..pixel783 (default: {default_kaggle_csv('train.csv')})")
+    else:
+        parser.add_argument("--test-csv", help="Kaggle test.csv: pixel0..pixel783, or with a label column first "
+                                               f"(default: {default_kaggle_csv('test.csv')})")
+        parser.add_argument("--labels", help="ImageId,Label CSV of the true labels of --test-csv, to report accuracy")
+    if split == "train":
+        parser.add_argument("--limit", type=positive_int, help="use only the first N images of the training data "
+                                                               "(and of MNIST's test set in train_cnn.py): smoke runs")
+    parser.set_defaults(data_default=default, data_split=split)
+
+
+def resolve_data_arguments(args):
+    """Fill in --data and the CSV path after parsing (see add_data_arguments)."""
+    csv_attribute = f"{args.data_split}_csv"
+    if args.data is None:
+        args.data = "csv" if getattr(args, csv_attribute) is not None else args.data_default
+    if getattr(args, csv_attribute) is None:
+        setattr(args, csv_attribute, str(default_kaggle_csv(f"{args.data_split}.csv")))
+    return args
+
+
 def load_data(args, split):
     """(images uint8 [N, 28, 28], labels int64 [N] or None) from the source --data names (see add_data_arguments).
 
     split "train": MNIST's training set or --train-csv. split "test": MNIST's test set, or --test-csv with the
-    labels of its label column or of --labels (None when it has neither).
+    labels of its label column or of --labels (None when it has neither). --limit, where a script has it, keeps
+    the first N.
     """
     if args.data == "mnist":
-        return load_mnist(args.data_dir, split)
-    if split == "train":
-        return load_csv(args.train_csv, labelled=True)
-    images, labels = load_csv(args.test_csv, labelled=None)
-    if args.labels:
-        labels = load_submission_csv(args.labels, len(images))
-    return images, labels
+        images, labels = load_mnist(args.data_dir, split)
+    elif split == "train":
+        images, labels = load_csv(args.train_csv, labelled=True)
+    else:
+        images, labels = load_csv(args.test_csv, labelled=None)
+        if args.labels:
+            labels = load_submission_csv(args.labels, len(images))
+    limit = getattr(args, "limit", None)
+    return images[:limit], None if labels is None else labels[:limit]
 
 
 # ----------------------------------------------------------------------------- splits and batches
 
-def stratified_split(labels, fraction, seed):
+def stratified_split(labels, held_out_share, seed):
     """Seeded stratified split of range(len(labels)) into (kept, held_out) index tensors."""
     from sklearn.model_selection import train_test_split
     indices = np.arange(len(labels))
     try:
-        kept, held_out = train_test_split(indices, test_size=fraction, stratify=labels.numpy(), random_state=seed)
+        kept, held_out = train_test_split(indices, test_size=held_out_share, stratify=labels.numpy(), random_state=seed)
     except ValueError as error:  # e.g. a class with a single image
         raise UserError(f"cannot split {len(labels)} images into stratified parts ({error})") from None
     return torch.from_numpy(np.sort(kept)), torch.from_numpy(np.sort(held_out))
 
-
-def to_device(images, labels, indices, device):
+def subset_on_device(images, labels, indices, device):
     """The selected images and labels, copied to the device, where they stay for the whole run.
 
     A blocking copy: the indexed tensors are temporaries, and a non-blocking copy from pageable memory may read
     them after they are freed (on MPS); it would gain nothing for a copy made once per run.
     """
     return images[indices].to(device), labels[indices].to(device)
-
 
 def batch_indices(n, batch_size, generator=None):
     """Batches in order as slices, or shuffled as index tensors on the generator's device.
@@ -401,23 +343,19 @@ def batch_indices(n, batch_size, generator=None):
         return [slice(start, min(start + batch_size, n)) for start in range(0, n, batch_size)]
     return torch.randperm(n, generator=generator, device=generator.device).split(batch_size)
 
-
 def to_unit_float(images, augmentation=None, generator=None):
     """uint8 [B, 28, 28] on the device -> float [B, 1, 28, 28] in 0..1 (background 0), augmented if asked."""
     x = images.unsqueeze(1).float().div_(255)
     return x if augmentation is None else augment(x, augmentation, generator)
 
-
-def normalize(x, normalization):
+def model_input(x, normalization):
     """Unit-range float [B, 1, 28, 28] -> the model's input: standardized, channels_last where that is faster."""
     x = (x - normalization["mean"]) / normalization["std"]
     return x.contiguous(memory_format=torch.channels_last) if uses_channels_last(x.device) else x
 
-
 def prepare_batch(images, normalization, augmentation=None, generator=None):
     """uint8 [B, 28, 28] on the device -> normalized float [B, 1, 28, 28], augmented if asked."""
-    return normalize(to_unit_float(images, augmentation, generator), normalization)
-
+    return model_input(to_unit_float(images, augmentation, generator), normalization)
 
 def progress_bar(total, description):
     """A tqdm bar on stderr when it is a terminal; silent in logs (scripts print one line per epoch instead)."""
@@ -425,7 +363,8 @@ def progress_bar(total, description):
     return tqdm(total=total, desc=description, leave=False, disable=not sys.stderr.isatty(), dynamic_ncols=True)
 
 
-# ----------------------------------------------------------------------------- augmentation
+# ----------------------------------------------------------------------------- augmentation and TTA
+
 # Geometry follows torchvision: pixel coordinates centred on the image, x to the right, y down,
 # rotation angle and shear in degrees, translation in pixels; v2.functional.affine with the same
 # parameters gives the same image (tests/test_data.py checks it). Each sample gets its own parameters,
@@ -440,10 +379,11 @@ class Augmentation:
     perspective: float = 0.0       # distortion scale, as torchvision's RandomPerspective
     perspective_p: float = 0.0     # probability that a sample gets the perspective distortion
 
-
 light_augmentation = Augmentation(rotation=(-10, 10), translate=0.1, scale=(0.9, 1.1))
+
 strong_augmentation = Augmentation(rotation=(-15, 15), translate=0.1, scale=(0.9, 1.1), shear=10,
                                    perspective=0.2, perspective_p=0.5)
+
 AUGMENTATIONS = {"none": None, "light": light_augmentation, "strong": strong_augmentation}
 
 # Test-time augmentation: the identity first, then small fixed-direction variants whose predictions are averaged.
@@ -453,7 +393,6 @@ TTA_VARIANTS = [
     Augmentation(rotation=(-5, -5), translate=0.05),
     Augmentation(scale=(0.95, 1.05)),
 ]
-
 
 def affine_matrices(angle, translate_x, translate_y, scale, shear):
     """Forward affine maps [B, 3, 3] (input -> output pixel, centred coordinates) from per-sample parameters [B].
@@ -468,7 +407,6 @@ def affine_matrices(angle, translate_x, translate_y, scale, shear):
     scaling = torch.diag_embed(torch.stack([scale, scale, one], -1))
     translation = torch.stack([one, zero, translate_x, zero, one, translate_y, zero, zero, one], -1).view(-1, 3, 3)
     return translation @ rotation @ scaling @ shear_x
-
 
 def perspective_matrices(offsets, size=IMAGE_SIZE):
     """Homographies [B, 3, 3] mapping each output pixel to its input pixel (centred coordinates).
@@ -492,7 +430,6 @@ def perspective_matrices(offsets, size=IMAGE_SIZE):
     coefficients = torch.linalg.solve_ex(system, torch.cat([u, v], 1)).result  # [B, 8]
     return torch.cat([coefficients, one[:, :1]], 1).view(-1, 3, 3)
 
-
 def warp(images, inverse_maps):
     """Sample images [B, C, H, W] through per-sample maps [B, 3, 3] (output -> input pixel, centred); fill 0."""
     batch, _, height, width = images.shape
@@ -506,21 +443,20 @@ def warp(images, inverse_maps):
     grid = torch.stack([source[..., 0] / (width / 2), source[..., 1] / (height / 2)], -1).view(batch, height, width, 2)
     return F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
-
-def uniform(n, low, high, generator):
+def uniform_draws(n, low, high, generator):
+    """n numbers drawn uniformly from [low, high] with the generator, on its device."""
     return torch.rand(n, generator=generator, device=generator.device) * (high - low) + low
-
 
 def augment(images, augmentation, generator):
     """Random affine (+ perspective) per sample, on the device: float [B, 1, 28, 28] -> same shape."""
     n, size = len(images), images.shape[-1]
     aug = augmentation
     forward = affine_matrices(
-        angle=uniform(n, *aug.rotation, generator),
-        translate_x=uniform(n, -aug.translate, aug.translate, generator) * size,
-        translate_y=uniform(n, -aug.translate, aug.translate, generator) * size,
-        scale=uniform(n, *aug.scale, generator),
-        shear=uniform(n, -aug.shear, aug.shear, generator),
+        angle=uniform_draws(n, *aug.rotation, generator),
+        translate_x=uniform_draws(n, -aug.translate, aug.translate, generator) * size,
+        translate_y=uniform_draws(n, -aug.translate, aug.translate, generator) * size,
+        scale=uniform_draws(n, *aug.scale, generator),
+        shear=uniform_draws(n, -aug.shear, aug.shear, generator),
     )
     inverse = torch.linalg.inv_ex(forward).inverse  # inv_ex: no check on the host (an affine map is invertible)
     if aug.perspective > 0:
@@ -531,10 +467,126 @@ def augment(images, augmentation, generator):
     return warp(images, inverse)
 
 
+# ----------------------------------------------------------------------------- people's own photos and drawings
+
+# MNIST's recipe: white ink on black, the digit's bounding box scaled to fit 20x20 keeping its aspect
+# ratio, then placed in a 28x28 field with its centre of mass at the centre. A photo or a drawing goes
+# through the same steps before the model sees it.
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
+
+MAX_IMAGE_PIXELS = 50 * 10**6  # above this, refused before decoding: 50 megapixels is already 200 MB as float
+
+DECODE_SIZE = 2048             # a JPEG larger than this on both sides is decoded at a reduced scale
+
+INK_THRESHOLD = 0.25  # after the contrast stretch, fainter pixels are paper texture or noise
+
+MIN_INK_PIXELS = 12   # fewer than this above the threshold: no digit in the image
+
+def read_greyscale(source, name=None):
+    """An image file (or an open PIL image) -> float [H, W] in 0..1, the way it is meant to be seen.
+
+    Guards every image read: the size is checked from the header before anything is decoded (a large JPEG
+    is decoded at a reduced scale instead), a phone's EXIF orientation is applied, and transparency is
+    composited onto white paper. Messages call the image `name` (default: the source itself, a path).
+    """
+    from PIL import Image, ImageOps, UnidentifiedImageError
+    name = source if name is None else name
+    try:
+        with warnings.catch_warnings():  # PIL warns from 89 megapixels on; the cap below is stricter and one line
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            opened = Image.open(source) if isinstance(source, (str, Path)) else contextlib.nullcontext(source)
+        with opened as image:
+            image.draft("RGB", (DECODE_SIZE, DECODE_SIZE))  # JPEG only: decode at 1/2, 1/4 or 1/8 scale when that is enough
+            if image.width * image.height > MAX_IMAGE_PIXELS:
+                raise UserError(f"{name}: {image.width}x{image.height} pixels, more than a photo of a digit needs "
+                                f"(at most {MAX_IMAGE_PIXELS // 10**6} megapixels); scale it down")
+            image = ImageOps.exif_transpose(image)
+            if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
+                paper = Image.new("RGBA", image.size, "white")
+                image = Image.alpha_composite(paper, image.convert("RGBA"))
+            grey = np.asarray(image.convert("L"), dtype=np.float32) / 255
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError, SyntaxError) as error:
+        raise UserError(f"{name}: not a readable image ({brief(error)})") from None
+    return grey
+
+def border_pixels(image):
+    return np.concatenate([image[0], image[-1], image[:, 0], image[:, -1]])
+
+def ink_on_black(grey, invert="auto"):
+    """White ink on black as MNIST has it; 'auto' inverts when the border (the paper) is light."""
+    if invert == "yes" or (invert == "auto" and np.median(border_pixels(grey)) > 0.5):
+        return 1 - grey
+    return grey
+
+def remove_background(image):
+    """Stretch contrast from the paper's level to the darkest ink, then drop what is fainter than the threshold."""
+    paper = np.median(border_pixels(image))
+    stretched = np.clip((image - paper) / max(image.max() - paper, 1e-6), 0, 1)
+    return np.clip((stretched - INK_THRESHOLD) / (1 - INK_THRESHOLD), 0, 1)
+
+def crop_to_ink(image, name):
+    """The bounding box of the ink; an image without enough ink is an error named after the image."""
+    ink = image > 0
+    if ink.sum() < MIN_INK_PIXELS:
+        raise UserError(f"{name}: no digit found (the image is blank or has too little contrast)")
+    rows, columns = np.flatnonzero(ink.any(1)), np.flatnonzero(ink.any(0))
+    return image[rows[0]:rows[-1] + 1, columns[0]:columns[-1] + 1]
+
+def fit_in_box(image, box=20):
+    """Resize so the longer side is `box` pixels, keeping the aspect ratio (antialiased when shrinking)."""
+    height, width = image.shape
+    scale = box / max(height, width)
+    size = (max(1, round(height * scale)), max(1, round(width * scale)))
+    tensor = torch.from_numpy(np.ascontiguousarray(image))[None, None]  # [1, 1, H, W]
+    return F.interpolate(tensor, size=size, mode="bilinear", antialias=True, align_corners=False)[0, 0].clamp_(0, 1).numpy()
+
+def centre_by_mass(image, size=IMAGE_SIZE):
+    """Paste into a size x size black field with the centre of mass at the field's centre."""
+    height, width = image.shape
+    total = image.sum()
+    centre_y = (image.sum(1) * np.arange(height)).sum() / total
+    centre_x = (image.sum(0) * np.arange(width)).sum() / total
+    top = int(np.clip(round((size - 1) / 2 - centre_y), 0, size - height))
+    left = int(np.clip(round((size - 1) / 2 - centre_x), 0, size - width))
+    field = np.zeros((size, size), dtype=np.float32)
+    field[top:top + height, left:left + width] = image
+    return field
+
+def preprocess_image(source, invert="auto", name=None):
+    """An image file or a PIL image of a digit -> uint8 [28, 28] as an MNIST sample looks (normalization comes later).
+
+    Messages call the image `name` (default: the path), e.g. "the drawing" for the demo page's canvas.
+    """
+    name = source if name is None else name
+    grey = read_greyscale(source, name)
+    digit = crop_to_ink(remove_background(ink_on_black(grey, invert)), name)
+    field = centre_by_mass(fit_in_box(digit))
+    return torch.from_numpy(np.round(field * 255).astype(np.uint8))
+
+def find_images(paths):
+    """(image files, problems): folders are searched (not recursively) for image files; problems name bad paths."""
+    files, problems = [], []
+    for path in map(Path, paths):
+        if path.is_dir():
+            found = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+            if not found:
+                problems.append(f"{path}: no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) in this folder")
+            # a FIFO or device named like an image would block the read forever: only regular files are read
+            problems += [f"{p}: not a regular file, skipped" for p in found if not p.is_file()]
+            files += [p for p in found if p.is_file()]
+        elif path.is_file():
+            files.append(path)
+        elif path.exists():
+            problems.append(f"{path}: not a regular file or folder, skipped")
+        else:
+            problems.append(f"{path}: no such file or folder")
+    return files, problems
+
+
 # ----------------------------------------------------------------------------- device and precision
 
 PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
 
 def cpu_supports_bf16(cpuinfo=None):
     """True when the CPU computes bf16 natively (AVX-512 BF16 or AMX), where bf16 autocast is fast."""
@@ -548,7 +600,6 @@ def cpu_supports_bf16(cpuinfo=None):
         if line.startswith("flags"):
             flags.update(line.split(":", 1)[1].split())
     return bool(flags & {"avx512_bf16", "amx_bf16"})
-
 
 def pick_device(requested="auto", local_rank=None):
     """CUDA, else Apple MPS, else CPU; an explicit request is checked against what is there.
@@ -581,7 +632,6 @@ def pick_device(requested="auto", local_rank=None):
     index = device.index if device.index is not None else local_rank or 0
     return cuda_device(index, f"--device {requested}", local_rank)
 
-
 def cuda_device(index, request, local_rank):
     """torch.device("cuda", index), made current, after checking that it exists and that torch has kernels for it."""
     count = torch.cuda.device_count()
@@ -600,7 +650,6 @@ def cuda_device(index, request, local_rank):
     torch.cuda.set_device(device)  # later allocations, generators and kernels of this process go to this GPU
     return device
 
-
 def cuda_build_runs_on(capability, architectures):
     """True when a torch build with these get_arch_list() entries runs on a GPU of this (major, minor) capability.
 
@@ -618,14 +667,17 @@ def cuda_build_runs_on(capability, architectures):
             return True
     return False
 
-
-def add_device_arguments(parser):
-    """--device and --precision, spelled and explained the same in every script."""
+def add_device_arguments(parser, training=False):
+    """--device and --precision (and for training, --use-deterministic-algorithms) in a "device" group, the same
+    in every script."""
+    parser = parser.add_argument_group("device")
+    if training:
+        parser.add_argument("--use-deterministic-algorithms", action="store_true",
+                            help="repeat bit for bit on a GPU as well as on a CPU, somewhat slower (README, GPUs and Macs)")
     parser.add_argument("--device", default="auto",
                         help="auto (CUDA, else Apple MPS, else CPU), cpu, cuda, cuda:1, mps; under torchrun a rank takes cuda:LOCAL_RANK")
     parser.add_argument("--precision", choices=["auto", *PRECISION_DTYPES], default="auto",
                         help="auto: bf16 on a bf16-capable CPU or GPU, fp16 with a gradient scaler on older GPUs, fp32 elsewhere")
-
 
 def pick_precision(requested, device):
     """'auto' -> bf16 on a bf16-capable CPU or GPU, fp16 on older GPUs (with a gradient scaler), else fp32.
@@ -647,7 +699,6 @@ def pick_precision(requested, device):
         return "bf16" if native_bf16 else "fp16"
     return "bf16" if native_bf16 else "fp32"
 
-
 def use_deterministic_algorithms():
     """Make a run repeat bit for bit on a GPU too, at some cost in speed (torchvision's references offer the same).
 
@@ -658,11 +709,9 @@ def use_deterministic_algorithms():
     torch.backends.cudnn.benchmark = False
     torch.use_deterministic_algorithms(True)
 
-
 def share_cpu_threads(processes):
     """Give each of `processes` processes on this machine its share of the cores instead of all of them."""
     torch.set_num_threads(max(1, torch.get_num_threads() // processes))
-
 
 def autocast(device, precision):
     """The mixed-precision context for a forward pass; a no-op for fp32."""
@@ -670,10 +719,115 @@ def autocast(device, precision):
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=PRECISION_DTYPES[precision])
 
-
 def uses_channels_last(device):
     """channels_last speeds up convolutions with oneDNN on CPU and cuDNN on GPU; MPS gains nothing from it."""
     return device.type in ("cpu", "cuda")
+
+def place_model(model, device):
+    """The model on the device, in channels_last where the device's convolutions gain from it."""
+    if uses_channels_last(device):
+        model = model.to(memory_format=torch.channels_last)
+    return model.to(device)
+
+
+# ----------------------------------------------------------------------------- the checkpoint format
+
+# The one checkpoint format, read by every script: a dict of plain types and tensors, so that
+# torch.load(weights_only=True) reads it and a downloaded file cannot run code.
+#   model_state    the model's plain state_dict (the EMA weights when the EMA is on)
+#   arch           a name in models.MODELS
+#   normalization  {"mean": float, "std": float}: what the model's inputs were standardized with
+#   epoch          the epoch these weights are from
+#   precision, metrics {"val_loss", "val_accuracy"}, settings (what defines the run), versions
+#   complete       True once the run that writes it has finished
+# Beside NAME.pth: NAME.history.json (one record per epoch) and, while training runs, NAME.resume.pth.
+# What only training writes (the lock, run settings, the resume state) is train_cnn.py's "run files".
+
+CHECKPOINT_KEYS = ("model_state", "arch", "normalization", "epoch")
+
+def history_path(checkpoint_path):
+    return Path(checkpoint_path).with_suffix(".history.json")
+
+RESUME_SUFFIX = ".resume.pth"
+
+def resume_path(checkpoint_path):
+    """Per-epoch training state beside the best checkpoint; removed once training completes."""
+    return Path(checkpoint_path).with_suffix(RESUME_SUFFIX)
+
+def save_checkpoint(path, checkpoint):
+    """Write a checkpoint dict (plain types and tensors only) atomically."""
+    with atomic_path(path) as tmp:
+        torch.save(checkpoint, tmp)
+
+def read_checkpoint_file(path, required):
+    """torch.load(weights_only=True) of a dict that must hold the `required` keys."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: no such checkpoint")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # corrupt zip, pickle with code in it, truncated file, ...
+        # weights_only refusals bury the reason (the blocked global it would import) in a long message
+        reason = brief(error, lambda lines: next((line for line in lines if "global" in line.lower()), lines[0]))
+        raise UserError(f"{path}: not a readable checkpoint ({reason})") from None
+    if not isinstance(checkpoint, dict) or not set(required) <= set(checkpoint):
+        raise UserError(f"{path}: not a checkpoint of this project (it needs {', '.join(required)})")
+    return checkpoint
+
+def load_checkpoint(path):
+    """A model checkpoint, read safely and checked field by field."""
+    checkpoint = read_checkpoint_file(path, CHECKPOINT_KEYS)
+    check_checkpoint_fields(path, checkpoint)
+    return checkpoint
+
+def check_checkpoint_fields(path, checkpoint):
+    """Each field of the format has the type and range it must have; the weights are finite."""
+    arch, normalization, epoch = checkpoint["arch"], checkpoint["normalization"], checkpoint["epoch"]
+    if not isinstance(arch, str) or arch not in MODELS:
+        raise UserError(f"{path}: unknown architecture {quoted(arch)} (known: {', '.join(MODELS)})")
+    if not (isinstance(normalization, dict) and set(normalization) == {"mean", "std"}
+            and all(isinstance(v, (int, float)) and math.isfinite(v) for v in normalization.values())
+            and normalization["std"] > 0):
+        raise UserError(f"{path}: normalization must be {{'mean': number, 'std': positive number}}, "
+                        f"found {quoted(normalization)}")
+    if not isinstance(epoch, int) or isinstance(epoch, bool) or epoch < 0:
+        raise UserError(f"{path}: epoch must be a whole number, found {quoted(epoch)}")
+    check_state_dict(path, checkpoint["model_state"])
+
+def check_state_dict(path, state):
+    """A state dict: names -> tensors, every floating-point value finite (a NaN model labels every image 0)."""
+    if not isinstance(state, dict) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in state.items()):
+        raise UserError(f"{path}: model_state is not a dict of named tensors (found {type(state).__name__})")
+    for name, tensor in state.items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise UserError(f"{path}: the weights are not finite ({name} holds NaN or Inf); train it again")
+
+def is_complete(checkpoint):
+    """True when the run that wrote this checkpoint dict finished (its weights are the run's best)."""
+    return checkpoint.get("complete", False) is True
+
+def model_from_checkpoint(path, device, checkpoint=None):
+    """Build the checkpoint's architecture and load its weights: (model in eval mode, checkpoint dict)."""
+    checkpoint = checkpoint or load_checkpoint(path)
+    arch = checkpoint["arch"]
+    model = build_model(arch)
+    try:
+        model.load_state_dict(checkpoint["model_state"])
+    except RuntimeError as error:
+        reason = brief(error, lambda lines: lines[1 if len(lines) > 1 else 0])  # the first says which class failed
+        raise UserError(f"{path}: weights do not fit the {arch} architecture ({reason})") from None
+    return place_model(model, device).eval(), checkpoint
+
+
+def checkpoint_files(paths):
+    """The checkpoint files that paths name: files as given, folders expanded to their *.pth (resume files left out)."""
+    files = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            files += [p for p in sorted(path.glob("*.pth")) if not p.name.endswith(RESUME_SUFFIX)]
+        else:
+            files.append(path)
+    return files
 
 
 # ----------------------------------------------------------------------------- files
@@ -700,14 +854,12 @@ def atomic_path(path):
         if os.path.exists(tmp):
             os.remove(tmp)
 
-
 def remove_orphaned_temporaries(path):
     """Remove the temporary files of `path` left by writers that were killed (their process no longer exists)."""
     for tmp in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
         pid = tmp.name[len(path.name) + 2:].split(".")[0]
         if pid.isdigit() and not process_exists(int(pid)):
             tmp.unlink(missing_ok=True)
-
 
 def process_exists(pid):
     try:
@@ -718,12 +870,10 @@ def process_exists(pid):
         return True
     return True
 
-
 def current_umask():
     mask = os.umask(0)
     os.umask(mask)
     return mask
-
 
 def check_writable(path):
     """Fail at start-up, not after an hour of training, when an output file cannot be written; creates nothing."""
@@ -732,14 +882,12 @@ def check_writable(path):
         raise UserError(f"cannot write {path}: it is a folder; give a file name")
     check_folder_writable(path.parent, path)
 
-
 def check_output_folder(flag, path):
     """Fail at start-up when an output folder cannot be made or written to (or a file is in its place)."""
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise UserError(f"{flag} {path}: a file is in the way of this output folder")
     check_folder_writable(path, path)
-
 
 def check_folder_writable(folder, target):
     """A file can be created in `folder`, or, where it does not exist yet, in the nearest part of it that does."""
@@ -754,13 +902,11 @@ def check_folder_writable(folder, target):
     except OSError as error:
         raise UserError(f"cannot write {target}: {error.strerror or error}") from None
 
-
 def same_file(a, b):
     a, b = Path(a), Path(b)
     if a.exists() and b.exists():
         return os.path.samefile(a, b)
     return a.resolve() == b.resolve()
-
 
 def check_outputs(outputs, inputs):
     """Before any work: every output file is writable, not a folder, and none is one of the run's inputs.
@@ -776,7 +922,6 @@ def check_outputs(outputs, inputs):
                                     "choose another output path")
             check_writable(path)
 
-
 def write_numpy(path, value):
     """An array as .npy, or a dict of arrays as .npz, atomically."""
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
@@ -785,333 +930,70 @@ def write_numpy(path, value):
         else:
             np.save(f, value)
 
-
 def write_json(path, obj):
-    import json
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=2) + "\n")
-
 
 def library_versions():
     import torchvision
     return {"python": platform.python_version(), "torch": str(torch.__version__), "torchvision": str(torchvision.__version__)}
 
 
-# ----------------------------------------------------------------------------- checkpoints
-# The one checkpoint format, read by every script: a dict of plain types and tensors, so that
-# torch.load(weights_only=True) reads it and a downloaded file cannot run code.
-#   model_state    the model's plain state_dict (the averaged weights when weight averaging is on)
-#   arch           a name in models.MODELS
-#   normalization  {"mean": float, "std": float}: what the model's inputs were standardized with
-#   epoch          the epoch these weights are from
-#   precision, metrics {"val_loss", "val_accuracy"}, settings (what defines the run), versions
-#   complete       True once the run that writes it has finished
-# Beside NAME.pth: NAME.history.json (one record per epoch) and, while training runs, NAME.resume.pth.
+# ----------------------------------------------------------------------------- command line
 
-CHECKPOINT_KEYS = ("model_state", "arch", "normalization", "epoch")
-RESUME_KEYS = ("model_state", "optimizer_state", "scheduler_state", "scaler_state", "rng", "progress", "arch")
+class UserError(Exception):
+    """A problem the user can fix (bad file, bad flag); scripts print it as one line and exit with code 2."""
 
-
-def history_path(checkpoint_path):
-    return Path(checkpoint_path).with_suffix(".history.json")
-
-
-RESUME_SUFFIX = ".resume.pth"
-
-
-def resume_path(checkpoint_path):
-    """Per-epoch training state beside the best checkpoint; removed once training completes."""
-    return Path(checkpoint_path).with_suffix(RESUME_SUFFIX)
-
-
-def lock_path(checkpoint_path):
-    """The lock a training run holds on its checkpoint; the file stays, the lock ends with the process."""
-    return Path(checkpoint_path).with_suffix(".lock")
-
-
-def checkpoint_dict(model, record, settings, complete=False):
-    """A checkpoint of `model`'s weights after the epoch `record` (a history entry) describes."""
-    return {"model_state": model.state_dict(), "arch": settings["arch"], "normalization": dict(settings["normalization"]),
-            "precision": settings["precision"], "epoch": record["epoch"],
-            "metrics": {"val_loss": record["val_loss"], "val_accuracy": record["val_accuracy"]},
-            "settings": settings, "versions": library_versions(), "complete": complete}
-
-
-@contextlib.contextmanager
-def checkpoint_lock(checkpoint_path):
-    """Hold the checkpoint's lock for a run's life; a UserError when another run holds it.
-
-    An advisory lock on a file beside the checkpoint (filelock, flock on POSIX): the system releases it
-    when the process ends, however it ends, so a killed run never leaves a stale lock behind.
-    """
-    from filelock import FileLock, Timeout
-    path = lock_path(checkpoint_path)
-    lock = FileLock(path, timeout=0)
+def run_cli(main):
+    """Run a script's main(); a UserError becomes one line on stderr and exit code 2, Ctrl-C exit code 130."""
+    if hasattr(sys.stdout, "reconfigure"):  # each epoch's line reaches a log file or a notebook cell as it is printed
+        sys.stdout.reconfigure(line_buffering=True)
     try:
-        lock.acquire()
-    except Timeout:
-        raise UserError(f"{checkpoint_path} is in use by another training run (it holds {path}); "
-                        "wait for it to finish, or choose another checkpoint or output folder") from None
-    except OSError as error:
-        raise UserError(f"cannot lock {path}: {error.strerror or error}") from None
-    try:
-        yield
-    finally:
-        lock.release()
+        main()
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
 
 
-def data_fingerprint(images, labels):
-    """A short description of a training set that changes when any image or label does."""
-    import hashlib
-    digest = hashlib.sha256(images.numpy().tobytes())
-    digest.update(labels.numpy().tobytes())
-    return f"{len(labels)} images, sha256 {digest.hexdigest()[:16]}"
+class Parser(argparse.ArgumentParser):
+    """argparse with every default in --help and a bad flag told in two lines: a short usage, then the error."""
+
+    def __init__(self, description=None, **options):
+        super().__init__(description=description, formatter_class=HelpFormatter, **options)
+
+    def error(self, message):
+        self.exit(2, f"usage: {self.prog} [options]; see --help\n{self.prog}: error: {message}\n")
 
 
-def settings_difference(saved, current, may_change=()):
-    """(name, saved value, current value) of the first setting that differs outside may_change, else None.
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults shown (where there is one to show), and the module docstring's command examples kept as written."""
 
-    First in the order of `current` (the order the run defines them in), then settings only `saved` has.
-    """
-    for name in [*current, *(name for name in saved if name not in current)]:
-        if name not in may_change and saved.get(name) != current.get(name):
-            return name, saved.get(name), current.get(name)
-    return None
+    def _get_help_string(self, action):
+        return action.help if action.default in (None, False) else super()._get_help_string(action)
 
 
-def save_checkpoint(path, checkpoint):
-    """Write a checkpoint dict (plain types and tensors only) atomically."""
-    with atomic_path(path) as tmp:
-        torch.save(checkpoint, tmp)
+def checked(convert, accepts, expected, name):
+    """An argparse type: `convert` the text, then refuse what `accepts` does not, saying it `expected`."""
+    def parse(text):
+        value = convert(text)
+        if not accepts(value):
+            raise argparse.ArgumentTypeError(f"must be {expected}, got {text}")
+        return value
+    parse.__name__ = name  # argparse names the type in "invalid positive_int value: 'x'"
+    return parse
 
 
-def read_checkpoint_file(path, required):
-    """torch.load(weights_only=True) of a dict that must hold the `required` keys."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: no such checkpoint")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # corrupt zip, pickle with code in it, truncated file, ...
-        lines = [line.strip() for line in str(error).splitlines() if line.strip()] or [type(error).__name__]
-        # weights_only refusals bury the reason (the blocked global it would import) in a long message
-        reason = next((line for line in lines if "global" in line.lower()), lines[0])
-        raise UserError(f"{path}: not a readable checkpoint ({reason[:2 * MAX_QUOTED]})") from None
-    if not isinstance(checkpoint, dict) or not set(required) <= set(checkpoint):
-        raise UserError(f"{path}: not a checkpoint of this project (it needs {', '.join(required)})")
-    return checkpoint
-
-
-def load_checkpoint(path):
-    """A model checkpoint, read safely and checked field by field."""
-    checkpoint = read_checkpoint_file(path, CHECKPOINT_KEYS)
-    check_checkpoint_fields(path, checkpoint)
-    return checkpoint
-
-
-def check_checkpoint_fields(path, checkpoint):
-    """Each field of the format has the type and range it must have; the weights are finite."""
-    from models import MODELS
-    arch, normalization, epoch = checkpoint["arch"], checkpoint["normalization"], checkpoint["epoch"]
-    if not isinstance(arch, str) or arch not in MODELS:
-        raise UserError(f"{path}: unknown architecture {quoted(arch)} (known: {', '.join(MODELS)})")
-    if not (isinstance(normalization, dict) and set(normalization) == {"mean", "std"}
-            and all(isinstance(v, (int, float)) and math.isfinite(v) for v in normalization.values())
-            and normalization["std"] > 0):
-        raise UserError(f"{path}: normalization must be {{'mean': number, 'std': positive number}}, "
-                        f"found {quoted(normalization)}")
-    if not isinstance(epoch, int) or isinstance(epoch, bool) or epoch < 0:
-        raise UserError(f"{path}: epoch must be a whole number, found {quoted(epoch)}")
-    check_state_dict(path, checkpoint["model_state"])
-
-
-def check_state_dict(path, state):
-    """A state dict: names -> tensors, every floating-point value finite (a NaN model labels every image 0)."""
-    if not isinstance(state, dict) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in state.items()):
-        raise UserError(f"{path}: model_state is not a dict of named tensors (found {type(state).__name__})")
-    for name, tensor in state.items():
-        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-            raise UserError(f"{path}: the weights are not finite ({name} holds NaN or Inf); train it again")
-
-
-def is_complete(checkpoint):
-    """True when the run that wrote this checkpoint dict finished (its weights are the run's best)."""
-    return checkpoint.get("complete", False) is True
-
-
-def mark_complete(path):
-    """Mark the checkpoint at `path` as the finished run's best; returns the checkpoint dict."""
-    checkpoint = load_checkpoint(path)
-    checkpoint["complete"] = True
-    save_checkpoint(path, checkpoint)
-    return checkpoint
-
-
-def save_resume_state(path, **state):
-    """The training state of RESUME_KEYS (and optional extras) after an epoch, written atomically."""
-    assert set(RESUME_KEYS) <= set(state), f"resume state lacks {set(RESUME_KEYS) - set(state)}"
-    save_checkpoint(path, state)
-
-
-def load_resume_state(path, arch):
-    """The training state save_resume_state wrote, for a run of architecture `arch`."""
-    state = read_checkpoint_file(path, RESUME_KEYS)
-    if state["arch"] != arch:
-        raise UserError(f"{path}: the resume file of a {quoted(state['arch'])} run, not {arch}; "
-                        "pass --retrain to start again, or another --checkpoint")
-    check_state_dict(path, state["model_state"])
-    return state
-
-
-def place_model(model, device):
-    """The model on the device, in channels_last where the device's convolutions gain from it."""
-    if uses_channels_last(device):
-        model = model.to(memory_format=torch.channels_last)
-    return model.to(device)
-
-
-def new_model(arch, device, seed):
-    """A freshly initialised model on the device; the seed fixes the initial weights."""
-    from models import build_model
-    torch.manual_seed(seed)
-    return place_model(build_model(arch), device)
-
-
-def model_from_checkpoint(path, device, checkpoint=None):
-    """Build the checkpoint's architecture and load its weights: (model in eval mode, checkpoint dict)."""
-    from models import build_model
-    checkpoint = checkpoint or load_checkpoint(path)
-    arch = checkpoint["arch"]
-    model = build_model(arch)
-    try:
-        model.load_state_dict(checkpoint["model_state"])
-    except RuntimeError as error:
-        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-        reason = lines[1] if len(lines) > 1 else lines[0]  # the first line only says which class failed to load
-        raise UserError(f"{path}: weights do not fit the {arch} architecture ({reason[:2 * MAX_QUOTED]})") from None
-    return place_model(model, device).eval(), checkpoint
-
-
-# ----------------------------------------------------------------------------- people's own images
-# MNIST's recipe: white ink on black, the digit's bounding box scaled to fit 20x20 keeping its aspect
-# ratio, then placed in a 28x28 field with its centre of mass at the centre. A photo or a drawing goes
-# through the same steps before the model sees it.
-
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
-MAX_IMAGE_PIXELS = 50 * 10**6  # above this, refused before decoding: 50 megapixels is already 200 MB as float
-DECODE_SIZE = 2048             # a JPEG larger than this on both sides is decoded at a reduced scale
-INK_THRESHOLD = 0.25  # after the contrast stretch, fainter pixels are paper texture or noise
-MIN_INK_PIXELS = 12   # fewer than this above the threshold: no digit in the image
-
-
-def read_greyscale(source, name=None):
-    """An image file (or an open PIL image) -> float [H, W] in 0..1, the way it is meant to be seen.
-
-    Guards every image read: the size is checked from the header before anything is decoded (a large JPEG
-    is decoded at a reduced scale instead), a phone's EXIF orientation is applied, and transparency is
-    composited onto white paper. Messages call the image `name` (default: the source itself, a path).
-    """
-    import warnings
-    from PIL import Image, ImageOps, UnidentifiedImageError
-    name = source if name is None else name
-    try:
-        with warnings.catch_warnings():  # PIL warns from 89 megapixels on; the cap below is stricter and one line
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            opened = Image.open(source) if isinstance(source, (str, Path)) else contextlib.nullcontext(source)
-        with opened as image:
-            image.draft("RGB", (DECODE_SIZE, DECODE_SIZE))  # JPEG only: decode at 1/2, 1/4 or 1/8 scale when that is enough
-            if image.width * image.height > MAX_IMAGE_PIXELS:
-                raise UserError(f"{name}: {image.width}x{image.height} pixels, more than a photo of a digit needs "
-                                f"(at most {MAX_IMAGE_PIXELS // 10**6} megapixels); scale it down")
-            image = ImageOps.exif_transpose(image)
-            if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
-                paper = Image.new("RGBA", image.size, "white")
-                image = Image.alpha_composite(paper, image.convert("RGBA"))
-            grey = np.asarray(image.convert("L"), dtype=np.float32) / 255
-    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError, SyntaxError) as error:
-        raise UserError(f"{name}: not a readable image ({str(error)[:2 * MAX_QUOTED]})") from None
-    return grey
-
-
-def border_pixels(image):
-    return np.concatenate([image[0], image[-1], image[:, 0], image[:, -1]])
-
-
-def ink_on_black(grey, invert="auto"):
-    """White ink on black as MNIST has it; 'auto' inverts when the border (the paper) is light."""
-    if invert == "yes" or (invert == "auto" and np.median(border_pixels(grey)) > 0.5):
-        return 1 - grey
-    return grey
-
-
-def remove_background(image):
-    """Stretch contrast from the paper's level to the darkest ink, then drop what is fainter than the threshold."""
-    paper = np.median(border_pixels(image))
-    stretched = np.clip((image - paper) / max(image.max() - paper, 1e-6), 0, 1)
-    return np.clip((stretched - INK_THRESHOLD) / (1 - INK_THRESHOLD), 0, 1)
-
-
-def crop_to_ink(image, name):
-    """The bounding box of the ink; an image without enough ink is an error named after the image."""
-    ink = image > 0
-    if ink.sum() < MIN_INK_PIXELS:
-        raise UserError(f"{name}: no digit found (the image is blank or has too little contrast)")
-    rows, columns = np.flatnonzero(ink.any(1)), np.flatnonzero(ink.any(0))
-    return image[rows[0]:rows[-1] + 1, columns[0]:columns[-1] + 1]
-
-
-def fit_in_box(image, box=20):
-    """Resize so the longer side is `box` pixels, keeping the aspect ratio (antialiased when shrinking)."""
-    height, width = image.shape
-    scale = box / max(height, width)
-    size = (max(1, round(height * scale)), max(1, round(width * scale)))
-    tensor = torch.from_numpy(np.ascontiguousarray(image))[None, None]  # [1, 1, H, W]
-    return F.interpolate(tensor, size=size, mode="bilinear", antialias=True, align_corners=False)[0, 0].clamp_(0, 1).numpy()
-
-
-def centre_by_mass(image, size=IMAGE_SIZE):
-    """Paste into a size x size black field with the centre of mass at the field's centre."""
-    height, width = image.shape
-    total = image.sum()
-    centre_y = (image.sum(1) * np.arange(height)).sum() / total
-    centre_x = (image.sum(0) * np.arange(width)).sum() / total
-    top = int(np.clip(round((size - 1) / 2 - centre_y), 0, size - height))
-    left = int(np.clip(round((size - 1) / 2 - centre_x), 0, size - width))
-    field = np.zeros((size, size), dtype=np.float32)
-    field[top:top + height, left:left + width] = image
-    return field
-
-
-def preprocess_image(source, invert="auto", name=None):
-    """An image file or a PIL image of a digit -> uint8 [28, 28] as an MNIST sample looks (normalization comes later).
-
-    Messages call the image `name` (default: the path), e.g. "the drawing" for the demo page's canvas.
-    """
-    name = source if name is None else name
-    grey = read_greyscale(source, name)
-    digit = crop_to_ink(remove_background(ink_on_black(grey, invert)), name)
-    field = centre_by_mass(fit_in_box(digit))
-    return torch.from_numpy(np.round(field * 255).astype(np.uint8))
-
-
-def find_images(paths):
-    """(image files, problems): folders are searched (not recursively) for image files; problems name bad paths."""
-    files, problems = [], []
-    for path in map(Path, paths):
-        if path.is_dir():
-            found = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-            if not found:
-                problems.append(f"{path}: no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) in this folder")
-            # a FIFO or device named like an image would block the read forever: only regular files are read
-            problems += [f"{p}: not a regular file, skipped" for p in found if not p.is_file()]
-            files += [p for p in found if p.is_file()]
-        elif path.is_file():
-            files.append(path)
-        elif path.exists():
-            problems.append(f"{path}: not a regular file or folder, skipped")
-        else:
-            problems.append(f"{path}: no such file or folder")
-    return files, problems
+MAX_SEED = 2**32 - 1000  # numpy and scikit-learn take seeds below 2**32; runs derive a few seeds above --seed
+positive_int = checked(int, lambda v: v > 0, "a positive integer", "positive_int")
+seed_int = checked(int, lambda v: 0 <= v < MAX_SEED, f"an integer in 0..{MAX_SEED - 1}", "seed_int")
+port_number = checked(int, lambda v: 1 <= v <= 65535, "a port number in 1..65535", "port_number")
+positive_float = checked(float, lambda v: math.isfinite(v) and v > 0, "a positive number", "positive_float")
+nonnegative_float = checked(float, lambda v: math.isfinite(v) and v >= 0, "a number >= 0", "nonnegative_float")
+fraction = checked(float, lambda v: 0 < v < 1, "between 0 and 1", "fraction")
+below_one = checked(float, lambda v: 0 <= v < 1, "in [0, 1)", "below_one")  # label smoothing, EMA decay: 0 is off
 
 
 # ----------------------------------------------------------------------------- export-kaggle command
@@ -1126,17 +1008,15 @@ def export_kaggle(data_dir, out):
     write_submission(out / "test_labels.csv", test_labels)
     print(f"wrote {out}/train.csv ({len(train_labels)} rows), test.csv and test_labels.csv ({len(test_labels)} rows)")
 
-
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    commands = parser.add_subparsers(dest="command", required=True)
+    parser = Parser(__doc__)
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
     export = commands.add_parser("export-kaggle", help="write Kaggle-format CSVs from MNIST",
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                 description="Kaggle-format train.csv, test.csv and test_labels.csv from MNIST")
     export.add_argument("--data-dir", default=DEFAULT_DATA_DIR, help="folder holding MNIST/raw (env MNIST_DATA_DIR)")
     export.add_argument("--out", default="data/digit-recognizer", help="output folder")
     args = parser.parse_args(argv)
     export_kaggle(args.data_dir, args.out)
-
 
 if __name__ == "__main__":
     run_cli(main)

@@ -8,7 +8,6 @@
 Writes confusion_matrix.png, misclassified.png, curves.png (from the history JSON beside each checkpoint),
 metrics.json and predictions.csv. Inference is predict_tta.py's, so the numbers are the submission's.
 """
-import argparse
 import json
 from pathlib import Path
 
@@ -20,11 +19,13 @@ from sklearn.metrics import classification_report, confusion_matrix
 
 from data import (
     EVAL_BATCH_SIZE,
+    Parser,
     UserError,
     add_data_arguments,
     add_device_arguments,
     atomic_path,
     check_output_folder,
+    checkpoint_files,
     check_outputs,
     history_path,
     load_data,
@@ -38,7 +39,7 @@ from data import (
     write_frame,
     write_json,
 )
-from predict_tta import ensemble_probabilities, load_ensemble, tta_variants, weight_files
+from predict_tta import ensemble_probabilities, load_ensemble, tta_variants
 
 plt.switch_backend("Agg")  # headless: figures go to files, never to a window
 DPI = 120
@@ -186,20 +187,22 @@ def write_predictions(path, labels, predicted, confidence):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--weights", nargs="+", default=["CNN_best_model.pth"], help="checkpoint files and/or folders of them")
-    add_data_arguments(p, default="mnist", split="test")
-    p.add_argument("--csv", dest="test_csv", help="same as --data csv --test-csv CSV")
-    p.add_argument("--tta", type=positive_int, default=1, help="number of TTA variants, as in predict_tta.py (1 = none)")
-    p.add_argument("--submission", help="score this submission file (ImageId,Label) against --labels; no model needed")
-    p.add_argument("--out", help="report folder (default: reports/<weights or submission name>/)")
-    p.add_argument("--max-errors", type=positive_int, default=48, help="most misclassified images to show")
-    p.add_argument("--batch-size", type=positive_int, default=EVAL_BATCH_SIZE)
-    p.add_argument("--seed", type=seed_int, default=42, help="seed of the TTA variants' random shifts")
-    add_device_arguments(p)
-    args = resolve_data_arguments(p.parse_args(argv))
+    parser = Parser(__doc__)
+    inputs = parser.add_argument_group("data")
+    inputs.add_argument("--weights", nargs="+", default=["CNN_best_model.pth"], help="checkpoint files and/or folders of them")
+    add_data_arguments(inputs, default="mnist", split="test")
+    inputs.add_argument("--submission", help="score this submission file (ImageId,Label) against --labels; no model needed")
+    prediction = parser.add_argument_group("prediction")
+    prediction.add_argument("--tta", type=positive_int, default=1, help="number of TTA variants, as in predict_tta.py (1 = none)")
+    prediction.add_argument("--batch-size", type=positive_int, default=EVAL_BATCH_SIZE)
+    prediction.add_argument("--seed", type=seed_int, default=42, help="seed of the TTA variants' random shifts")
+    report = parser.add_argument_group("files")
+    report.add_argument("--out", help="report folder (default: reports/<weights or submission name>/)")
+    report.add_argument("--max-errors", type=positive_int, default=48, help="most misclassified images to show")
+    add_device_arguments(parser)
+    args = resolve_data_arguments(parser.parse_args(argv))
     if args.submission and not args.labels:
-        p.error("--submission needs --labels")
+        parser.error("--submission needs --labels")
     return args
 
 
@@ -252,7 +255,7 @@ def main(argv=None):
     if args.submission:
         inputs["--submission"] = [args.submission]
     else:
-        inputs.update({"--weights": weight_files(args.weights), "--test-csv": [args.test_csv] if args.data == "csv" else []})
+        inputs.update({"--weights": checkpoint_files(args.weights), "--test-csv": [args.test_csv] if args.data == "csv" else []})
     check_outputs({"--out": [out / name for name in REPORT_FILES]}, inputs)
     if args.submission:
         score_submission(args, out)

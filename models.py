@@ -145,6 +145,8 @@ class WideCNN(nn.Module):
 
 
 MODELS = {"vgg": VGG, "resnet": ResNet, "widecnn": WideCNN}
+# A fixed number per architecture, part of each k-fold job's seed: a new architecture takes the next one.
+ARCH_NUMBERS = {"vgg": 0, "resnet": 1, "widecnn": 2}
 # Training time per image relative to widecnn, from `make bench` on a CPU (README, Speed): deals k-fold jobs evenly.
 TRAINING_COST = {"vgg": 0.5, "resnet": 2.3, "widecnn": 1.0}
 

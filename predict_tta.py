@@ -8,7 +8,6 @@
 Each checkpoint brings its own architecture and normalization. The same inputs, seed and batch size give
 the same submission: each TTA variant draws its random shifts from its own seeded generator.
 """
-import argparse
 import functools
 import os
 import socket
@@ -22,7 +21,7 @@ import torch
 
 from data import (
     EVAL_BATCH_SIZE,
-    RESUME_SUFFIX,
+    Parser,
     TTA_VARIANTS,
     UserError,
     add_data_arguments,
@@ -31,15 +30,17 @@ from data import (
     autocast,
     batch_indices,
     check_output_folder,
+    checkpoint_files,
     check_outputs,
     find_images,
     is_complete,
     load_checkpoint,
     load_data,
     model_from_checkpoint,
-    normalize,
+    model_input,
     pick_device,
     pick_precision,
+    port_number,
     positive_int,
     preprocess_image,
     progress_bar,
@@ -67,7 +68,7 @@ def find_checkpoints(paths):
     found = []
     for path in map(Path, paths):
         if path.is_dir():
-            candidates = [(p, load_checkpoint(p)) for p in sorted(path.glob("*.pth")) if not p.name.endswith(RESUME_SUFFIX)]
+            candidates = [(p, load_checkpoint(p)) for p in checkpoint_files([path])]
             for skipped, checkpoint in candidates:
                 if not is_complete(checkpoint):
                     print(f"skipping {skipped}: training did not finish (rerun its training command to resume)")
@@ -110,7 +111,7 @@ def ensemble_probabilities(ensemble, images, variants, precision, seed, batch_si
             x = to_unit_float(images[index], variant, generator)          # [B, 1, 28, 28] in 0..1
             for m, (model, normalization, _) in enumerate(ensemble):
                 with autocast(device, precision):
-                    logits = model(normalize(x, normalization)).float()   # [B, 10]
+                    logits = model(model_input(x, normalization)).float()   # [B, 10]
                 finite[m] &= torch.isfinite(logits).all()
                 total[index] += torch.softmax(logits, 1)
         progress.update()
@@ -176,44 +177,42 @@ def save_preprocessed(folder, paths, images):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--weights", nargs="+", default=["models"], help="checkpoint files and/or folders of them")
-    add_data_arguments(p, default="csv", split="test")
-    p.add_argument("--images", nargs="+", help="predict these image files and folders of them (PNG, JPEG, BMP, ...) instead")
-    p.add_argument("--invert", choices=["auto", "yes", "no"], default="auto",
-                   help="with --images: make the ink white on black; auto inverts when the border is light")
-    p.add_argument("--show-preprocessed", help="with --images: save the 28x28 images the model saw to this folder")
-    p.add_argument("--tta", type=positive_int, default=len(TTA_VARIANTS), help="number of TTA variants (1 = none)")
-    p.add_argument("--no-tta", dest="tta", action="store_const", const=1, help="plain prediction, same as --tta 1")
-    p.add_argument("--out", help="CSV to write (default: submission.csv; with --images, only written when given)")
-    p.add_argument("--save-probs", help="also save the averaged probabilities [N, 10] to this .npy file")
-    p.add_argument("--batch-size", type=positive_int, default=EVAL_BATCH_SIZE)
-    p.add_argument("--seed", type=seed_int, default=42, help="seed of the TTA variants' random shifts")
-    add_device_arguments(p)
-    p.add_argument("--demo", action="store_true",
-                   help="serve a page to draw a digit on (or upload a photo) and watch the model read it "
-                        "(needs pip install -r requirements-demo.txt)")
-    p.add_argument("--host", default=DEMO_HOST,
-                   help="with --demo: the address to serve on; 0.0.0.0 exposes the model to everyone on the network")
-    p.add_argument("--port", type=port_number, default=DEMO_PORT, help="with --demo: the port to serve on")
-    args = p.parse_args(argv)
-    if args.demo and (extra := changed_options(p, args, NOT_WITH_DEMO)):
+    parser = Parser(__doc__)
+    inputs = parser.add_argument_group("data")
+    inputs.add_argument("--weights", nargs="+", default=["models"], help="checkpoint files and/or folders of them")
+    add_data_arguments(inputs, default="csv", split="test")
+    images = parser.add_argument_group("own images")
+    images.add_argument("--images", nargs="+", help="predict these image files and folders of them (PNG, JPEG, BMP, ...) instead")
+    images.add_argument("--invert", choices=["auto", "yes", "no"], default="auto",
+                        help="with --images: make the ink white on black; auto inverts when the border is light")
+    images.add_argument("--show-preprocessed", help="with --images: save the 28x28 images the model saw to this folder")
+    prediction = parser.add_argument_group("prediction")
+    prediction.add_argument("--tta", type=positive_int, default=len(TTA_VARIANTS), help="number of TTA variants (1 = none)")
+    prediction.add_argument("--no-tta", dest="tta", action="store_const", const=1, help="plain prediction, same as --tta 1")
+    prediction.add_argument("--batch-size", type=positive_int, default=EVAL_BATCH_SIZE)
+    prediction.add_argument("--seed", type=seed_int, default=42, help="seed of the TTA variants' random shifts")
+    files = parser.add_argument_group("files")
+    files.add_argument("--out", help="CSV to write (default: submission.csv; with --images, only written when given)")
+    files.add_argument("--save-probs", help="also save the averaged probabilities [N, 10] to this .npy file")
+    add_device_arguments(parser)
+    page = parser.add_argument_group("draw-a-digit page")
+    page.add_argument("--demo", action="store_true",
+                      help="serve a page to draw a digit on (or upload a photo) and watch the model read it "
+                           "(needs pip install -r requirements-demo.txt)")
+    page.add_argument("--host", default=DEMO_HOST,
+                      help="with --demo: the address to serve on; 0.0.0.0 exposes the model to everyone on the network")
+    page.add_argument("--port", type=port_number, default=DEMO_PORT, help="with --demo: the port to serve on")
+    args = parser.parse_args(argv)
+    if args.demo and (extra := changed_options(parser, args, NOT_WITH_DEMO)):
         raise UserError(f"--demo predicts what is drawn or uploaded on its page; it takes no {', '.join(extra)}")
-    if not args.demo and (extra := changed_options(p, args, ("--host", "--port"))):
+    if not args.demo and (extra := changed_options(parser, args, ("--host", "--port"))):
         raise UserError(f"{' and '.join(extra)} go with --demo")
     args = resolve_data_arguments(args)
     if args.images is None and (args.invert != "auto" or args.show_preprocessed):
-        p.error("--invert and --show-preprocessed go with --images")
+        parser.error("--invert and --show-preprocessed go with --images")
     if args.images is None and args.out is None and not args.demo:
         args.out = "submission.csv"
     return args
-
-
-def port_number(text):
-    value = int(text)
-    if not 1 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"must be a port number in 1..65535, got {text}")
-    return value
 
 
 def changed_options(parser, args, flags):
@@ -224,18 +223,13 @@ def changed_options(parser, args, flags):
 
 def check_paths(args):
     """Before any work: outputs writable and distinct from every input (test CSV, labels, weights, images)."""
-    inputs = {"--weights": weight_files(args.weights), "--images": args.images or []}
+    inputs = {"--weights": checkpoint_files(args.weights), "--images": args.images or []}
     if args.images is None and args.data == "csv":
         inputs.update({"--test-csv": [args.test_csv], "--labels": [args.labels]})
     check_outputs({"--out": [args.out] if args.out else [], "--save-probs": [args.save_probs] if args.save_probs else []},
                   inputs)
     if args.show_preprocessed:
         check_output_folder("--show-preprocessed", args.show_preprocessed)
-
-
-def weight_files(paths):
-    """The checkpoint files that --weights names, folders expanded."""
-    return [f for path in map(Path, paths) for f in (sorted(path.glob("*.pth")) if path.is_dir() else [path])]
 
 
 # ----------------------------------------------------------------------------- the draw-a-digit page (--demo)

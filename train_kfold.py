@@ -9,11 +9,11 @@ and its out-of-fold probabilities. A completed job is skipped on the next run; a
 its last epoch. When all jobs are done, rank 0 writes the summary: validation accuracy per fold, per
 architecture, and of the out-of-fold ensemble.
 """
-import argparse
 import contextlib
 import datetime
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -21,18 +21,15 @@ import torch
 import torch.distributed as dist
 
 from data import (
+    Parser,
     UserError,
     add_data_arguments,
     add_device_arguments,
     check_outputs,
-    checkpoint_lock,
-    data_fingerprint,
     history_path,
     is_complete,
     load_checkpoint,
     load_data,
-    model_from_checkpoint,
-    new_model,
     pick_device,
     pick_precision,
     positive_int,
@@ -40,42 +37,44 @@ from data import (
     resume_path,
     run_cli,
     share_cpu_threads,
-    to_device,
+    subset_on_device,
     use_deterministic_algorithms,
     write_json,
     write_numpy,
 )
-from models import MODELS, TRAINING_COST
-from train_cnn import add_training_arguments, check_same_run, fit, predict_logits, training_settings
+from models import ARCH_NUMBERS, MODELS, TRAINING_COST
+from train_cnn import (
+    ADDED_SETTINGS,
+    Run,
+    add_training_arguments,
+    checkpoint_lock,
+    data_fingerprint,
+    finished_checkpoint,
+    predict_logits,
+    reuse_or_train,
+    training_settings,
+)
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add_data_arguments(p, default="csv", split="train")
-    p.add_argument("--out", default="models", help="folder for checkpoints, histories, out-of-fold probabilities, summary")
-    p.add_argument("--archs", nargs="+", choices=list(MODELS), default=["resnet", "widecnn"])
-    p.add_argument("--n-folds", type=positive_int, default=5, help="number of stratified folds")
-    p.add_argument("--folds", nargs="+", type=int, help="which folds to train (default: all)")
-    p.add_argument("--retrain", action="store_true", help="train jobs again even if complete")
-    add_training_arguments(p, epochs=30, optimizer="adamw", schedule="cosine", patience=10, augmentation="strong",
-                           monitor_help="a better validation accuracy")
-    p.add_argument("--limit", type=positive_int, help="use only the first N training images (smoke runs)")
-    add_device_arguments(p)
-    args = resolve_data_arguments(p.parse_args(argv))
+    parser = Parser(__doc__)
+    add_data_arguments(parser.add_argument_group("data"), default="csv", split="train")
+    model = parser.add_argument_group("model")
+    model.add_argument("--archs", nargs="+", choices=list(MODELS), default=["resnet", "widecnn"])
+    model.add_argument("--n-folds", type=positive_int, default=5, help="number of stratified folds")
+    model.add_argument("--folds", nargs="+", type=int, help="which folds to train (default: all)")
+    files = parser.add_argument_group("files")
+    files.add_argument("--out", default="models", help="folder for checkpoints, histories, out-of-fold probabilities, summary")
+    files.add_argument("--retrain", action="store_true", help="train jobs again even if complete")
+    add_training_arguments(parser, epochs=30, optimizer="adamw", schedule="cosine", patience=10, augmentation="strong")
+    add_device_arguments(parser, training=True)
+    args = resolve_data_arguments(parser.parse_args(argv))
     if args.n_folds < 2:
-        p.error("--n-folds must be at least 2")
+        parser.error("--n-folds must be at least 2")
     args.folds = sorted(set(args.folds if args.folds is not None else range(args.n_folds)))
     if any(not 0 <= k < args.n_folds for k in args.folds):
-        p.error(f"--folds must be between 0 and {args.n_folds - 1}")
+        parser.error(f"--folds must be between 0 and {args.n_folds - 1}")
     return args
-
-
-def load_training_data(args):
-    """(uint8 images [N, 28, 28], int64 labels [N]) on the CPU."""
-    images, labels = load_data(args, "train")
-    if args.limit:
-        images, labels = images[:args.limit], labels[:args.limit]
-    return images, labels
 
 
 def fold_indices(labels, n_folds, seed):
@@ -90,7 +89,7 @@ def fold_indices(labels, n_folds, seed):
 
 # ----------------------------------------------------------------------------- job files
 
-def checkpoint_path(out, arch, fold):
+def job_checkpoint(out, arch, fold):
     return Path(out) / f"{arch}_fold{fold}.pth"
 
 
@@ -100,7 +99,7 @@ def oof_path(out, arch, fold):
 
 def job_files(out, arch, fold):
     """Every file an (arch, fold) job writes."""
-    path = checkpoint_path(out, arch, fold)
+    path = job_checkpoint(out, arch, fold)
     return [path, history_path(path), resume_path(path), oof_path(out, arch, fold)]
 
 
@@ -119,54 +118,60 @@ def deal_jobs(jobs, world, costs):
 
 def job_cost(out, arch, fold):
     """TRAINING_COST of the job's architecture; nothing when it is already complete (it will be skipped)."""
-    path = checkpoint_path(out, arch, fold)
+    path = job_checkpoint(out, arch, fold)
     done = path.exists() and oof_path(out, arch, fold).exists() and is_complete(load_checkpoint(path))
     return 0.0 if done else TRAINING_COST[arch]
 
 
 # ----------------------------------------------------------------------------- one (arch, fold) job
 
-def job_settings(args, arch, fold, precision, fingerprint):
-    return training_settings(args, arch, precision, "val_accuracy", fingerprint, {"n_folds": args.n_folds, "fold": fold})
+def job_seed(seed, arch, fold):
+    """The seed of an (arch, fold) job's model and generators: distinct per job, from the architecture's name."""
+    return seed + 100 * fold + ARCH_NUMBERS[arch]
 
 
-def finished_checkpoint(args, arch, fold, settings, log):
-    """The job's complete checkpoint, if it has one of these settings (None to train); one line when it is another run's."""
-    path = checkpoint_path(args.out, arch, fold)
-    existing = load_checkpoint(path) if path.exists() and not args.retrain else None
-    if existing is None or not is_complete(existing):
-        return None
-    check_same_run(path, existing.get("settings"), settings, log, resuming=False)
-    return existing
+# k-fold checkpoints written before the job seed was recorded were made with this seed
+ADDED_SETTINGS["job_seed"] = lambda saved: job_seed(saved["seed"], saved["arch"], saved["split"]["fold"])
 
 
-def run_job(args, arch, fold, images, labels, split, settings, existing, device, precision, log):
+@dataclass
+class KFold:
+    """What every job of this process shares: the flags, the training data and its folds, the device, the log."""
+    args: object
+    images: torch.Tensor  # uint8 [N, 28, 28], on the CPU
+    labels: torch.Tensor  # int64 [N]
+    splits: list          # [(train_idx, val_idx)] per fold
+    device: torch.device
+    precision: str
+    log: callable
+
+
+def job_run(kfold, arch, fold, fingerprint):
+    """The Run of one (arch, fold) job: its checkpoint, settings (the job seed recorded) and log prefix."""
+    args = kfold.args
+    seed = job_seed(args.seed, arch, fold)
+    settings, flags = training_settings(args, {"arch": arch, "data": fingerprint, "split": {"n_folds": args.n_folds, "fold": fold},
+                                               "monitor": "val_accuracy", "precision": kfold.precision})
+    settings["job_seed"] = seed  # after --seed, from which it follows: a changed --seed is named as such
+    return Run(job_checkpoint(args.out, arch, fold), settings, flags, seed=seed, retrain=args.retrain,
+               log=lambda line: kfold.log(f"[{arch} fold {fold}] {line}"))
+
+
+def run_job(kfold, arch, fold, run, existing):
     """Train one model on the other folds (or reuse its complete checkpoint), save its out-of-fold probabilities."""
-    def job_log(line):
-        log(f"[{arch} fold {fold}] {line}")
-
-    path = checkpoint_path(args.out, arch, fold)
-    reuse = existing is not None
-    if reuse and oof_path(args.out, arch, fold).exists():
-        job_log("complete, skipped (--retrain to train again)")
+    if existing is not None and oof_path(kfold.args.out, arch, fold).exists():
+        run.log("complete, skipped (--retrain to train again)")
         return
-    train_idx, val_idx = split
-    val_set = to_device(images, labels, val_idx, device)
+    train_idx, val_idx = kfold.splits[fold]
+    val_set = subset_on_device(kfold.images, kfold.labels, val_idx, kfold.device)
     start = time.perf_counter()
-    if reuse:
-        model, _ = model_from_checkpoint(path, device, existing)
-        normalization = existing["normalization"]
-    else:
-        if args.retrain:
-            resume_path(path).unlink(missing_ok=True)
-        seed = args.seed + 100 * fold + list(MODELS).index(arch)  # distinct, reproducible per job
-        model = new_model(arch, device, seed)
-        fit(model, to_device(images, labels, train_idx, device), val_set, settings, path, seed, log=job_log)
-        normalization = settings["normalization"]
-    probs = torch.softmax(predict_logits(model, val_set[0], normalization, precision), 1).cpu()  # [N_val, 10]
-    write_numpy(oof_path(args.out, arch, fold), {"indices": val_idx.numpy(), "labels": labels[val_idx].numpy(),
-                                                 "probs": probs.numpy()})
-    job_log(f"done in {time.perf_counter() - start:.0f}s, val accuracy {(probs.argmax(1) == labels[val_idx]).float().mean():.4f}")
+    model, normalization = reuse_or_train(run, existing, kfold.device, lambda: (
+        subset_on_device(kfold.images, kfold.labels, train_idx, kfold.device), val_set))
+    probs = torch.softmax(predict_logits(model, val_set[0], normalization, kfold.precision), 1).cpu()  # [N_val, 10]
+    write_numpy(oof_path(kfold.args.out, arch, fold), {"indices": val_idx.numpy(), "labels": kfold.labels[val_idx].numpy(),
+                                                       "probs": probs.numpy()})
+    accuracy = (probs.argmax(1) == kfold.labels[val_idx]).float().mean()
+    run.log(f"done in {time.perf_counter() - start:.0f}s, val accuracy {accuracy:.4f}")
 
 
 # ----------------------------------------------------------------------------- summary
@@ -244,18 +249,17 @@ def main(argv=None):
     mine = deal_jobs(jobs, world, {job: job_cost(args.out, *job) for job in jobs})[rank]
     with contextlib.ExitStack() as locks:  # this rank's checkpoints are its own until it ends
         for job in mine:
-            locks.enter_context(checkpoint_lock(checkpoint_path(args.out, *job)))
-        images, labels = load_training_data(args)
-        fingerprint = data_fingerprint(images, labels)
-        splits = fold_indices(labels, args.n_folds, args.seed)
+            locks.enter_context(checkpoint_lock(job_checkpoint(args.out, *job)))
+        images, labels = load_data(args, "train")
+        kfold = KFold(args, images, labels, fold_indices(labels, args.n_folds, args.seed), device, precision, log)
         log(f"device {device}, precision {precision}, {torch.get_num_threads()} threads; {len(images)} images, "
             f"{args.n_folds} folds; jobs {', '.join(f'{a}/{f}' for a, f in mine) or 'none'}")
-        settings = {job: job_settings(args, *job, precision, fingerprint) for job in mine}
+        fingerprint = data_fingerprint(images, labels)
+        runs = {job: job_run(kfold, *job, fingerprint) for job in mine}
         # every finished job is checked against this run's settings before any training starts
-        finished = {job: finished_checkpoint(args, *job, settings[job], log) for job in mine}
-        for arch, fold in mine:
-            job = (arch, fold)
-            run_job(args, arch, fold, images, labels, splits[fold], settings[job], finished[job], device, precision, log)
+        finished = {job: finished_checkpoint(runs[job]) for job in mine}
+        for job in mine:
+            run_job(kfold, *job, runs[job], finished[job])
 
     if world > 1:
         dist.barrier()

@@ -3,7 +3,7 @@
 For each architecture at one batch size, in one run on one machine:
   ceiling   forward + backward + optimizer step on one batch already on the device (project precision, and fp32)
   ours      train_cnn.train_one_epoch + loss_and_accuracy: slicing, on-device augmentation, the per-step schedule and
-            weight average, bookkeeping, validation pass;
+            EMA, bookkeeping, validation pass;
             measured in rounds alternating with the ceiling at the project precision, so both see the same load
   notebook  torchvision MNIST + per-sample PIL RandomAffine/ToTensor/Normalize in a DataLoader, fp32,
             best of num_workers 0, 1, 2
@@ -101,18 +101,15 @@ def measure_training(arch, precision, batch_size, device, images_count, data_dir
     train_images, train_labels = images[:images_count].to(device), labels[:images_count].to(device)
     val_count = images_count // 10
     val_images, val_labels = images[-val_count:].to(device), labels[-val_count:].to(device)
-    model = data.new_model(arch, device, seed=0)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)  # stepped every step, as in training
-    average = train_cnn.WeightAverage(model, decay=0.999)
-    criterion = nn.CrossEntropyLoss(label_smoothing=0.1)
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-    settings = {"batch_size": batch_size, "precision": precision, "augmentation": "light",
-                "normalization": data.NORMALIZATION}
-    generators = train_cnn.make_generators(0, device)
+    model = train_cnn.new_model(arch, device, seed=0)
+    settings = {"batch_size": batch_size, "precision": precision, "augmentation": "light", "optimizer": "adam",
+                "lr": 1e-3, "schedule": "step", "lr_step": 10**6, "lr_gamma": 1.0, "label_smoothing": 0.1,
+                "ema_decay": 0.999, "normalization": data.NORMALIZATION}  # a constant rate, stepped every step as in training
+    training = train_cnn.make_training(model, settings, train_cnn.steps_per_epoch(images_count, batch_size), seed=0)
+    criterion, generators = training.criterion, training.generators
 
     def epoch(images, labels):
-        train_cnn.train_one_epoch(model, images, labels, optimizer, schedule, criterion, scaler, settings, generators, average)
+        train_cnn.train_one_epoch(model, images, labels, training, settings)
 
     epoch(train_images[:batch_size * 3], train_labels[:batch_size * 3])  # warm-up
     step = ceiling_step(arch, precision, batch_size, device)
@@ -124,7 +121,7 @@ def measure_training(arch, precision, batch_size, device, images_count, data_dir
         start = time.perf_counter()
         epoch(train_images[part], train_labels[part])
         train_seconds += time.perf_counter() - start
-        train_cnn.loss_and_accuracy(average.module, val_images[val_part], val_labels[val_part], criterion,
+        train_cnn.loss_and_accuracy(training.ema.module, val_images[val_part], val_labels[val_part], criterion,
                                     data.NORMALIZATION, precision)
         ours_seconds += time.perf_counter() - start
         steps = max(1, images_count // rounds // batch_size // 2)

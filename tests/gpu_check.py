@@ -15,7 +15,6 @@ with the output of every command it runs in OUT/gpu_check.log:
     make gpu-check PYTHON=python3                     # on the GPU machine, MNIST's .gz files in data/MNIST/raw
     python tests/gpu_check.py --device cpu --limit 120 --out /tmp/check   # the same logic on a CPU (the test runs this)
 """
-import argparse
 import json
 import os
 import platform
@@ -32,7 +31,6 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
-from torch import nn  # noqa: E402
 
 import bench  # noqa: E402
 import data  # noqa: E402
@@ -172,17 +170,13 @@ def sync_stage(check):
     try:
         for precision in dict.fromkeys([data.pick_precision("auto", device), "fp16"]):
             settings = {"batch_size": 128, "precision": precision, "augmentation": "strong", "optimizer": "adam", "lr": 1e-3,
-                        "schedule": "warmup-cosine", "warmup_epochs": 0.3, "epochs": 1, "normalization": data.NORMALIZATION}
-            model = data.new_model("vgg", device, 0)
-            optimizer = train_cnn.make_optimizer(model, settings)
-            scheduler = train_cnn.make_schedule(optimizer, settings, train_cnn.steps_per_epoch(count, 128))
-            scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-            average = train_cnn.WeightAverage(model, 0.999)
-            generators = train_cnn.make_generators(0, device)
-            criterion = nn.CrossEntropyLoss(label_smoothing=0.1)
-            result[f"epoch_{precision}_sync_warnings"] = counter.count(lambda: train_cnn.train_one_epoch(
-                model, images, labels, optimizer, scheduler, criterion, scaler, settings, generators, average))
-        ensemble = [(model.eval(), data.NORMALIZATION, "vgg"), (data.new_model("widecnn", device, 1).eval(), data.NORMALIZATION, "widecnn")]
+                        "schedule": "warmup-cosine", "warmup_epochs": 0.3, "epochs": 1, "label_smoothing": 0.1,
+                        "ema_decay": 0.999, "normalization": data.NORMALIZATION}
+            model = train_cnn.new_model("vgg", device, 0)
+            training = train_cnn.make_training(model, settings, train_cnn.steps_per_epoch(count, 128), seed=0)
+            result[f"epoch_{precision}_sync_warnings"] = counter.count(
+                lambda: train_cnn.train_one_epoch(model, images, labels, training, settings))
+        ensemble = [(model.eval(), data.NORMALIZATION, "vgg"), (train_cnn.new_model("widecnn", device, 1).eval(), data.NORMALIZATION, "widecnn")]
         result["tta_sync_warnings"] = counter.count(lambda: predict_tta.ensemble_probabilities(
             ensemble, images[:2048], data.TTA_VARIANTS, data.pick_precision("auto", device), seed=0))
     finally:
@@ -264,7 +258,7 @@ def resume_stage(check):
         time.sleep(0.01)
     process.send_signal(signal.SIGKILL)
     process.wait()
-    killed_after = data.read_checkpoint_file(resume_file, data.RESUME_KEYS)["progress"]["epoch"] if resume_file.exists() else None
+    killed_after = data.read_checkpoint_file(resume_file, train_cnn.RESUME_KEYS)["progress"]["epoch"] if resume_file.exists() else None
     stdout, _ = check.script(*command[1:], "--checkpoint", "resumed.pth")
     return {"killed_after_epoch": killed_after, "resumed": "resuming resumed.pth" in stdout,
             "matches_uninterrupted": weights_equal(check.work / "straight.pth", check.work / "resumed.pth")}
@@ -276,7 +270,7 @@ STAGE_FUNCTIONS = {"device": device_stage, "bench": bench_stage, "sync": sync_st
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = data.Parser(__doc__)
     p.add_argument("--data-dir", default=data.DEFAULT_DATA_DIR, help="folder holding MNIST/raw/*.gz (env MNIST_DATA_DIR)")
     p.add_argument("--device", default="auto", help="auto, cuda, cuda:N (or cpu, to test this script)")
     p.add_argument("--out", default="gpu-check", help="folder for gpu_check.json, gpu_check.log and the runs' files")

@@ -52,7 +52,7 @@ def png_size(path):
 
 
 def test_report_of_a_constant_predictor_matches_the_hand_computation(tmp_path, constant_checkpoint, labelled_csv):
-    result = run_script("evaluate.py", "--weights", constant_checkpoint, "--csv", labelled_csv, "--out", "report",
+    result = run_script("evaluate.py", "--weights", constant_checkpoint, "--test-csv", labelled_csv, "--out", "report",
                         "--precision", "fp32", cwd=tmp_path)
     report = tmp_path / "report"
     metrics = json.loads((report / "metrics.json").read_text())
@@ -98,7 +98,7 @@ def test_a_models_folder_gets_one_curve_per_checkpoint_and_tta(tmp_path, constan
     for fold in (0, 1):
         (folder / f"vgg_fold{fold}.pth").write_bytes(constant_checkpoint.read_bytes())
         (folder / f"vgg_fold{fold}.history.json").write_text((tmp_path / "constant.history.json").read_text())
-    result = run_script("evaluate.py", "--weights", folder, "--csv", labelled_csv, "--tta", "4", cwd=tmp_path)
+    result = run_script("evaluate.py", "--weights", folder, "--test-csv", labelled_csv, "--tta", "4", cwd=tmp_path)
     assert "2 models x 4 TTA variants on 30 images" in result.stdout
     report = tmp_path / "reports" / "models"
     assert sorted(p.name for p in report.iterdir()) == ["confusion_matrix.png", "curves.png", "metrics.json",
@@ -142,18 +142,18 @@ def test_submission_scorer_catches_each_format_fault(tmp_path, write, message):
 
 
 def test_evaluate_user_errors(tmp_path, constant_checkpoint, labelled_csv):
-    assert_user_error(run_script("evaluate.py", "--weights", "missing.pth", "--csv", labelled_csv, cwd=tmp_path,
+    assert_user_error(run_script("evaluate.py", "--weights", "missing.pth", "--test-csv", labelled_csv, cwd=tmp_path,
                                  check=False), "missing.pth: no such checkpoint")
     (tmp_path / "empty").mkdir()
-    assert_user_error(run_script("evaluate.py", "--weights", "empty", "--csv", labelled_csv, cwd=tmp_path, check=False),
+    assert_user_error(run_script("evaluate.py", "--weights", "empty", "--test-csv", labelled_csv, cwd=tmp_path, check=False),
                       "empty: no complete checkpoint")
     checkpoint = data.load_checkpoint(constant_checkpoint)
     checkpoint["arch"] = "lenet"
     data.save_checkpoint(tmp_path / "lenet.pth", checkpoint)
-    assert_user_error(run_script("evaluate.py", "--weights", "lenet.pth", "--csv", labelled_csv, cwd=tmp_path,
+    assert_user_error(run_script("evaluate.py", "--weights", "lenet.pth", "--test-csv", labelled_csv, cwd=tmp_path,
                                  check=False), "unknown architecture 'lenet'")
     data.write_images_csv(tmp_path / "unlabelled.csv", torch.zeros(3, 28, 28, dtype=torch.uint8))
-    assert_user_error(run_script("evaluate.py", "--weights", constant_checkpoint, "--csv", "unlabelled.csv",
+    assert_user_error(run_script("evaluate.py", "--weights", constant_checkpoint, "--test-csv", "unlabelled.csv",
                                  cwd=tmp_path, check=False), "unlabelled.csv: no labels to evaluate against")
     result = run_script("evaluate.py", "--submission", "s.csv", cwd=tmp_path, check=False)
     assert result.returncode == 2 and "--submission needs --labels" in result.stderr
@@ -172,10 +172,10 @@ def test_evaluates_the_trained_model_on_mnist(tmp_path, small_vgg, mnist_dir):
 @pytest.mark.parametrize("history", ['[{"epoch": 1, "train_loss"', '{"epoch": 1}', '[{"epoch": 1, "val_loss": "x"}]'])
 def test_a_broken_history_stops_the_report_before_anything_is_written(tmp_path, constant_checkpoint, labelled_csv, history):
     report = tmp_path / "report"
-    run_script("evaluate.py", "--weights", constant_checkpoint, "--csv", labelled_csv, "--out", report, cwd=tmp_path)
+    run_script("evaluate.py", "--weights", constant_checkpoint, "--test-csv", labelled_csv, "--out", report, cwd=tmp_path)
     before = {p.name: p.read_bytes() for p in report.iterdir()}
     (tmp_path / "constant.history.json").write_text(history)
-    result = run_script("evaluate.py", "--weights", constant_checkpoint, "--csv", labelled_csv, "--out", report,
+    result = run_script("evaluate.py", "--weights", constant_checkpoint, "--test-csv", labelled_csv, "--out", report,
                         cwd=tmp_path, check=False)
     assert_user_error(result, "constant.history.json: not a")
     assert {p.name: p.read_bytes() for p in report.iterdir()} == before  # the old report, whole and untouched

@@ -217,7 +217,7 @@ class AveragedModelReference:
 def test_the_weight_average_equals_torchs_averaged_model_bit_for_bit():
     torch.manual_seed(0)
     model = build_model("resnet")
-    ours, reference = train_cnn.WeightAverage(model, 0.95), AveragedModelReference(model, 0.95)
+    ours, reference = train_cnn.EMA(model, 0.95), AveragedModelReference(model, 0.95)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
     for _ in range(12):
         loss = model(torch.randn(4, 1, 28, 28)).logsumexp(1).mean()
@@ -306,27 +306,24 @@ class HostReadGuard:
 
 
 def run_epoch(precision="fp32", augmentation="strong", seed=0):
-    """One training epoch of a vgg with weight averaging, on 96 synthetic images: (loss, accuracy, finite, weights)."""
+    """One training epoch of a vgg with the EMA, on 96 synthetic images: ((loss, accuracy, finite), EMA weights, images)."""
     generator = torch.Generator().manual_seed(seed)
     images = torch.randint(0, 256, (96, 28, 28), dtype=torch.uint8, generator=generator)
     labels = torch.arange(96) % 10
-    model = data.new_model("vgg", torch.device("cpu"), seed)
+    model = train_cnn.new_model("vgg", torch.device("cpu"), seed)
     settings = {"batch_size": 16, "precision": precision, "augmentation": augmentation, "normalization": data.NORMALIZATION,
-                "optimizer": "adam", "lr": 1e-3, "schedule": "warmup-cosine", "warmup_epochs": 0.3, "epochs": 1}
-    optimizer = train_cnn.make_optimizer(model, settings)
-    scheduler = train_cnn.make_schedule(optimizer, settings, train_cnn.steps_per_epoch(96, 16))
-    scaler = torch.amp.GradScaler("cpu", enabled=precision == "fp16")
-    average = train_cnn.WeightAverage(model, 0.99)
-    result = train_cnn.train_one_epoch(model, images, labels, optimizer, scheduler, nn.CrossEntropyLoss(label_smoothing=0.1),
-                                       scaler, settings, train_cnn.make_generators(seed, torch.device("cpu")), average)
-    return result, average.module.state_dict(), images
+                "optimizer": "adam", "lr": 1e-3, "schedule": "warmup-cosine", "warmup_epochs": 0.3, "epochs": 1,
+                "label_smoothing": 0.1, "ema_decay": 0.99}
+    training = train_cnn.make_training(model, settings, train_cnn.steps_per_epoch(96, 16), seed)
+    result = train_cnn.train_one_epoch(model, images, labels, training, settings)
+    return result, training.ema.module.state_dict(), images
 
 
 def test_an_epoch_and_the_tta_loop_make_no_host_reads_and_compute_what_they_did(monkeypatch):
     with monkeypatch.context() as before:  # the epoch as computed before: linalg's inverse and solve, AveragedModel
         before.setattr(torch.linalg, "inv_ex", lambda a: types.SimpleNamespace(inverse=torch.linalg.inv(a)))
         before.setattr(data, "perspective_matrices", old_perspective_matrices)
-        before.setattr(train_cnn, "WeightAverage", AveragedModelReference)
+        before.setattr(train_cnn, "EMA", AveragedModelReference)
         expected, expected_weights, _ = run_epoch()
     guard = HostReadGuard(monkeypatch)
     result, weights, images = run_epoch()
@@ -336,7 +333,7 @@ def test_an_epoch_and_the_tta_loop_make_no_host_reads_and_compute_what_they_did(
     run_epoch(precision="fp16", augmentation="light")  # the gradient scaler's step: fused, on the device
 
     # validation, and the TTA loop of a two-model ensemble over every variant
-    models = [(data.new_model(arch, torch.device("cpu"), 0).eval(), data.NORMALIZATION, arch) for arch in ("vgg", "widecnn")]
+    models = [(train_cnn.new_model(arch, torch.device("cpu"), 0).eval(), data.NORMALIZATION, arch) for arch in ("vgg", "widecnn")]
     guard.in_loop = True
     logits = train_cnn.predict_logits(models[0][0], images, data.NORMALIZATION, "fp32")
     guard.in_loop = False

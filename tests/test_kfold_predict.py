@@ -12,6 +12,7 @@ import torch
 from conftest import ROOT, assert_user_error, run_script
 
 import data
+import train_kfold
 
 TINY = ["--n-folds", "2", "--epochs", "1", "--batch-size", "32"]
 
@@ -56,6 +57,33 @@ def test_kfold_writes_every_job_and_a_summary(trained):
 def test_rerun_skips_complete_jobs(trained):
     folder, _ = trained
     result = run_script("train_kfold.py", "--train-csv", "train.csv", *TINY, cwd=folder)
+    assert result.stdout.count("complete, skipped") == 4 and "train loss" not in result.stdout
+
+
+def test_job_seeds_follow_the_architecture_name_and_are_recorded(trained):
+    folder, _ = trained
+    from models import MODELS
+    for arch in ("resnet", "widecnn"):
+        for fold in (0, 1):
+            settings = data.load_checkpoint(folder / "models" / f"{arch}_fold{fold}.pth")["settings"]
+            assert settings["job_seed"] == 42 + 100 * fold + list(MODELS).index(arch)  # the seed jobs had before
+    assert [train_kfold.job_seed(7, arch, 3) for arch in MODELS] == [307, 308, 309]
+
+
+def test_a_finished_folder_written_before_job_seeds_were_recorded_is_skipped(trained, tmp_path):
+    folder, _ = trained
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "train.csv").write_bytes((folder / "train.csv").read_bytes())
+    for path in (folder / "models").iterdir():
+        if path.suffix in (".pth", ".npz", ".json"):
+            (old / "models").mkdir(exist_ok=True)
+            (old / "models" / path.name).write_bytes(path.read_bytes())
+    for path in (old / "models").glob("*.pth"):  # as k-fold checkpoints were before the job seed was recorded
+        checkpoint = data.load_checkpoint(path)
+        del checkpoint["settings"]["job_seed"]
+        data.save_checkpoint(path, checkpoint)
+    result = run_script("train_kfold.py", "--train-csv", "train.csv", *TINY, cwd=old)
     assert result.stdout.count("complete, skipped") == 4 and "train loss" not in result.stdout
 
 

@@ -52,8 +52,8 @@ def test_pipeline_b_commands(workspace):
     predicted = run_script("predict_tta.py", "--test-csv", "data/digit-recognizer/test.csv",
                            "--labels", "data/digit-recognizer/test_labels.csv", cwd=workspace)
     assert "2 models x 4 TTA variants" in predicted.stdout and "accuracy" in predicted.stdout
-    # python evaluate.py --weights models --tta 4 ; --csv labelled.csv ; --test-csv with --labels ; --submission
-    ensemble = run_script("evaluate.py", "--weights", "models", "--tta", "4", "--csv", "labelled.csv", cwd=workspace)
+    # python evaluate.py --weights models --tta 4 ; --test-csv labelled.csv ; --test-csv with --labels ; --submission
+    ensemble = run_script("evaluate.py", "--weights", "models", "--tta", "4", "--test-csv", "labelled.csv", cwd=workspace)
     by_labels = run_script("evaluate.py", "--weights", "models", "--tta", "4", "--test-csv",
                            "data/digit-recognizer/test.csv", "--labels", "data/digit-recognizer/test_labels.csv",
                            "--out", "reports/by_labels", cwd=workspace)

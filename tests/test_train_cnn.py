@@ -5,6 +5,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 import torch
 from conftest import ROOT, assert_user_error, run_script, synthetic_mnist
 
@@ -115,3 +116,21 @@ def test_checkpoint_of_another_architecture_is_refused(tmp_path, mnist_dir):
                                                            "complete": True, "epoch": 1})
     assert_user_error(run_script("train_cnn.py", "--data-dir", mnist_dir, "--limit", "100", cwd=tmp_path, check=False),
                       "holds a resnet model, not pipeline A's vgg")
+
+
+@pytest.mark.parametrize("script, flag", [("train_cnn.py", "--epochs"), ("train_kfold.py", "--epochs"),
+                                          ("predict_tta.py", "--tta"), ("evaluate.py", "--max-errors")])
+def test_a_bad_flag_is_a_short_usage_line_and_the_error(tmp_path, script, flag):
+    result = subprocess.run([sys.executable, str(ROOT / script), flag, "-1"], cwd=tmp_path, capture_output=True, text=True)
+    assert result.returncode == 2 and not list(tmp_path.iterdir())
+    assert result.stderr.splitlines() == [f"usage: {script} [options]; see --help",
+                                          f"{script}: error: argument {flag}: must be a positive integer, got -1"]
+
+
+def test_help_of_the_training_scripts_is_in_argument_groups(tmp_path):
+    for script, groups in (("train_cnn.py", ["data", "files", "optimization", "schedule", "device"]),
+                           ("train_kfold.py", ["data", "model", "files", "optimization", "schedule", "device"])):
+        result = run_script(script, "--help", cwd=tmp_path, check=False)
+        assert result.returncode == 0
+        headings = [line[:-1] for line in result.stdout.splitlines() if line.endswith(":") and not line.startswith(" ")]
+        assert headings == ["options", *groups], headings
