@@ -6,6 +6,7 @@ PYTHON    ?= .venv/bin/python
 DATA_DIR  ?= $(or $(MNIST_DATA_DIR),data)
 DEVICE    ?= auto
 EPOCHS    ?=
+BUDGET    ?=
 KAGGLE    := $(if $(wildcard /kaggle/input/digit-recognizer/train.csv),/kaggle/input/digit-recognizer,data/digit-recognizer)
 TRAIN_CSV ?= $(KAGGLE)/train.csv
 TEST_CSV  ?= $(KAGGLE)/test.csv
@@ -20,8 +21,9 @@ GPU_CHECK ?= gpu-check
 # Only the default interpreter is ours to create; one given on the command line is used as it is.
 VENV := $(if $(filter .venv/bin/python,$(PYTHON)),.venv/bin/python)
 DEMO_VENV := $(if $(VENV),.venv/demo-requirements.installed)
-# Each script has its own default epoch budget (50 for train, 30 for kfold); EPOCHS overrides both.
-EPOCHS_FLAG := $(if $(EPOCHS),--epochs $(EPOCHS))
+# Each script has its own default number of epochs (50 for train, 30 for kfold); EPOCHS overrides both, and
+# BUDGET (90s, 10m, 2h) trains for that long instead (make train BUDGET=3m writes CNN_budget_3m.pth).
+LENGTH_FLAGS := $(if $(EPOCHS),--epochs $(EPOCHS))$(if $(BUDGET), --budget $(BUDGET))
 KFOLD := $(if $(filter 1,$(NPROC)),$(PYTHON),$(PYTHON) -m torch.distributed.run --standalone --nproc_per_node=$(NPROC))
 
 .PHONY: test train kfold submission evaluate demo bench gpu-check clean
@@ -39,7 +41,7 @@ $(DEMO_VENV): requirements-demo.txt $(VENV)
 test: $(VENV)
 	$(PYTHON) -m pytest -q tests
 
-TRAIN := $(PYTHON) train_cnn.py --data-dir $(DATA_DIR) $(EPOCHS_FLAG) --device $(DEVICE) $(ARGS)
+TRAIN := $(PYTHON) train_cnn.py --data-dir $(DATA_DIR) $(LENGTH_FLAGS) --device $(DEVICE) $(ARGS)
 
 train: $(VENV)
 	$(TRAIN)
@@ -54,7 +56,7 @@ data/%/train.csv data/%/test.csv: | $(VENV)
 	$(PYTHON) data.py export-kaggle --data-dir $(DATA_DIR) --out data/$*
 
 kfold: $(VENV) $(TRAIN_CSV)
-	$(KFOLD) train_kfold.py --train-csv $(TRAIN_CSV) --archs $(ARCHS) --folds $(FOLDS) $(EPOCHS_FLAG) --device $(DEVICE) $(ARGS)
+	$(KFOLD) train_kfold.py --train-csv $(TRAIN_CSV) --archs $(ARCHS) --folds $(FOLDS) $(LENGTH_FLAGS) --device $(DEVICE) $(ARGS)
 
 submission: kfold $(TEST_CSV)
 	$(PYTHON) predict_tta.py --test-csv $(TEST_CSV) --weights models --out submission.csv --device $(DEVICE) \

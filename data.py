@@ -930,6 +930,14 @@ def write_numpy(path, value):
         else:
             np.save(f, value)
 
+def read_json(path):
+    """A JSON file the project wrote; a UserError naming it when it cannot be read."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError) as error:
+        raise UserError(f"{path}: not readable JSON ({brief(error)}); remove it to start again") from None
+
+
 def write_json(path, obj):
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=2) + "\n")
@@ -994,6 +1002,23 @@ positive_float = checked(float, lambda v: math.isfinite(v) and v > 0, "a positiv
 nonnegative_float = checked(float, lambda v: math.isfinite(v) and v >= 0, "a number >= 0", "nonnegative_float")
 fraction = checked(float, lambda v: 0 < v < 1, "between 0 and 1", "fraction")
 below_one = checked(float, lambda v: 0 <= v < 1, "in [0, 1)", "below_one")  # label smoothing, EMA decay: 0 is off
+
+
+def duration(text):
+    """An argparse type: a duration such as 90s, 10m, 2h or 1h30m -> seconds (float)."""
+    match = re.fullmatch(r"(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s)?", text.strip())
+    seconds = match and sum(float(part or 0) * unit for part, unit in zip(match.groups(), (3600, 60, 1)))
+    if not seconds or not math.isfinite(seconds):
+        raise argparse.ArgumentTypeError(f"must be a duration such as 90s, 10m, 2h or 1h30m, got {text}")
+    return seconds
+
+
+def format_duration(seconds):
+    """Seconds as the shortest of '2h', '10m' or '90s' that is exact (rounded to whole seconds otherwise)."""
+    for unit, size in (("h", 3600), ("m", 60)):
+        if seconds >= size and seconds % size == 0:
+            return f"{seconds // size:.0f}{unit}"
+    return f"{seconds:.0f}s"
 
 
 # ----------------------------------------------------------------------------- export-kaggle command

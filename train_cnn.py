@@ -11,6 +11,7 @@ when the command is repeated, and reproduces the uninterrupted run.
 import contextlib
 import copy
 import hashlib
+import io
 import math
 import time
 from dataclasses import dataclass
@@ -32,6 +33,8 @@ from data import (
     below_one,
     check_outputs,
     check_state_dict,
+    duration,
+    format_duration,
     history_path,
     is_complete,
     library_versions,
@@ -49,6 +52,7 @@ from data import (
     progress_bar,
     quoted,
     read_checkpoint_file,
+    read_json,
     resolve_data_arguments,
     resume_path,
     run_cli,
@@ -62,7 +66,10 @@ from data import (
 from models import build_model
 
 # Each schedule and the settings it reads besides --lr and --epochs (see lr_factor).
-SCHEDULE_SETTINGS = {"step": ("lr_step", "lr_gamma"), "cosine": (), "warmup-cosine": ("warmup_epochs",)}
+SCHEDULE_SETTINGS = {"step": ("lr_step", "lr_gamma"), "cosine": (), "warmup-cosine": ("warmup_epochs",),
+                     "warmup-linear": ("warmup_epochs",)}
+# The schedules that reach zero on the last step, whatever its number: the ones a --budget run may use.
+BUDGET_SCHEDULES = ("warmup-linear", "warmup-cosine")
 
 
 # ----------------------------------------------------------------------------- one epoch
@@ -79,10 +86,11 @@ class Training:
 
 
 def train_one_epoch(model, images, labels, training, settings):
-    """One pass over images (uint8 [N, 28, 28] on the device) in shuffled batches: (mean loss, accuracy, finite).
+    """One pass over images (uint8 [N, 28, 28] on the device) in shuffled batches: (mean loss, accuracy, finite, seen).
 
     The learning rate moves every step; the EMA (if any) follows the weights. finite is False when a loss was
-    NaN or Inf: a flag kept on the device, read once with the epoch's metrics.
+    NaN or Inf: a flag kept on the device, read once with the epoch's metrics. seen: the images trained on
+    (fewer than all in the last epoch of a budget).
     """
     model.train()
     device = images.device
@@ -92,6 +100,8 @@ def train_one_epoch(model, images, labels, training, settings):
     seen = 0
     augmentation = AUGMENTATIONS[settings["augmentation"]]
     batches = batch_indices(len(images), settings["batch_size"], training.generators["shuffle"])
+    if settings.get("planned_steps"):  # a budget's last epoch ends on its planned step
+        batches = batches[:settings["planned_steps"] - training.scheduler.last_epoch]
     progress = progress_bar(len(batches), "train")
     for index in batches:
         if len(index) < 2:  # BatchNorm cannot train on a single image
@@ -114,7 +124,7 @@ def train_one_epoch(model, images, labels, training, settings):
         seen += len(index)
         progress.update()
     progress.close()
-    return loss_sum.item() / max(seen, 1), correct.item() / max(seen, 1), bool(finite)
+    return loss_sum.item() / max(seen, 1), correct.item() / max(seen, 1), bool(finite), seen
 
 
 @torch.inference_mode()
@@ -162,17 +172,22 @@ def lr_factor(step, steps, settings):
     step:          x gamma every lr_step epochs (torch's StepLR, pipeline A's protocol)
     cosine:        cosine from 1 towards 0, one value per epoch (CosineAnnealingLR over the epochs, pipeline B's)
     warmup-cosine: linear from 0 to 1 over warmup_epochs, then cosine to 0 at the last step, every step
+    warmup-linear: linear from 0 to 1 over warmup_epochs, then linear to 0 at the last step, every step
+    The last step is the budget's planned one (settings['planned_steps']), else that of the last epoch.
     """
     epoch = step // steps
     if settings["schedule"] == "step":
         return settings["lr_gamma"] ** (epoch // settings["lr_step"])
     if settings["schedule"] == "cosine":
         return 0.5 * (1 + math.cos(math.pi * epoch / settings["epochs"]))
-    total = steps * settings["epochs"]
+    total = settings.get("planned_steps") or steps * settings["epochs"]
     warmup = min(round(settings["warmup_epochs"] * steps), total - 1)
     if step < warmup:
         return (step + 1) / warmup
-    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / (total - warmup)))
+    progress = (step - warmup) / (total - warmup)  # 0 after the warm-up, 1 on the step after the last
+    if settings["schedule"] == "warmup-linear":
+        return 1 - progress
+    return 0.5 * (1 + math.cos(math.pi * progress))
 
 
 def make_schedule(optimizer, settings, steps):
@@ -252,7 +267,8 @@ def fit(model, train_set, val_set, run):
     training = make_training(model, settings, steps_per_epoch(len(train_set[0]), settings["batch_size"]), run.seed)
     progress = restore_run(run, model, training)
     evaluated = model if training.ema is None else training.ema.module
-    monitor, patience = settings["monitor"], settings["patience"]
+    monitor = settings["monitor"]
+    patience = math.inf if settings.get("budget") else settings["patience"]  # a budget's plan is the run
     while progress["epoch"] < settings["epochs"] and progress["stale_epochs"] < patience:
         progress["epoch"] += 1
         record = train_and_validate(model, (train_set, val_set), training, run, progress["epoch"])
@@ -284,7 +300,7 @@ def train_and_validate(model, data_sets, training, run, epoch):
     evaluated = model if training.ema is None else training.ema.module
     start = time.perf_counter()
     lr = training.optimizer.param_groups[0]["lr"]
-    train_loss, train_acc, finite = train_one_epoch(model, *train_set, training, settings)
+    train_loss, train_acc, finite, seen = train_one_epoch(model, *train_set, training, settings)
     if not finite or not all_finite(model):
         raise UserError(f"training diverged in epoch {epoch}: the loss or the weights became NaN or Inf "
                         f"(try a lower --lr); {run.checkpoint} is not marked complete")
@@ -292,7 +308,7 @@ def train_and_validate(model, data_sets, training, run, epoch):
     val_loss, val_acc = loss_and_accuracy(evaluated, *val_set, training.criterion, settings["normalization"],
                                           settings["precision"])
     record = {"epoch": epoch, "train_loss": train_loss, "train_accuracy": train_acc, "val_loss": val_loss, "val_accuracy": val_acc,
-              "lr": lr, "seconds": time.perf_counter() - start, "images_per_second": len(train_set[0]) / train_seconds}
+              "lr": lr, "seconds": time.perf_counter() - start, "images_per_second": seen / train_seconds}
     if training.ema is not None:  # what the EMA gains: the same epoch's plain weights
         record["raw_val_loss"], record["raw_val_accuracy"] = loss_and_accuracy(
             model, *val_set, training.criterion, settings["normalization"], settings["precision"])
@@ -506,6 +522,7 @@ def new_model(arch, device, seed):
 
 def finished_checkpoint(run):
     """The run's complete checkpoint, if it has one of these settings (None: train); one line if it is another run's."""
+    adopt_saved_plan(run)
     existing = load_checkpoint(run.checkpoint) if run.checkpoint.exists() and not run.retrain else None
     if existing is None or not is_complete(existing):
         return None
@@ -524,11 +541,125 @@ def reuse_or_train(run, existing, device, data_sets):
         return model, existing["normalization"]
     if run.retrain:
         resume_path(run.checkpoint).unlink(missing_ok=True)
-    model = new_model(run.settings["arch"], device, run.seed)
     start = time.perf_counter()
-    fit(model, *data_sets(), run)
+    train_set, val_set = data_sets()
+    if run.settings.get("budget") and run.settings["planned_steps"] is None:
+        plan_budget(run, device, train_set, val_set, start)
+    model = new_model(run.settings["arch"], device, run.seed)
+    fit(model, train_set, val_set, run)
     run.log(f"training took {time.perf_counter() - start:.0f}s")
     return model, run.settings["normalization"]
+
+
+# ----------------------------------------------------------------------------- training to a time budget
+# With --budget a run measures its own speed on its first steps (after a warm-up, on this machine, at this
+# precision), then fixes its number of optimizer steps so that training and its validation passes end within
+# the budget, and its schedule reaches zero on that planned step. The plan becomes part of the run's settings,
+# kept in <stem>.plan.json beside the checkpoint, so a rerun or a resume on any machine finishes the same plan.
+
+PLAN_KEYS = ("planned_steps", "epochs")
+WARMUP_STEPS, MEASURED_STEPS = 3, 10
+
+
+def plan_path(checkpoint):
+    return Path(checkpoint).with_suffix(".plan.json")
+
+
+def without_plan(settings):
+    return {name: value for name, value in settings.items() if name not in PLAN_KEYS}
+
+
+def adopt_saved_plan(run):
+    """A budgeted run without a plan takes the one it made before, for these same settings (its plan file, else
+    its finished checkpoint); True when it has a plan."""
+    if not run.settings.get("budget") or run.settings["planned_steps"] is not None:
+        return run.settings.get("planned_steps") is not None
+    candidates = []
+    if plan_path(run.checkpoint).exists() and not run.retrain:
+        candidates.append(read_json(plan_path(run.checkpoint)).get("settings"))
+    if run.checkpoint.exists() and not run.retrain:
+        candidates.append(load_checkpoint(run.checkpoint).get("settings"))
+    for saved in candidates:
+        if isinstance(saved, dict) and without_plan(saved) == without_plan(run.settings):
+            run.settings.update({name: saved[name] for name in PLAN_KEYS})
+            return True
+    return False
+
+
+def measure_speed(run, device, train_set, val_set):
+    """This run's cost on this machine: {seconds per step, per validation image, per epoch's file writes}.
+
+    Measured on a scratch model, optimizer and generators (the run's own start is untouched): WARMUP_STEPS
+    steps, then MEASURED_STEPS timed ones, with the run's batch size, augmentation, precision and EMA.
+    """
+    settings = {**run.settings, "planned_steps": None, "epochs": 1}
+    model = new_model(settings["arch"], device, run.seed)
+    training = make_training(model, settings, steps=WARMUP_STEPS + MEASURED_STEPS, seed=run.seed)
+    batch = settings["batch_size"]
+    cycled = torch.arange(batch * (WARMUP_STEPS + MEASURED_STEPS), device=device) % len(train_set[0])
+    images, labels = train_set[0][cycled], train_set[1][cycled]
+    train_one_epoch(model, images[:batch * WARMUP_STEPS], labels[:batch * WARMUP_STEPS], training, settings)
+    start = time.perf_counter()
+    train_one_epoch(model, images[batch * WARMUP_STEPS:], labels[batch * WARMUP_STEPS:], training, settings)
+    step = (time.perf_counter() - start) / MEASURED_STEPS
+    val_images, val_labels = val_set[0][:1024], val_set[1][:1024]
+    loss_and_accuracy(model, val_images[:64], val_labels[:64], training.criterion, settings["normalization"], settings["precision"])
+    start = time.perf_counter()
+    loss_and_accuracy(model, val_images, val_labels, training.criterion, settings["normalization"], settings["precision"])
+    per_image = (time.perf_counter() - start) / len(val_images)
+    start = time.perf_counter()
+    torch.save({"model": model.state_dict(), "optimizer": training.optimizer.state_dict()}, io.BytesIO())
+    return {"step_seconds": step, "val_image_seconds": per_image, "save_seconds": 2 * (time.perf_counter() - start)}
+
+
+def measured_costs(speed, val_count, settings):
+    """(seconds per step, seconds per epoch besides its steps) of one job: validation (twice with the EMA) and saves."""
+    passes = 2 if settings["ema_decay"] > 0 else 1
+    return speed["step_seconds"], passes * val_count * speed["val_image_seconds"] + speed["save_seconds"]
+
+
+def plan_steps(seconds, jobs):
+    """The number of steps N that each of `jobs` trains so that all of them end within `seconds`.
+
+    jobs: [(steps per epoch, seconds per step, seconds per epoch besides steps, seconds after training)]; every
+    job gets the same N, and each of its ceil(N / steps per epoch) epochs is validated. 0 when even one step of
+    each, with its validation, does not fit.
+    """
+    def total(n):
+        return sum(n * step + math.ceil(n / per_epoch) * epoch + after for per_epoch, step, epoch, after in jobs)
+    low, high = 0, max(1, int(seconds / sum(step for _, step, _, _ in jobs)) + 1)
+    while low < high:  # the largest n with total(n) <= seconds; total grows with n
+        middle = (low + high + 1) // 2
+        low, high = (middle, high) if total(middle) <= seconds else (low, middle - 1)
+    return low
+
+
+def budget_error(budget, spent, needed):
+    return UserError(f"--budget {format_duration(budget)} is too short for this run: measuring its speed took {spent:.0f}s "
+                     f"and one step with one validation pass needs {needed:.1f}s more; give at least "
+                     f"{format_duration(math.ceil(1.5 * (spent + needed)))}")
+
+
+def fix_plan(run, steps_per_epoch_, planned_steps, speed):
+    """Record the plan in the run's settings and in its plan file; one line saying what it is."""
+    run.settings.update(planned_steps=planned_steps, epochs=math.ceil(planned_steps / steps_per_epoch_))
+    write_json(plan_path(run.checkpoint), {"settings": run.settings, "measured": speed})
+    images_per_second = run.settings["batch_size"] / speed["step_seconds"]
+    run.log(f"budget {format_duration(run.settings['budget'])}: {planned_steps} steps = "
+            f"{planned_steps / steps_per_epoch_:.2f} epochs, at {images_per_second:.0f} img/s measured "
+            f"({run.settings['precision']}); {run.settings['schedule']} to 0 at step {planned_steps}")
+
+
+def plan_budget(run, device, train_set, val_set, started):
+    """Measure this run's speed and fix its plan for what is left of the budget since `started` (perf_counter)."""
+    speed = measure_speed(run, device, train_set, val_set)
+    per_epoch = steps_per_epoch(len(train_set[0]), run.settings["batch_size"])
+    step, epoch = measured_costs(speed, len(val_set[0]), run.settings)
+    spent = time.perf_counter() - started
+    planned = plan_steps(run.settings["budget"] - spent, [(per_epoch, step, epoch, 0.0)])
+    if planned < 1:
+        raise budget_error(run.settings["budget"], spent, step + epoch)
+    fix_plan(run, per_epoch, planned, speed)
 
 
 # ----------------------------------------------------------------------------- settings and flags
@@ -536,7 +667,9 @@ def reuse_or_train(run, existing, device, data_sets):
 def add_training_arguments(parser, epochs, optimizer, schedule, patience, augmentation):
     """The optimization flags pipelines A and B share, in groups; each script passes its own protocol's defaults."""
     group = parser.add_argument_group("optimization")
-    group.add_argument("--epochs", type=positive_int, default=epochs, help="epoch budget (the schedule's length)")
+    group.add_argument("--epochs", type=positive_int, help=f"the schedule's length (default: {epochs}; not with --budget)")
+    group.add_argument("--budget", type=duration,
+                       help="train for this long instead (90s, 10m, 2h): the run measures its speed, then plans its steps")
     group.add_argument("--batch-size", type=positive_int, default=128)
     group.add_argument("--optimizer", choices=["adam", "adamw"], default=optimizer)
     group.add_argument("--lr", type=positive_float, default=1e-3, help="peak learning rate")
@@ -548,12 +681,28 @@ def add_training_arguments(parser, epochs, optimizer, schedule, patience, augmen
     group.add_argument("--patience", type=positive_int, default=patience, help="early stop after this many epochs without improvement")
     group.add_argument("--seed", type=seed_int, default=42)
     group = parser.add_argument_group("schedule")
-    group.add_argument("--schedule", choices=SCHEDULE_SETTINGS, default=schedule,
-                       help="step: x --lr-gamma every --lr-step epochs; cosine: cosine to 0 by epoch; "
-                            "warmup-cosine: linear warm-up over --warmup-epochs, then cosine to 0, every step")
+    group.add_argument("--schedule", choices=SCHEDULE_SETTINGS,
+                       help=f"step: x --lr-gamma every --lr-step epochs; cosine: cosine to 0 by epoch; "
+                            f"warmup-cosine, warmup-linear: linear warm-up over --warmup-epochs, then cosine or linear to 0 "
+                            f"at the last step (default: {schedule}; with --budget {BUDGET_SCHEDULES[0]}, and only these two)")
     group.add_argument("--lr-step", type=positive_int, default=10, help="step schedule: epochs between learning-rate cuts")
     group.add_argument("--lr-gamma", type=positive_float, default=0.5, help="step schedule: factor at each cut")
     group.add_argument("--warmup-epochs", type=nonnegative_float, default=0.3, help="warmup-cosine schedule: warm-up length in epochs")
+
+
+def resolve_training_arguments(args, epochs, schedule):
+    """Fill in --epochs and --schedule: the script's defaults, or under --budget a schedule that ends at zero."""
+    if args.budget is None:
+        args.epochs = args.epochs or epochs
+        args.schedule = args.schedule or schedule
+        return args
+    if args.epochs is not None:
+        raise UserError("--budget plans the number of steps itself; give --budget or --epochs, not both")
+    if args.schedule not in (None, *BUDGET_SCHEDULES):
+        raise UserError(f"--schedule {args.schedule} does not end at zero on a planned step; "
+                        f"with --budget use {' or '.join(BUDGET_SCHEDULES)} (the default is {BUDGET_SCHEDULES[0]})")
+    args.schedule = args.schedule or BUDGET_SCHEDULES[0]
+    return args
 
 
 def training_settings(args, run_of):
@@ -563,10 +712,14 @@ def training_settings(args, run_of):
     flags that act in the run (weight decay only for adamw, only this schedule's parameters), so changing a
     flag that does not act is not another run. Returns (settings, the names of those taken from flags).
     """
-    flags = ["seed", "optimizer", "lr", "schedule", "epochs", "batch_size", "label_smoothing", "augmentation",
-             "ema_decay", "patience", *(["weight_decay"] if args.optimizer == "adamw" else []),
-             *SCHEDULE_SETTINGS[args.schedule]]
+    budget = args.budget is not None  # then the plan sets the epochs, and early stopping does not act
+    flags = ["seed", "optimizer", "lr", "schedule", *([] if budget else ["epochs"]), "batch_size", "label_smoothing",
+             "augmentation", "ema_decay", *([] if budget else ["patience"]),
+             *(["weight_decay"] if args.optimizer == "adamw" else []), *SCHEDULE_SETTINGS[args.schedule],
+             *(["budget"] if budget else [])]
     settings = {**run_of, "normalization": dict(NORMALIZATION), **{name: getattr(args, name) for name in flags}}
+    if budget:
+        settings.update(planned_steps=None, epochs=None, patience=None)  # fixed by the plan (see plan_budget)
     return settings, frozenset(flags)
 
 
@@ -578,11 +731,15 @@ def parse_args(argv=None):
     add_data_arguments(inputs, default="mnist", split="train")
     inputs.add_argument("--val-fraction", type=fraction, default=0.1, help="stratified validation share of the training set")
     files = parser.add_argument_group("files")
-    files.add_argument("--checkpoint", default="CNN_best_model.pth", help="best-model file; reused if complete")
+    files.add_argument("--checkpoint", help="best-model file; reused if complete (default: CNN_best_model.pth, "
+                                            "or with --budget CNN_budget_<budget>.pth, so neither blocks the other)")
     files.add_argument("--retrain", action="store_true", help="train even if the checkpoint exists")
     add_training_arguments(parser, epochs=50, optimizer="adam", schedule="step", patience=5, augmentation="light")
     add_device_arguments(parser, training=True)
-    return resolve_data_arguments(parser.parse_args(argv))
+    args = resolve_training_arguments(resolve_data_arguments(parser.parse_args(argv)), epochs=50, schedule="step")
+    if args.checkpoint is None:
+        args.checkpoint = f"CNN_budget_{format_duration(args.budget)}.pth" if args.budget else "CNN_best_model.pth"
+    return args
 
 
 def load_splits(args, device):
@@ -610,7 +767,7 @@ def main(argv=None):
     device = pick_device(args.device)
     precision = pick_precision(args.precision, device)
     checkpoint = Path(args.checkpoint)
-    check_outputs({"--checkpoint": [checkpoint, history_path(checkpoint), resume_path(checkpoint)]},
+    check_outputs({"--checkpoint": [checkpoint, history_path(checkpoint), resume_path(checkpoint), plan_path(checkpoint)]},
                   {"--train-csv": [args.train_csv] if args.data == "csv" else []})
     with checkpoint_lock(checkpoint):
         train_and_report(args, device, precision, checkpoint)

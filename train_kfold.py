@@ -26,6 +26,7 @@ from data import (
     add_data_arguments,
     add_device_arguments,
     check_outputs,
+    format_duration,
     history_path,
     is_complete,
     load_checkpoint,
@@ -47,11 +48,19 @@ from train_cnn import (
     ADDED_SETTINGS,
     Run,
     add_training_arguments,
+    budget_error,
     checkpoint_lock,
     data_fingerprint,
     finished_checkpoint,
+    fix_plan,
+    measured_costs,
+    measure_speed,
+    plan_path,
+    plan_steps,
     predict_logits,
+    resolve_training_arguments,
     reuse_or_train,
+    steps_per_epoch,
     training_settings,
 )
 
@@ -68,7 +77,7 @@ def parse_args(argv=None):
     files.add_argument("--retrain", action="store_true", help="train jobs again even if complete")
     add_training_arguments(parser, epochs=30, optimizer="adamw", schedule="cosine", patience=10, augmentation="strong")
     add_device_arguments(parser, training=True)
-    args = resolve_data_arguments(parser.parse_args(argv))
+    args = resolve_training_arguments(resolve_data_arguments(parser.parse_args(argv)), epochs=30, schedule="cosine")
     if args.n_folds < 2:
         parser.error("--n-folds must be at least 2")
     args.folds = sorted(set(args.folds if args.folds is not None else range(args.n_folds)))
@@ -100,7 +109,7 @@ def oof_path(out, arch, fold):
 def job_files(out, arch, fold):
     """Every file an (arch, fold) job writes."""
     path = job_checkpoint(out, arch, fold)
-    return [path, history_path(path), resume_path(path), oof_path(out, arch, fold)]
+    return [path, history_path(path), resume_path(path), plan_path(path), oof_path(out, arch, fold)]
 
 
 def deal_jobs(jobs, world, costs):
@@ -157,16 +166,47 @@ def job_run(kfold, arch, fold, fingerprint):
                log=lambda line: kfold.log(f"[{arch} fold {fold}] {line}"))
 
 
+def plan_budget_jobs(kfold, runs, finished, started):
+    """Under --budget: plan this rank's jobs that have no plan yet, so that they end within the budget together.
+
+    Each architecture is measured once, on its first such job; every job gets the same number of steps, so the
+    budget is shared by their measured cost. Jobs with a plan (a rerun, a resume) keep it and are not measured.
+    """
+    unplanned = [job for job, run in runs.items() if run.settings["planned_steps"] is None and finished[job] is None]
+    speeds, costs = {}, []
+    for arch, fold in unplanned:
+        train_idx, val_idx = kfold.splits[fold]
+        if arch not in speeds:
+            speeds[arch] = measure_speed(runs[(arch, fold)], kfold.device, *job_sets(kfold, fold))
+        step, epoch = measured_costs(speeds[arch], len(val_idx), runs[(arch, fold)].settings)
+        out_of_fold = len(val_idx) * speeds[arch]["val_image_seconds"]
+        costs.append((steps_per_epoch(len(train_idx), kfold.args.batch_size), step, epoch, out_of_fold))
+    if not unplanned:
+        return
+    spent = time.perf_counter() - started
+    planned = plan_steps(kfold.args.budget - spent, costs)
+    if planned < 1:
+        raise budget_error(kfold.args.budget, spent, sum(step + epoch + after for _, step, epoch, after in costs))
+    for (arch, fold), (per_epoch, *_) in zip(unplanned, costs):
+        fix_plan(runs[(arch, fold)], per_epoch, planned, speeds[arch])
+
+
+def job_sets(kfold, fold):
+    """(train_set, val_set) of a fold on the device: the other folds, and this one."""
+    train_idx, val_idx = kfold.splits[fold]
+    return (subset_on_device(kfold.images, kfold.labels, train_idx, kfold.device),
+            subset_on_device(kfold.images, kfold.labels, val_idx, kfold.device))
+
+
 def run_job(kfold, arch, fold, run, existing):
     """Train one model on the other folds (or reuse its complete checkpoint), save its out-of-fold probabilities."""
     if existing is not None and oof_path(kfold.args.out, arch, fold).exists():
         run.log("complete, skipped (--retrain to train again)")
         return
-    train_idx, val_idx = kfold.splits[fold]
+    _, val_idx = kfold.splits[fold]
     val_set = subset_on_device(kfold.images, kfold.labels, val_idx, kfold.device)
     start = time.perf_counter()
-    model, normalization = reuse_or_train(run, existing, kfold.device, lambda: (
-        subset_on_device(kfold.images, kfold.labels, train_idx, kfold.device), val_set))
+    model, normalization = reuse_or_train(run, existing, kfold.device, lambda: job_sets(kfold, fold))
     probs = torch.softmax(predict_logits(model, val_set[0], normalization, kfold.precision), 1).cpu()  # [N_val, 10]
     write_numpy(oof_path(kfold.args.out, arch, fold), {"indices": val_idx.numpy(), "labels": kfold.labels[val_idx].numpy(),
                                                        "probs": probs.numpy()})
@@ -233,6 +273,7 @@ def distributed_context():
 
 
 def main(argv=None):
+    started = time.perf_counter()
     args = parse_args(argv)
     if args.use_deterministic_algorithms:
         use_deterministic_algorithms()
@@ -258,8 +299,12 @@ def main(argv=None):
         runs = {job: job_run(kfold, *job, fingerprint) for job in mine}
         # every finished job is checked against this run's settings before any training starts
         finished = {job: finished_checkpoint(runs[job]) for job in mine}
+        if args.budget:
+            plan_budget_jobs(kfold, runs, finished, started)
         for job in mine:
             run_job(kfold, *job, runs[job], finished[job])
+        if args.budget:
+            log(f"training took {time.perf_counter() - started:.0f}s of --budget {format_duration(args.budget)}")
 
     if world > 1:
         dist.barrier()
