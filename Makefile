@@ -46,9 +46,12 @@ TRAIN := $(PYTHON) train_cnn.py --data-dir $(DATA_DIR) $(LENGTH_FLAGS) --device 
 train: $(VENV)
 	$(TRAIN)
 
-# make demo trains pipeline A's model first when there is none yet (make train reuses or resumes it).
-CNN_best_model.pth: | $(VENV)
-	$(TRAIN)
+# make demo uses pipeline A's model when there is one, else a quick model trained for 3 minutes into its own file
+# (which a later make train does not touch); WEIGHTS=... on the command line picks any other.
+QUICK_MODEL := CNN_budget_3m.pth
+DEMO_WEIGHTS := $(if $(filter command line,$(origin WEIGHTS)),$(WEIGHTS),$(if $(wildcard CNN_best_model.pth),CNN_best_model.pth,$(QUICK_MODEL)))
+$(QUICK_MODEL): | $(VENV)
+	$(PYTHON) train_cnn.py --data-dir $(DATA_DIR) --budget 3m --device $(DEVICE)
 
 # Without a Kaggle download, MNIST is exported in Kaggle's format (train.csv, test.csv, test_labels.csv).
 # A pattern rule with two targets is made by one run of its recipe, in every version of make.
@@ -65,8 +68,8 @@ submission: kfold $(TEST_CSV)
 evaluate: $(VENV)
 	$(PYTHON) evaluate.py --weights $(WEIGHTS) --data-dir $(DATA_DIR) --device $(DEVICE)
 
-demo: $(VENV) $(DEMO_VENV) $(WEIGHTS)
-	$(PYTHON) predict_tta.py --weights $(WEIGHTS) --demo --device $(DEVICE)
+demo: $(VENV) $(DEMO_VENV) $(filter $(QUICK_MODEL),$(DEMO_WEIGHTS))
+	$(PYTHON) predict_tta.py --weights $(DEMO_WEIGHTS) --demo --device $(DEVICE)
 
 bench: $(VENV)
 	$(PYTHON) tests/bench.py --data-dir $(DATA_DIR) --out bench.json
@@ -76,4 +79,4 @@ gpu-check: $(VENV)
 	$(PYTHON) tests/gpu_check.py --data-dir $(DATA_DIR) --device $(DEVICE) --out $(GPU_CHECK)
 
 clean:
-	rm -rf .venv .pytest_cache __pycache__ tests/__pycache__ CNN_best_model.* models reports submission.csv bench.json $(GPU_CHECK)
+	rm -rf .venv .pytest_cache __pycache__ tests/__pycache__ CNN_best_model.* CNN_budget_* models reports submission.csv bench.json $(GPU_CHECK)

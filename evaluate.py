@@ -30,8 +30,6 @@ from data import (
     history_path,
     load_data,
     load_submission_csv,
-    pick_device,
-    pick_precision,
     positive_int,
     resolve_data_arguments,
     run_cli,
@@ -39,7 +37,7 @@ from data import (
     write_frame,
     write_json,
 )
-from predict_tta import ensemble_probabilities, load_ensemble, tta_variants
+from predict_tta import DigitReader
 
 plt.switch_backend("Agg")  # headless: figures go to files, never to a window
 DPI = 120
@@ -217,18 +215,15 @@ def score_submission(args, out):
 
 
 def evaluate_models(args, out):
-    device = pick_device(args.device)
-    precision = pick_precision(args.precision, device)
-    variants = tta_variants(args.tta)
-    ensemble = load_ensemble(args.weights, device)
-    histories = load_histories([path for _, _, path in ensemble])  # read before any file is written
+    reader = DigitReader(args.weights, args.device, args.precision, args.tta, args.seed, args.batch_size)
+    histories = load_histories(reader.paths)  # read before any file is written
     images, labels = load_data(args, "test")
     source = args.test_csv if args.data == "csv" else "MNIST test set"
     if labels is None:
         raise UserError(f"{args.test_csv}: no labels to evaluate against; give a CSV with a label column, or --labels")
-    print(f"{len(ensemble)} models x {len(variants)} TTA variants on {len(images)} images "
-          f"({source}); device {device}, precision {precision}")
-    probs = ensemble_probabilities(ensemble, images.to(device), variants, precision, args.seed, args.batch_size).cpu().numpy()
+    print(f"{len(reader.ensemble)} models x {len(reader.variants)} TTA variants on {len(images)} images "
+          f"({source}); device {reader.device}, precision {reader.precision}")
+    probs = reader.probabilities(images).numpy()
     labels, predicted, confidence = labels.numpy(), probs.argmax(1), probs.max(1)
     metrics = compute_metrics(labels, predicted, probs)
     print_metrics(metrics, labels, predicted)
@@ -240,7 +235,7 @@ def evaluate_models(args, out):
     else:
         print("no history JSON beside the checkpoints: curves.png not written")
     write_predictions(out / "predictions.csv", labels, predicted, confidence)
-    write_json(out / "metrics.json", {"weights": [str(path) for _, _, path in ensemble], "tta_variants": len(variants),
+    write_json(out / "metrics.json", {"weights": [str(path) for path in reader.paths], "tta_variants": len(reader.variants),
                                       "data": str(source), **metrics})
 
 

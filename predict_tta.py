@@ -4,11 +4,15 @@
     python predict_tta.py --weights CNN_best_model.pth --data mnist --no-tta      # one model on MNIST's test set
     python predict_tta.py --weights CNN_best_model.pth --images photo.jpg my_digits/   # people's own images
     python predict_tta.py --weights CNN_best_model.pth --demo    # draw a digit in the browser (requirements-demo.txt)
+    python predict_tta.py --weights models --export digits.onnx  # one ONNX graph (requirements-export.txt)
 
-Each checkpoint brings its own architecture and normalization. The same inputs, seed and batch size give
-the same submission: each TTA variant draws its random shifts from its own seeded generator.
+From Python: `DigitReader` below. Each checkpoint brings its own architecture and normalization. The same inputs,
+seed and batch size give the same submission: each TTA variant draws its random shifts from its own seeded generator.
 """
+import contextlib
+import copy
 import functools
+import io
 import os
 import socket
 import sys
@@ -16,11 +20,15 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
+from torch import nn
 
 from data import (
     EVAL_BATCH_SIZE,
+    IMAGE_SIZE,
+    MNIST_FILES,
     Parser,
     TTA_VARIANTS,
     UserError,
@@ -32,10 +40,12 @@ from data import (
     check_output_folder,
     checkpoint_files,
     check_outputs,
+    find_idx_file,
     find_images,
     is_complete,
     load_checkpoint,
     load_data,
+    load_mnist,
     model_from_checkpoint,
     model_input,
     pick_device,
@@ -57,6 +67,9 @@ DEMO_HOST, DEMO_PORT = "127.0.0.1", 7860
 # --demo serves one drawing or photo at a time: options about files and batches have nothing to act on
 NOT_WITH_DEMO = ("--images", "--invert", "--show-preprocessed", "--data", "--data-dir", "--test-csv", "--labels",
                  "--out", "--save-probs", "--batch-size")
+# --export writes a graph of the models alone: prediction's options have nothing to act on
+NOT_WITH_EXPORT = ("--images", "--invert", "--show-preprocessed", "--test-csv", "--labels", "--out", "--save-probs",
+                   "--demo", "--tta")
 CANVAS_SIZE = 280  # pixels a side; the brush is a tenth of that wide, as MNIST's strokes are of its 28 pixels
 MAX_UPLOAD = "50mb"  # refused before it is stored; a phone's photo of a digit is a few MB
 # The 28x28 input is shown 8x enlarged with every pixel a sharp square, so a thin or off-centre digit is plain to see.
@@ -79,7 +92,9 @@ def find_checkpoints(paths):
         elif path.is_file():
             found.append((path, load_checkpoint(path)))
         else:
-            raise UserError(f"{path}: no such checkpoint file or folder")
+            raise UserError(f"{path}: no such checkpoint file or folder; make one with `make train` (pipeline A, "
+                            "about 30 minutes on 2 cores) or, in 3 minutes, `python train_cnn.py --budget 3m`, which "
+                            "writes CNN_budget_3m.pth")
     return found
 
 
@@ -129,19 +144,84 @@ def tta_variants(count):
     return TTA_VARIANTS[:count]
 
 
-def predict_images(args, ensemble, variants, device, precision):
+# ----------------------------------------------------------------------------- the Python entry point
+
+class DigitReader:
+    """Read handwritten digits from your own code; submission.csv, --images, the page and evaluate.py all use it.
+
+        from predict_tta import DigitReader
+        reader = DigitReader("CNN_best_model.pth")     # a checkpoint, a list of them, or a folder: an ensemble
+        labels, probs = reader.predict("photo.jpg")    # labels int64 [1], probs float32 [1, 10]
+        labels, probs = reader.predict(digits)         # MNIST-like uint8 digits [N, 28, 28] or [28, 28]
+
+    A path or a PIL image is a photo or a drawing, of any size, dark ink on light paper or the reverse: it goes
+    through preprocess_image (MNIST's recipe) first. A numpy array or torch tensor is taken as MNIST-like already:
+    a white digit on black, 28x28, uint8 0..255, shaped [28, 28] or [N, 28, 28]; anything else is refused in one
+    line (UserError). The answer is the mean softmax over the models and the first `tta` TTA variants (1: plain
+    prediction), on the CPU; the same inputs, seed and batch size give the same answer.
+    """
+
+    def __init__(self, weights, device="auto", precision="auto", tta=1, seed=42, batch_size=EVAL_BATCH_SIZE):
+        self.device = device if isinstance(device, torch.device) else pick_device(device)
+        self.precision = pick_precision(precision, self.device)
+        self.variants = tta_variants(tta)
+        self.ensemble = load_ensemble([weights] if isinstance(weights, (str, Path)) else weights, self.device)
+        self.seed, self.batch_size = seed, batch_size
+
+    @property
+    def paths(self):
+        """The checkpoint files of the ensemble, in order."""
+        return [path for _, _, path in self.ensemble]
+
+    def predict(self, source, invert="auto"):
+        """(labels int64 [N], probabilities float32 [N, 10]) for a photo (path or PIL image) or MNIST-like digits."""
+        probs = self.probabilities(self.digits(source, invert))
+        return probs.argmax(1), probs
+
+    def digits(self, source, invert="auto", name=None):
+        """MNIST-like uint8 [N, 28, 28] on the CPU: a photo preprocessed (named `name` in messages), or digits checked."""
+        if isinstance(source, (str, Path)) or hasattr(source, "getpixel"):  # a path or a PIL image
+            return preprocess_image(source, invert, name)[None]
+        return mnist_like(source)
+
+    def probabilities(self, digits):
+        """The mean softmax float32 [N, 10] on the CPU for MNIST-like uint8 digits [N, 28, 28] (checked)."""
+        digits = mnist_like(digits)
+        return ensemble_probabilities(self.ensemble, digits.to(self.device), self.variants, self.precision, self.seed,
+                                      self.batch_size).cpu()
+
+
+def mnist_like(digits):
+    """Digits as uint8 [N, 28, 28] tensors, from a numpy array or tensor of [28, 28] or [N, 28, 28] uint8."""
+    if isinstance(digits, np.ndarray):
+        digits = torch.from_numpy(digits)
+    if not torch.is_tensor(digits):
+        raise UserError(f"cannot read digits from a {type(digits).__name__}: give a path, a PIL image, "
+                        "or a uint8 array or tensor of [28, 28] or [N, 28, 28]")
+    if digits.dtype != torch.uint8:
+        raise UserError(f"digits must be uint8 0..255 (white on black, as MNIST), not {str(digits.dtype).replace('torch.', '')}")
+    if digits.shape == (IMAGE_SIZE, IMAGE_SIZE):
+        digits = digits[None]
+    if digits.dim() != 3 or tuple(digits.shape[1:]) != (IMAGE_SIZE, IMAGE_SIZE) or len(digits) == 0:
+        raise UserError(f"digits must be shaped [28, 28] or [N, 28, 28], not {list(digits.shape)}")
+    return digits.cpu()
+
+
+# ----------------------------------------------------------------------------- own images (--images)
+
+def predict_images(args, reader):
     """Predict each image file; a bad file is one line on stderr, and a UserError ends the run after the others."""
     files, problems = find_images(args.images)
     paths, digits = [], []
     for path in files:
         try:
-            digits.append(preprocess_image(path, args.invert))
+            digits.append(reader.digits(path, args.invert)[0])
             paths.append(path)
         except UserError as error:
             problems.append(str(error))
     if digits:
         images = torch.stack(digits)                                                  # uint8 [N, 28, 28]
-        probs = ensemble_probabilities(ensemble, images.to(device), variants, precision, args.seed, args.batch_size).cpu()
+        probs = reader.probabilities(images)
         top = probs.topk(2, dim=1)
         for path, values, labels in zip(paths, top.values, top.indices):
             print(f"{path}: {labels[0]} ({values[0]:.2f}), next {labels[1]} ({values[1]:.2f})")
@@ -194,6 +274,8 @@ def parse_args(argv=None):
     files = parser.add_argument_group("files")
     files.add_argument("--out", help="CSV to write (default: submission.csv; with --images, only written when given)")
     files.add_argument("--save-probs", help="also save the averaged probabilities [N, 10] to this .npy file")
+    files.add_argument("--export", help="write the --weights ensemble as one ONNX graph to this file instead, checked in "
+                                        "onnxruntime first (needs pip install -r requirements-export.txt)")
     add_device_arguments(parser)
     page = parser.add_argument_group("draw-a-digit page")
     page.add_argument("--demo", action="store_true",
@@ -205,12 +287,14 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if args.demo and (extra := changed_options(parser, args, NOT_WITH_DEMO)):
         raise UserError(f"--demo predicts what is drawn or uploaded on its page; it takes no {', '.join(extra)}")
+    if args.export and (extra := changed_options(parser, args, NOT_WITH_EXPORT)):
+        raise UserError(f"--export writes the model as a graph; it takes no {', '.join(extra)}")
     if not args.demo and (extra := changed_options(parser, args, ("--host", "--port"))):
         raise UserError(f"{' and '.join(extra)} go with --demo")
     args = resolve_data_arguments(args)
     if args.images is None and (args.invert != "auto" or args.show_preprocessed):
         parser.error("--invert and --show-preprocessed go with --images")
-    if args.images is None and args.out is None and not args.demo:
+    if args.images is None and args.out is None and not args.demo and not args.export:
         args.out = "submission.csv"
     return args
 
@@ -226,10 +310,81 @@ def check_paths(args):
     inputs = {"--weights": checkpoint_files(args.weights), "--images": args.images or []}
     if args.images is None and args.data == "csv":
         inputs.update({"--test-csv": [args.test_csv], "--labels": [args.labels]})
-    check_outputs({"--out": [args.out] if args.out else [], "--save-probs": [args.save_probs] if args.save_probs else []},
-                  inputs)
+    check_outputs({"--out": [args.out] if args.out else [], "--save-probs": [args.save_probs] if args.save_probs else [],
+                   "--export": [args.export] if args.export else []}, inputs)
     if args.show_preprocessed:
         check_output_folder("--show-preprocessed", args.show_preprocessed)
+
+
+# ----------------------------------------------------------------------------- ONNX export (--export)
+# One fp32 graph: uint8 digits [N, 28, 28] in (N free), the ensemble's mean softmax [N, 10] out, normalization
+# inside. TTA stays out: its variants draw seeded random shifts, which a graph would fix once.
+
+PARITY_DIGITS = 1000     # digits the exported graph is checked on before it is written
+PARITY_TOLERANCE = 1e-4  # largest difference allowed between onnxruntime's and PyTorch's probabilities
+
+
+class EnsembleGraph(nn.Module):
+    """What --export writes: uint8 digits [N, 28, 28] -> the models' mean softmax [N, 10], normalization inside."""
+
+    def __init__(self, reader):
+        super().__init__()
+        self.models = nn.ModuleList(copy.deepcopy(model).float().to("cpu", memory_format=torch.contiguous_format).eval()
+                                    for model, _, _ in reader.ensemble)
+        self.normalizations = [(n["mean"], n["std"]) for _, n, _ in reader.ensemble]
+
+    def forward(self, digits):
+        x = digits.unsqueeze(1).float() / 255                                         # [N, 1, 28, 28] in 0..1
+        probs = [torch.softmax(model((x - mean) / std), 1) for model, (mean, std) in zip(self.models, self.normalizations)]
+        return torch.stack(probs).mean(0)                                             # [N, 10]
+
+
+def import_onnx():
+    """(torch.onnx's needs, onnxruntime); a UserError saying how to install them when they are missing."""
+    try:
+        import onnx  # noqa: F401  (torch.onnx.export needs onnx and onnxscript)
+        import onnxruntime
+        import onnxscript  # noqa: F401
+    except ImportError:
+        raise UserError("--export needs onnx, onnxscript and onnxruntime, which are not installed: "
+                        "pip install -r requirements-export.txt") from None
+    return onnxruntime
+
+
+def parity_digits(data_dir):
+    """PARITY_DIGITS of MNIST's test digits when its files are in data_dir, else as many seeded random ones."""
+    raw = Path(data_dir) / "MNIST" / "raw"
+    if all(find_idx_file(raw, stem) for stem in MNIST_FILES["test"]):
+        return load_mnist(data_dir, "test")[0][:PARITY_DIGITS], "MNIST test digits"
+    generator = torch.Generator().manual_seed(0)
+    return torch.randint(0, 256, (PARITY_DIGITS, IMAGE_SIZE, IMAGE_SIZE), dtype=torch.uint8, generator=generator), "random digits"
+
+
+def export_onnx(reader, path, data_dir):
+    """Write the reader's ensemble as one ONNX graph, after checking it in onnxruntime against PyTorch in fp32.
+
+    Refused (UserError, nothing written) when a label differs or a probability is off by more than PARITY_TOLERANCE.
+    """
+    onnxruntime = import_onnx()
+    graph = EnsembleGraph(reader).eval()
+    digits, source = parity_digits(data_dir)
+    fp32 = DigitReader(reader.paths, torch.device("cpu"), "fp32", tta=1, seed=reader.seed)
+    expected = fp32.probabilities(digits)
+    with atomic_path(path) as tmp:
+        with contextlib.redirect_stdout(io.StringIO()):  # torch.onnx reports its progress on stdout
+            torch.onnx.export(graph, (digits[:2],), str(tmp), input_names=["digits"], output_names=["probabilities"],
+                              dynamic_shapes={"digits": {0: torch.export.Dim("batch")}}, dynamo=True, external_data=False)
+        session = onnxruntime.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
+        probs = torch.from_numpy(session.run(None, {"digits": digits.numpy()})[0])
+        difference = (probs - expected).abs().max().item()
+        labels_differ = int((probs.argmax(1) != expected.argmax(1)).sum())
+        if labels_differ or difference > PARITY_TOLERANCE:
+            raise UserError(f"the exported graph disagrees with PyTorch on {len(digits)} {source} ({labels_differ} labels "
+                            f"differ, largest probability difference {difference:.2e}, allowed {PARITY_TOLERANCE:.0e}); "
+                            f"{path} was not written")
+    print(f"wrote {path}: {len(reader.ensemble)} model(s), uint8 digits [N, 28, 28] -> probabilities [N, 10]; "
+          f"onnxruntime matches PyTorch fp32 on {len(digits)} {source} (all labels, largest probability difference "
+          f"{difference:.1e})")
 
 
 # ----------------------------------------------------------------------------- the draw-a-digit page (--demo)
@@ -247,11 +402,10 @@ def import_gradio(folder):
     return gradio
 
 
-def predict_one(source, name, *, ensemble, variants, device, precision, seed):
+def predict_one(reader, source, name):
     """(probabilities [10], the uint8 [28, 28] image the model saw) for one image file or PIL image."""
-    digit = preprocess_image(source, name=name)                                               # uint8 [28, 28]
-    probs = ensemble_probabilities(ensemble, digit[None].to(device), variants, precision, seed)  # [1, 10]
-    return probs[0].cpu(), digit
+    digit = reader.digits(source, name=name)       # uint8 [1, 28, 28]
+    return reader.probabilities(digit)[0], digit[0]
 
 
 def page_answer(predict, source, name):
@@ -294,7 +448,12 @@ def demo_page(gr, predict, title):
             return page_answer(predict, value["composite"], "the drawing")
 
         canvas.input(read_drawing, canvas, outputs, api_name="drawing", trigger_mode="always_last", show_progress="hidden")
-        photo.upload(lambda path: page_answer(predict, path, Path(path).name), photo, outputs, api_name="photo")
+        def read_photo(path):
+            if path is None:  # the API called without a file
+                return None, None, "**no photo: upload an image file of a digit**"
+            return page_answer(predict, path, Path(path).name)
+
+        photo.upload(read_photo, photo, outputs, api_name="photo")
     return page
 
 
@@ -306,14 +465,18 @@ def check_can_serve(host, port):
         raise UserError(f"cannot serve on {host}:{port}: {error.strerror or error}; pick another --port or --host") from None
 
 
-def serve_demo(args, variants, device, precision):
+def reader_for(args):
+    """The DigitReader the command line asks for."""
+    return DigitReader(args.weights, args.device, args.precision, args.tta, args.seed, args.batch_size)
+
+
+def serve_demo(args):
     """Serve the page until Ctrl-C; Gradio's uploads and served images live in a temporary folder removed at exit."""
     with tempfile.TemporaryDirectory(prefix="predict_tta-demo-") as folder:
-        gr = import_gradio(folder)
-        ensemble = load_ensemble(args.weights, device)
-        title = f"{len(ensemble)} model(s) x {len(variants)} TTA variant(s)"
-        predict = functools.partial(predict_one, ensemble=ensemble, variants=variants, device=device,
-                                    precision=precision, seed=args.seed)
+        gr = import_gradio(folder)  # before the models load: without Gradio, that is the one line
+        reader = reader_for(args)
+        title = f"{len(reader.ensemble)} model(s) x {len(reader.variants)} TTA variant(s)"
+        predict = functools.partial(predict_one, reader)
         page = demo_page(gr, predict, title)
         check_can_serve(args.host, args.port)
         _, url, _ = page.launch(server_name=args.host, server_port=args.port, share=False, run_history=False,
@@ -325,22 +488,24 @@ def serve_demo(args, variants, device, precision):
 
 def main(argv=None):
     args = parse_args(argv)
-    variants = tta_variants(args.tta)
-    device = pick_device(args.device)
-    precision = pick_precision(args.precision, device)
+    tta_variants(args.tta)  # a bad --tta is one line before anything is loaded
     check_paths(args)
     if args.demo:
-        return serve_demo(args, variants, device, precision)
-    ensemble = load_ensemble(args.weights, device)
+        return serve_demo(args)
+    if args.export:
+        import_onnx()  # before the models load: without the packages, that is the one line
+    reader = reader_for(args)
+    if args.export:
+        return export_onnx(reader, args.export, args.data_dir)
     if args.images:
-        return predict_images(args, ensemble, variants, device, precision)
+        return predict_images(args, reader)
     images, labels = load_data(args, "test")
-    passes = len(ensemble) * len(variants)
-    print(f"{len(ensemble)} models x {len(variants)} TTA variants = {passes} forward passes per image, "
-          f"{len(images)} images; device {device}, precision {precision}")
+    passes = len(reader.ensemble) * len(reader.variants)
+    print(f"{len(reader.ensemble)} models x {len(reader.variants)} TTA variants = {passes} forward passes per image, "
+          f"{len(images)} images; device {reader.device}, precision {reader.precision}")
 
     start = time.perf_counter()
-    probs = ensemble_probabilities(ensemble, images.to(device), variants, precision, args.seed, args.batch_size).cpu()
+    probs = reader.probabilities(images)
     seconds = time.perf_counter() - start
     predicted = probs.argmax(1)
     print(f"predicted in {seconds:.1f}s ({len(images) / seconds:.0f} images/s, {len(images) * passes / seconds:.0f} forward passes/s)")

@@ -24,7 +24,7 @@ from PIL import Image, ImageDraw  # noqa: E402
 import data  # noqa: E402
 from browser import STROKES  # noqa: E402
 from models import build_model  # noqa: E402
-from predict_tta import CANVAS_SIZE, load_ensemble, predict_one, tta_variants  # noqa: E402
+from predict_tta import CANVAS_SIZE, DigitReader, predict_one  # noqa: E402
 
 
 def drawing(strokes, size=CANVAS_SIZE):
@@ -48,13 +48,12 @@ def random_checkpoints(folder, archs):
     return paths
 
 
-def median_ms(image, ensemble, variants, device, precision, repeats):
+def median_ms(image, reader, repeats):
     """Median wall time of predict_one on `image`, in ms, after 3 warm-up predictions."""
     times = []
     for i in range(repeats + 3):
         start = time.perf_counter()
-        predict_one(image, "the drawing", ensemble=ensemble, variants=variants, device=device, precision=precision,
-                    seed=42)
+        predict_one(reader, image, "the drawing")
         times.append(time.perf_counter() - start)
     return 1000 * statistics.median(times[3:])
 
@@ -74,10 +73,9 @@ def main():
         ensemble_paths = random_checkpoints(folder, ["resnet"] * 5 + ["widecnn"] * 5)
         for name, paths, tta in (("1 vgg, no TTA", single, 1), ("1 vgg x 4 TTA", single, 4),
                                  ("10 models x 4 TTA", ensemble_paths, 4)):
-            ensemble = load_ensemble(paths, device)
-            ms = median_ms(image, ensemble, tta_variants(tta), device, precision, args.repeats)
-            probs, _ = predict_one(image, "the drawing", ensemble=ensemble, variants=tta_variants(tta), device=device,
-                                   precision=precision, seed=42)
+            reader = DigitReader(paths, device, precision, tta=tta)
+            ms = median_ms(image, reader, args.repeats)
+            probs, _ = predict_one(reader, image, "the drawing")
             print(f"{name:<20} {ms:7.1f} ms median per prediction (answer {probs.argmax()}, {probs.max():.2f})")
         start = time.perf_counter()
         for _ in range(args.repeats):

@@ -8,7 +8,6 @@ import json
 import math
 
 import pytest
-import torch
 from conftest import assert_user_error, run_script, synthetic_mnist
 
 import data

@@ -124,6 +124,33 @@ def test_the_page_answers_as_predict_tta_images_does(client, small_vgg, digit_fi
                            atol=1e-4, rtol=0), path.name
 
 
+def test_the_page_answers_as_the_python_reader_does(client, small_vgg, digit_files):
+    from gradio_client import handle_file
+    from predict_tta import DigitReader
+    reader = DigitReader(small_vgg, device="cpu", tta=4)  # the page's default TTA
+    for path in digit_files[:5]:
+        label, _, _ = client.predict(handle_file(path), api_name="/photo")
+        labels, probs = reader.predict(path)
+        assert label["label"] == str(labels[0].item()), path.name
+        confidences = {c["label"]: c["confidence"] for c in label["confidences"]}
+        assert np.allclose([confidences[str(d)] for d in range(10)], probs[0].numpy(), atol=1e-6, rtol=0), path.name
+
+
+def test_each_endpoint_called_with_nothing_answers_without_a_server_error(server):
+    import json
+    import urllib.request
+    answers = {}
+    for endpoint in ("photo", "drawing"):  # what a client sends with no file or no drawing
+        request = urllib.request.Request(f"{server[0].rstrip('/')}/gradio_api/run/{endpoint}", method="POST",
+                                         data=json.dumps({"data": [None]}).encode(),
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=60) as response:
+            assert response.status == 200, endpoint
+            answers[endpoint] = json.loads(response.read())["data"]
+    assert not answers["photo"][0] and answers["photo"][2] == "**no photo: upload an image file of a digit**"
+    assert "Traceback" not in (server[1] / "demo.log").read_text()
+
+
 def test_bad_input_gets_a_message_and_the_server_keeps_serving(client, digit_files, tmp_path):
     from gradio_client import handle_file
     Image.new("RGB", (280, 280), "white").save(tmp_path / "blank.png")
