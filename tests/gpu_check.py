@@ -117,10 +117,11 @@ def device_stage(check):
 
 def bench_stage(check):
     images = check.args.limit or 12_800
+    batch = 128 if images >= 1280 else 16  # a --limit check tests the stage, not the speed
     precision = data.pick_precision("auto", check.device)
-    result = {"precision": precision, "images": images}
+    result = {"precision": precision, "images": images, "batch_size": batch}
     for arch in ("vgg", "resnet", "widecnn"):
-        measured = bench.measure_training(arch, precision, 128, check.device, images, check.args.data_dir, rounds=2)
+        measured = bench.measure_training(arch, precision, batch, check.device, images, check.args.data_dir, rounds=2)
         result[arch] = {"ours": round(measured["images_per_second"]), "ceiling": round(measured["ceiling_images_per_second"])}
     return result
 

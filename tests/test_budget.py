@@ -13,7 +13,7 @@ from conftest import assert_user_error, run_script, synthetic_mnist
 import data
 import train_cnn
 
-SPEED = {"step_seconds": 0.01, "val_image_seconds": 1e-4, "save_seconds": 0.05}
+SPEED = {"step_seconds": 0.05, "val_image_seconds": 1e-4, "save_seconds": 0.05}
 TINY = ["--data-dir", "mnist", "--batch-size", "16", "--precision", "fp32"]
 
 
@@ -59,11 +59,11 @@ def test_a_budget_run_trains_its_planned_steps_into_its_own_checkpoint(tmp_path,
     checkpoint = data.load_checkpoint(tmp_path / "CNN_budget_2s.pth")
     settings = checkpoint["settings"]
     # 180 training images in batches of 16: 12 steps an epoch (the last batch of 4 included)
-    step, epoch = 0.01, 2 * 20 * 1e-4 + 0.05
+    step, epoch = 0.05, 2 * 20 * 1e-4 + 0.05
     assert settings["budget"] == 2.0 and 1 <= settings["planned_steps"] <= train_cnn.plan_steps(2.0, [(12, step, epoch, 0)])
     planned = settings["planned_steps"]
     assert settings["epochs"] == math.ceil(planned / 12) and settings["schedule"] == "warmup-linear"
-    assert f"budget 2s: {planned} steps = {planned / 12:.2f} epochs, at 1600 img/s measured (fp32)" in result.stdout
+    assert f"budget 2s: {planned} steps = {planned / 12:.2f} epochs, at 320 img/s measured (fp32)" in result.stdout
     history = json.loads((tmp_path / "CNN_budget_2s.history.json").read_text())
     assert len(history) == settings["epochs"] and "training took" in result.stdout
     plan = json.loads((tmp_path / "CNN_budget_2s.plan.json").read_text())
@@ -101,17 +101,17 @@ def test_a_resumed_budget_run_keeps_its_plan_on_another_machine(tmp_path, monkey
 
 def test_kfold_measures_each_architecture_once_and_records_each_jobs_plan(tmp_path, fixed_speed):
     synthetic_mnist(tmp_path / "mnist", n_train=120, n_test=10)
-    args = ["--data", "mnist", "--data-dir", "mnist", "--n-folds", "3", "--archs", "vgg", "widecnn", "--batch-size", "16",
-            "--precision", "fp32", "--budget", "3s"]
+    args = ["--data", "mnist", "--data-dir", "mnist", "--n-folds", "2", "--archs", "vgg", "widecnn", "--batch-size", "16",
+            "--precision", "fp32", "--budget", "2s"]
     result = run_script("train_kfold.py", *args, cwd=tmp_path)
     assert sorted(fixed_speed) == ["vgg", "widecnn"]  # once per architecture, not per job
     plans = [data.load_checkpoint(path)["settings"]["planned_steps"] for path in sorted((tmp_path / "models").glob("*.pth"))]
-    assert len(plans) == 6 and len(set(plans)) == 1 and plans[0] >= 1  # the same steps for every job
-    jobs = [(5, 0.01, 2 * 40 * 1e-4 + 0.05, 40 * 1e-4)] * 6  # 80 training images a job: 5 steps an epoch
-    assert plans[0] <= train_cnn.plan_steps(3.0, jobs)
-    assert "training took" in result.stdout and "s of --budget 3s" in result.stdout
+    assert len(plans) == 4 and len(set(plans)) == 1 and plans[0] >= 1  # the same steps for every job
+    jobs = [(4, 0.05, 2 * 60 * 1e-4 + 0.05, 60 * 1e-4)] * 4  # 60 training images a job: 4 steps an epoch
+    assert plans[0] <= train_cnn.plan_steps(2.0, jobs)
+    assert "training took" in result.stdout and "s of --budget 2s" in result.stdout
     rerun = run_script("train_kfold.py", *args, cwd=tmp_path)
-    assert rerun.stdout.count("complete, skipped") == 6 and sorted(fixed_speed) == ["vgg", "widecnn"]
+    assert rerun.stdout.count("complete, skipped") == 4 and sorted(fixed_speed) == ["vgg", "widecnn"]
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -133,10 +133,10 @@ def test_a_malformed_budget_is_a_flag_error(tmp_path):
 
 def test_a_budget_too_short_for_one_step_and_one_validation_is_one_line(tmp_path, monkeypatch, fixed_speed):
     synthetic_mnist(tmp_path / "mnist", n_train=200, n_test=20)
-    SPEED["step_seconds"] *= 1000  # 10 s a step
+    SPEED["step_seconds"] *= 200  # 10 s a step
     try:
         result = run_script("train_cnn.py", *TINY, "--budget", "5s", cwd=tmp_path, check=False)
     finally:
-        SPEED["step_seconds"] /= 1000
+        SPEED["step_seconds"] /= 200
     assert_user_error(result, "--budget 5s is too short for this run", "one step with one validation pass needs 10.", "give at least")
     assert not (tmp_path / "CNN_budget_5s.pth").exists()
