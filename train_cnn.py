@@ -70,6 +70,8 @@ SCHEDULE_SETTINGS = {"step": ("lr_step", "lr_gamma"), "cosine": (), "warmup-cosi
                      "warmup-linear": ("warmup_epochs",)}
 # The schedules that reach zero on the last step, whatever its number: the ones a --budget run may use.
 BUDGET_SCHEDULES = ("warmup-linear", "warmup-cosine")
+# A budget's peak learning rate unless --lr says otherwise, chosen on validation (docs/measurements.md).
+LR, BUDGET_LR = 1e-3, 6e-3
 
 
 # ----------------------------------------------------------------------------- one epoch
@@ -672,7 +674,7 @@ def add_training_arguments(parser, epochs, optimizer, schedule, patience, augmen
                        help="train for this long instead (90s, 10m, 2h): the run measures its speed, then plans its steps")
     group.add_argument("--batch-size", type=positive_int, default=128)
     group.add_argument("--optimizer", choices=["adam", "adamw"], default=optimizer)
-    group.add_argument("--lr", type=positive_float, default=1e-3, help="peak learning rate")
+    group.add_argument("--lr", type=positive_float, help=f"peak learning rate (default: {LR}, with --budget {BUDGET_LR})")
     group.add_argument("--weight-decay", type=nonnegative_float, default=1e-4, help="AdamW's decoupled weight decay (not used by adam)")
     group.add_argument("--ema-decay", type=below_one, default=0.999,
                        help="the EMA of the weights: its decay per step (warmed up from 0.1); 0 turns it off")
@@ -691,11 +693,14 @@ def add_training_arguments(parser, epochs, optimizer, schedule, patience, augmen
 
 
 def resolve_training_arguments(args, epochs, schedule):
-    """Fill in --epochs and --schedule: the script's defaults, or under --budget a schedule that ends at zero."""
+    """Fill in --epochs, --schedule and --lr: the script's defaults, or under --budget a schedule that ends at zero
+    and a higher peak rate, which only such a schedule bears."""
     if args.budget is None:
         args.epochs = args.epochs or epochs
         args.schedule = args.schedule or schedule
+        args.lr = args.lr or LR
         return args
+    args.lr = args.lr or BUDGET_LR
     if args.epochs is not None:
         raise UserError("--budget plans the number of steps itself; give --budget or --epochs, not both")
     if args.schedule not in (None, *BUDGET_SCHEDULES):
