@@ -60,7 +60,10 @@ def demo_server(weights, folder, *options, timeout=120):
     command = [sys.executable, str(ROOT / "predict_tta.py"), "--weights", str(weights), "--demo", "--port", str(port),
                *map(str, options)]
     with open(folder / "demo.log", "w") as log:
-        process = subprocess.Popen(command, cwd=folder / "cwd", env=env, stdout=log, stderr=subprocess.STDOUT)
+        # Ctrl-C reaches the server even when this process was started in the background, where the shell
+        # leaves SIGINT ignored and children inherit that (Python then installs no KeyboardInterrupt handler)
+        process = subprocess.Popen(command, cwd=folder / "cwd", env=env, stdout=log, stderr=subprocess.STDOUT,
+                                   preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     url = f"http://127.0.0.1:{port}/"
     try:
         wait_until_serving(url, process, folder / "demo.log", timeout)
