@@ -269,9 +269,9 @@ def add_data_arguments(parser, default, split):
     split: "train" (a labelled --train-csv) or "test" (--test-csv, labelled or with --labels).
     A CSV file named on the command line without --data selects csv, so `--train-csv FILE` alone works.
     """
+    default_text = f"mnist, or csv when --{split}-csv is given" if default == "mnist" else "csv"
     parser.add_argument("--data", choices=["mnist", "csv"],
-                        help=f"mnist: the IDX files in --data-dir; csv: Kaggle-format --{split}-csv "
-                             f"(default: {default}, or csv when --{split}-csv is given)")
+                        help=f"mnist: the IDX files in --data-dir; csv: Kaggle-format --{split}-csv (default: {default_text})")
     parser.add_argument("--data-dir", default=DEFAULT_DATA_DIR, help="folder holding MNIST/raw/*.gz (env MNIST_DATA_DIR)")
     if split == "train":
         parser.add_argument("--train-csv", help=f"Kaggle train.csv: label, pixel0..pixel783 (default: {default_kaggle_csv('train.csv')})")
@@ -563,6 +563,7 @@ def preprocess_image(source, invert="auto", name=None):
     digit = crop_to_ink(remove_background(ink_on_black(grey, invert)), name)
     field = centre_by_mass(fit_in_box(digit))
     return torch.from_numpy(np.round(field * 255).astype(np.uint8))
+
 
 def find_images(paths):
     """(image files, problems): folders are searched (not recursively) for image files; problems name bad paths."""

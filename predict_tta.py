@@ -180,7 +180,8 @@ class DigitReader:
 
     def digits(self, source, invert="auto", name=None):
         """MNIST-like uint8 [N, 28, 28] on the CPU: a photo preprocessed (named `name` in messages), or digits checked."""
-        if isinstance(source, (str, Path)) or hasattr(source, "getpixel"):  # a path or a PIL image
+        from PIL import Image
+        if isinstance(source, (str, Path, Image.Image)):
             return preprocess_image(source, invert, name)[None]
         return mnist_like(source)
 

@@ -14,7 +14,7 @@ import hashlib
 import io
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -351,12 +351,12 @@ class Run:
     seed: int
     retrain: bool = False
     log: callable = print
+    # Settings added after checkpoints were first written: a file without one was made with this value (or, for
+    # a function, the value it gives for the file's other settings), so finished models stay valid.
+    added_settings: dict = field(default_factory=dict)
 
 
 RESUME_KEYS = ("model_state", "optimizer_state", "scheduler_state", "scaler_state", "rng", "progress", "arch")
-# Settings added after checkpoints were first written: a file without one was made with this value (or, for a
-# function, the value it gives for the file's other settings), so finished models stay valid.
-ADDED_SETTINGS = {}
 
 
 def lock_path(checkpoint):
@@ -394,14 +394,14 @@ def data_fingerprint(images, labels):
     return f"{len(labels)} images, sha256 {digest.hexdigest()[:16]}"
 
 
-def settings_difference(saved, current, may_change=()):
+def settings_difference(saved, current, may_change=(), added_settings=None):
     """(name, saved value, current value) of the first setting that differs outside may_change, else None.
 
     First in the order of `current` (the order the run defines them in), then settings only `saved` has.
-    A setting in ADDED_SETTINGS that `saved` lacks is read as the value runs had before it existed.
+    A setting in added_settings that `saved` lacks is read as the value runs had before it existed.
     """
     added = {name: value(saved) if callable(value) else value
-             for name, value in ADDED_SETTINGS.items() if name in current and name not in saved}
+             for name, value in (added_settings or {}).items() if name in current and name not in saved}
     saved = {**saved, **added}
     for name in [*current, *(name for name in saved if name not in current)]:
         if name not in may_change and saved.get(name) != current.get(name):
@@ -421,7 +421,7 @@ def check_same_run(path, saved_settings, run, resuming):
     may_change = {"patience"} | ({"epochs"} if run.settings["schedule"] == "step" else set())
     if not resuming:
         may_change.add("precision")
-    difference = settings_difference(saved_settings, run.settings, may_change)
+    difference = settings_difference(saved_settings, run.settings, may_change, run.added_settings)
     if difference:
         name, before, now = difference
         name = f"--{name.replace('_', '-')}" if name in run.flags else name
@@ -522,10 +522,14 @@ def new_model(arch, device, seed):
     return place_model(build_model(arch), device)
 
 
-def finished_checkpoint(run):
-    """The run's complete checkpoint, if it has one of these settings (None: train); one line if it is another run's."""
-    adopt_saved_plan(run)
-    existing = load_checkpoint(run.checkpoint) if run.checkpoint.exists() and not run.retrain else None
+def finished_checkpoint(run, existing=None):
+    """The run's complete checkpoint, if it has one of these settings (None: train); one line if it is another run's.
+
+    existing: the checkpoint file's contents when the caller has read them already (read here otherwise).
+    """
+    if existing is None and run.checkpoint.exists() and not run.retrain:
+        existing = load_checkpoint(run.checkpoint)
+    adopt_saved_plan(run, existing)
     if existing is None or not is_complete(existing):
         return None
     check_same_run(run.checkpoint, existing.get("settings"), run, resuming=False)
@@ -560,7 +564,7 @@ def reuse_or_train(run, existing, device, data_sets):
 # kept in <stem>.plan.json beside the checkpoint, so a rerun or a resume on any machine finishes the same plan.
 
 PLAN_KEYS = ("planned_steps", "epochs")
-WARMUP_STEPS, MEASURED_STEPS = 3, 10
+WARMUP_STEPS, MEASURED_STEPS, MEASURED_ROUNDS = 3, 10, 3
 
 
 def plan_path(checkpoint):
@@ -571,16 +575,16 @@ def without_plan(settings):
     return {name: value for name, value in settings.items() if name not in PLAN_KEYS}
 
 
-def adopt_saved_plan(run):
+def adopt_saved_plan(run, existing):
     """A budgeted run without a plan takes the one it made before, for these same settings (its plan file, else
-    its finished checkpoint); True when it has a plan."""
+    its checkpoint, `existing`: None when there is none or --retrain); True when it has a plan."""
     if not run.settings.get("budget") or run.settings["planned_steps"] is not None:
         return run.settings.get("planned_steps") is not None
     candidates = []
     if plan_path(run.checkpoint).exists() and not run.retrain:
         candidates.append(read_json(plan_path(run.checkpoint)).get("settings"))
-    if run.checkpoint.exists() and not run.retrain:
-        candidates.append(load_checkpoint(run.checkpoint).get("settings"))
+    if existing is not None:
+        candidates.append(existing.get("settings"))
     for saved in candidates:
         if isinstance(saved, dict) and without_plan(saved) == without_plan(run.settings):
             run.settings.update({name: saved[name] for name in PLAN_KEYS})
@@ -592,18 +596,23 @@ def measure_speed(run, device, train_set, val_set):
     """This run's cost on this machine: {seconds per step, per validation image, per epoch's file writes}.
 
     Measured on a scratch model, optimizer and generators (the run's own start is untouched): WARMUP_STEPS
-    steps, then MEASURED_STEPS timed ones, with the run's batch size, augmentation, precision and EMA.
+    steps, then MEASURED_ROUNDS rounds of MEASURED_STEPS timed ones, with the run's batch size, augmentation,
+    precision and EMA. A step costs what the fastest round took, as timeit reads its repeats: a slower round
+    is other work on the machine for a moment, and a plan made from it would leave most of the budget unused.
     """
     settings = {**run.settings, "planned_steps": None, "epochs": 1}
     model = new_model(settings["arch"], device, run.seed)
-    training = make_training(model, settings, steps=WARMUP_STEPS + MEASURED_STEPS, seed=run.seed)
+    training = make_training(model, settings, steps=WARMUP_STEPS + MEASURED_ROUNDS * MEASURED_STEPS, seed=run.seed)
     batch = settings["batch_size"]
     cycled = torch.arange(batch * (WARMUP_STEPS + MEASURED_STEPS), device=device) % len(train_set[0])
     images, labels = train_set[0][cycled], train_set[1][cycled]
     train_one_epoch(model, images[:batch * WARMUP_STEPS], labels[:batch * WARMUP_STEPS], training, settings)
-    start = time.perf_counter()
-    train_one_epoch(model, images[batch * WARMUP_STEPS:], labels[batch * WARMUP_STEPS:], training, settings)
-    step = (time.perf_counter() - start) / MEASURED_STEPS
+    rounds = []
+    for _ in range(MEASURED_ROUNDS):
+        start = time.perf_counter()
+        train_one_epoch(model, images[batch * WARMUP_STEPS:], labels[batch * WARMUP_STEPS:], training, settings)
+        rounds.append((time.perf_counter() - start) / MEASURED_STEPS)
+    step = min(rounds)
     val_images, val_labels = val_set[0][:1024], val_set[1][:1024]
     loss_and_accuracy(model, val_images[:64], val_labels[:64], training.criterion, settings["normalization"], settings["precision"])
     start = time.perf_counter()
@@ -779,18 +788,17 @@ def main(argv=None):
 
 
 def train_and_report(args, device, precision, checkpoint):
-    if checkpoint.exists() and not args.retrain:  # before the data is read: a finished model of another pipeline
-        existing = load_checkpoint(checkpoint)
-        if is_complete(existing) and existing["arch"] != "vgg":
-            raise UserError(f"{checkpoint} holds a {existing['arch']} model, not pipeline A's vgg; "
-                            "pass another --checkpoint or --retrain")
+    existing = load_checkpoint(checkpoint) if checkpoint.exists() and not args.retrain else None
+    if existing is not None and is_complete(existing) and existing["arch"] != "vgg":  # before the data is read
+        raise UserError(f"{checkpoint} holds a {existing['arch']} model, not pipeline A's vgg; "
+                        "pass another --checkpoint or --retrain")
     train_set, val_set, test_set, fingerprint = load_splits(args, device)
     settings, flags = training_settings(args, {"arch": "vgg", "data": fingerprint, "split": {"val_fraction": args.val_fraction},
                                                "monitor": "val_loss", "precision": precision})
     run = Run(checkpoint, settings, flags, seed=args.seed, retrain=args.retrain)
     print(f"device {device}, precision {precision}, {torch.get_num_threads()} threads; "
           f"{len(train_set[0])} train / {len(val_set[0])} val / {len(test_set[0])} test images")
-    model, normalization = reuse_or_train(run, finished_checkpoint(run), device, lambda: (train_set, val_set))
+    model, normalization = reuse_or_train(run, finished_checkpoint(run, existing), device, lambda: (train_set, val_set))
 
     criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
     test_loss, test_acc = loss_and_accuracy(model, *test_set, criterion, normalization, precision)

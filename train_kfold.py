@@ -45,7 +45,6 @@ from data import (
 )
 from models import ARCH_NUMBERS, MODELS, TRAINING_COST
 from train_cnn import (
-    ADDED_SETTINGS,
     Run,
     add_training_arguments,
     budget_error,
@@ -139,10 +138,6 @@ def job_seed(seed, arch, fold):
     return seed + 100 * fold + ARCH_NUMBERS[arch]
 
 
-# k-fold checkpoints written before the job seed was recorded were made with this seed
-ADDED_SETTINGS["job_seed"] = lambda saved: job_seed(saved["seed"], saved["arch"], saved["split"]["fold"])
-
-
 @dataclass
 class KFold:
     """What every job of this process shares: the flags, the training data and its folds, the device, the log."""
@@ -163,7 +158,9 @@ def job_run(kfold, arch, fold, fingerprint):
                                                "monitor": "val_accuracy", "precision": kfold.precision})
     settings["job_seed"] = seed  # after --seed, from which it follows: a changed --seed is named as such
     return Run(job_checkpoint(args.out, arch, fold), settings, flags, seed=seed, retrain=args.retrain,
-               log=lambda line: kfold.log(f"[{arch} fold {fold}] {line}"))
+               log=lambda line: kfold.log(f"[{arch} fold {fold}] {line}"),
+               # checkpoints written before the job seed was recorded were made with this seed
+               added_settings={"job_seed": lambda saved: job_seed(saved["seed"], saved["arch"], saved["split"]["fold"])})
 
 
 def plan_budget_jobs(kfold, runs, finished, started):

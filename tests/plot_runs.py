@@ -13,6 +13,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import matplotlib  # noqa: E402
+import matplotlib.ticker  # noqa: E402
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -43,7 +44,11 @@ def main():
         line, = axes.plot(minutes, [100 * r["val_accuracy"] for r in history], marker=".", label=label)
         if test is not None:
             axes.plot([minutes[-1]], [100 * test], marker="*", markersize=12, color=line.get_color())
-    axes.set_xlabel("training minutes (validation included)")
+    axes.set_xscale("log")  # budgets from a minute to hours: each gets the same room
+    axes.xaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1, 2, 5)))
+    axes.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda minutes, _: f"{minutes:g}"))
+    axes.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    axes.set_xlabel("training minutes (validation included; log scale)")
     axes.set_ylabel("accuracy, %")
     axes.set_title("validation accuracy per epoch (lines); test accuracy of each finished run (stars)")
     axes.grid(alpha=0.3)

@@ -6,8 +6,11 @@ machine; how close a real budget lands is measured in docs/measurements.md, not 
 """
 import json
 import math
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+import torch
 from conftest import assert_user_error, run_script, synthetic_mnist
 
 import data
@@ -40,6 +43,27 @@ def test_the_plan_is_the_most_steps_that_fit():
     cost = lambda n: n * 1.0 + math.ceil(n / 10) * 2.0 + 5 + n * 3.0 + math.ceil(n / 20) * 1.0 + 5
     assert cost(n) <= 300 < cost(n + 1)
     assert train_cnn.plan_steps(2.5, [(10, 1.0, 2.0, 0.0)]) == 0  # one step and its validation do not fit
+
+
+def test_a_step_costs_what_the_fastest_measured_round_took(monkeypatch):
+    # a fake clock that each round of steps advances: the warm-up, then a round slowed by other work, then two
+    clock = [0.0]
+    round_seconds = iter([9.0, 6.0, 0.5, 0.8])
+    calls = []
+
+    def timed_round(model, images, labels, training, settings):
+        calls.append(len(images))
+        clock[0] += next(round_seconds)
+    monkeypatch.setattr(train_cnn, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
+    monkeypatch.setattr(train_cnn, "train_one_epoch", timed_round)
+    settings = {"arch": "vgg", "batch_size": 4, "precision": "fp32", "augmentation": "light", "optimizer": "adam",
+                "lr": 1e-3, "weight_decay": 0.0, "schedule": "warmup-linear", "warmup_epochs": 0.5, "epochs": None,
+                "planned_steps": None, "label_smoothing": 0.1, "ema_decay": 0.999, "normalization": data.NORMALIZATION}
+    images, labels = torch.zeros(50, 28, 28, dtype=torch.uint8), torch.zeros(50, dtype=torch.long)
+    run = train_cnn.Run(Path("unused.pth"), settings, frozenset(), seed=0)
+    speed = train_cnn.measure_speed(run, torch.device("cpu"), (images, labels), (images, labels))
+    assert calls == [4 * train_cnn.WARMUP_STEPS] + [4 * train_cnn.MEASURED_STEPS] * train_cnn.MEASURED_ROUNDS
+    assert speed["step_seconds"] == pytest.approx(0.5 / train_cnn.MEASURED_STEPS)
 
 
 def test_the_budget_schedules_reach_zero_after_the_planned_step():
