@@ -1,8 +1,10 @@
 """Every command line the README shows, as written there, on a few hundred real MNIST images (--limit / small CSVs)."""
+import subprocess
+
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import run_script, synthetic_mnist
+from conftest import ROOT, run_script, synthetic_mnist
 
 import data
 
@@ -64,6 +66,27 @@ def test_pipeline_b_commands(workspace):
     truth = pd.read_csv(workspace / "data" / "digit-recognizer" / "test_labels.csv")["Label"].to_numpy()
     submission = pd.read_csv(workspace / "submission.csv")["Label"].to_numpy()
     assert float(accuracy.pop()) == pytest.approx((truth == submission).mean(), abs=1e-4)
+
+
+def test_budget_commands(workspace, mnist_dir):
+    # python train_kfold.py --data mnist --archs vgg --n-folds 10 --optimizer adam --augmentation light --budget 105m
+    # (one fold of 300 digits, in 20 s; the speed is measured, so the plan is this machine's)
+    ensemble = run_script("train_kfold.py", "--data", "mnist", "--data-dir", mnist_dir, "--limit", "300", "--archs", "vgg",
+                          "--n-folds", "10", "--folds", "0", "--optimizer", "adam", "--augmentation", "light",
+                          "--batch-size", "32", "--budget", "20s", "--out", "budget_models", cwd=workspace)
+    assert "[vgg fold 0] budget 20s:" in ensemble.stdout and "training took" in ensemble.stdout
+    settings = data.load_checkpoint(workspace / "budget_models" / "vgg_fold0.pth")["settings"]
+    assert settings["schedule"] == "warmup-linear" and settings["augmentation"] == "light" and settings["planned_steps"] >= 1
+
+
+@pytest.mark.parametrize("target, script", [("train", "train_cnn.py"), ("kfold", "train_kfold.py"),
+                                            ("submission", "train_kfold.py")])
+def test_make_passes_budget_to_the_training_script(target, script):
+    # make train BUDGET=3m, and the same variable for both pipeline-B targets (make -n: the commands, not run)
+    commands = subprocess.run(["make", "-n", target, "BUDGET=3m", "PYTHON=python3"], cwd=ROOT, capture_output=True,
+                              text=True, check=True).stdout.splitlines()
+    training = [line for line in commands if script in line]
+    assert len(training) == 1 and "--budget 3m" in " ".join(training[0].split())
 
 
 def test_export_and_image_commands(workspace, tmp_path, small_vgg):
