@@ -394,14 +394,14 @@ def data_fingerprint(images, labels):
     return f"{len(labels)} images, sha256 {digest.hexdigest()[:16]}"
 
 
-def settings_difference(saved, current, may_change=(), added_settings=None):
+def settings_difference(saved, current, may_change, added_settings):
     """(name, saved value, current value) of the first setting that differs outside may_change, else None.
 
     First in the order of `current` (the order the run defines them in), then settings only `saved` has.
     A setting in added_settings that `saved` lacks is read as the value runs had before it existed.
     """
     added = {name: value(saved) if callable(value) else value
-             for name, value in (added_settings or {}).items() if name in current and name not in saved}
+             for name, value in added_settings.items() if name in current and name not in saved}
     saved = {**saved, **added}
     for name in [*current, *(name for name in saved if name not in current)]:
         if name not in may_change and saved.get(name) != current.get(name):
@@ -698,7 +698,7 @@ def add_training_arguments(parser, epochs, optimizer, schedule, patience, augmen
                             f"at the last step (default: {schedule}; with --budget {BUDGET_SCHEDULES[0]}, and only these two)")
     group.add_argument("--lr-step", type=positive_int, default=10, help="step schedule: epochs between learning-rate cuts")
     group.add_argument("--lr-gamma", type=positive_float, default=0.5, help="step schedule: factor at each cut")
-    group.add_argument("--warmup-epochs", type=nonnegative_float, default=0.3, help="warmup-cosine schedule: warm-up length in epochs")
+    group.add_argument("--warmup-epochs", type=nonnegative_float, default=0.3, help="warmup-cosine and warmup-linear: warm-up length in epochs")
 
 
 def resolve_training_arguments(args, epochs, schedule):
