@@ -744,6 +744,9 @@ def parse_args(argv=None):
     inputs = parser.add_argument_group("data")
     add_data_arguments(inputs, default="mnist", split="train")
     inputs.add_argument("--val-fraction", type=fraction, default=0.1, help="stratified validation share of the training set")
+    inputs.add_argument("--no-test-report", action="store_true",
+                        help="train and validate only, never reading the test set: for trials that choose a recipe "
+                             "(the same command without it reuses the model and reports)")
     files = parser.add_argument_group("files")
     files.add_argument("--checkpoint", help="best-model file; reused if complete (default: CNN_best_model.pth, "
                                             "or with --budget CNN_budget_<budget>.pth, so neither blocks the other)")
@@ -759,19 +762,22 @@ def parse_args(argv=None):
 def load_splits(args, device):
     """(train, val, test) as (uint8 images [N, 28, 28], int64 labels [N]) pairs on the device, and the data's fingerprint.
 
-    MNIST brings its own test set; a CSV gives up a stratified --val-fraction of its rows as the test set.
+    MNIST brings its own test set; a CSV gives up a stratified --val-fraction of its rows as the test set. With
+    --no-test-report the test set is None: MNIST's test files are not read, and a CSV's test rows are still held
+    out (so the run trains on what the same command without the flag trains on) but never scored.
     """
     images, labels = load_data(args, "train")
+    test = None
     if args.data == "csv":
-        kept, test = stratified_split(labels, args.val_fraction, args.seed)
-        test_images, test_labels = images[test], labels[test]
+        kept, held_out = stratified_split(labels, args.val_fraction, args.seed)
+        test = images[held_out], labels[held_out]
         images, labels = images[kept], labels[kept]
-    else:
-        test_images, test_labels = load_data(args, "test")
+    elif not args.no_test_report:
+        test = load_data(args, "test")
     train, val = stratified_split(labels, args.val_fraction, args.seed)
+    test_set = None if args.no_test_report else subset_on_device(*test, torch.arange(len(test[1])), device)
     return (subset_on_device(images, labels, train, device), subset_on_device(images, labels, val, device),
-            subset_on_device(test_images, test_labels, torch.arange(len(test_labels)), device),
-            data_fingerprint(images, labels))
+            test_set, data_fingerprint(images, labels))
 
 
 def main(argv=None):
@@ -796,9 +802,13 @@ def train_and_report(args, device, precision, checkpoint):
     settings, flags = training_settings(args, {"arch": "vgg", "data": fingerprint, "split": {"val_fraction": args.val_fraction},
                                                "monitor": "val_loss", "precision": precision})
     run = Run(checkpoint, settings, flags, seed=args.seed, retrain=args.retrain)
+    tested = "no test set (--no-test-report)" if test_set is None else f"{len(test_set[0])} test images"
     print(f"device {device}, precision {precision}, {torch.get_num_threads()} threads; "
-          f"{len(train_set[0])} train / {len(val_set[0])} val / {len(test_set[0])} test images")
+          f"{len(train_set[0])} train / {len(val_set[0])} val / {tested}")
     model, normalization = reuse_or_train(run, finished_checkpoint(run, existing), device, lambda: (train_set, val_set))
+    if test_set is None:
+        print(f"test set not read (--no-test-report); {checkpoint} is the model chosen by validation")
+        return
 
     criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
     test_loss, test_acc = loss_and_accuracy(model, *test_set, criterion, normalization, precision)

@@ -1,5 +1,6 @@
 """End-to-end runs of pipeline A on a few hundred real MNIST images, and its error paths."""
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -85,6 +86,30 @@ def test_trains_on_a_kaggle_csv_with_a_held_out_test_part(tmp_path, mnist_dir):
     result = run_script("train_cnn.py", "--train-csv", "train.csv", "--epochs", "1", "--batch-size", "64", cwd=tmp_path)
     assert "405 train / 45 val / 50 test images" in result.stdout
     assert "accuracy" in result.stdout.splitlines()[-1]
+    # without the report the test rows are still held out: the same training data, so the same run, reused
+    trial = run_script("train_cnn.py", "--train-csv", "train.csv", "--epochs", "1", "--batch-size", "64",
+                       "--no-test-report", cwd=tmp_path)
+    assert "405 train / 45 val / no test set (--no-test-report)" in trial.stdout
+    assert "using CNN_best_model.pth" in trial.stdout and "test loss" not in trial.stdout
+
+
+def test_a_trial_never_reads_the_test_set_and_the_same_command_reports_later(tmp_path, mnist_dir):
+    raw = tmp_path / "mnist" / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for path in (mnist_dir / "MNIST" / "raw").glob("train-*"):
+        shutil.copy(path, raw)
+    args = ["--data-dir", "mnist", "--epochs", "1", "--limit", "300", "--batch-size", "32"]
+    trial = run_script("train_cnn.py", *args, "--no-test-report", cwd=tmp_path)  # MNIST's test files are absent
+    assert "270 train / 30 val / no test set (--no-test-report)" in trial.stdout and "test loss" not in trial.stdout
+    assert trial.stdout.splitlines()[-1] == ("test set not read (--no-test-report); CNN_best_model.pth is the model "
+                                             "chosen by validation")
+    assert data.is_complete(data.load_checkpoint(tmp_path / "CNN_best_model.pth"))
+
+    for path in (mnist_dir / "MNIST" / "raw").glob("t10k-*"):
+        shutil.copy(path, raw)
+    report = run_script("train_cnn.py", *args, cwd=tmp_path)
+    assert "using CNN_best_model.pth" in report.stdout and "epoch   1" not in report.stdout
+    assert "300 test images" in report.stdout and "errors in 300 images" in report.stdout.splitlines()[-1]
 
 
 def test_user_errors_are_one_line_with_exit_code_2(tmp_path):
