@@ -90,6 +90,10 @@ def test_a_budget_run_trains_its_planned_steps_into_its_own_checkpoint(tmp_path,
     assert f"budget 2s: {planned} steps = {planned / 12:.2f} epochs, at 320 img/s measured (fp32)" in result.stdout
     history = json.loads((tmp_path / "CNN_budget_2s.history.json").read_text())
     assert len(history) == settings["epochs"] and "training took" in result.stdout
+    # each epoch's rate is its highest: the peak inside the warm-up epoch, then each decaying epoch's first step
+    assert history[0]["lr"] == pytest.approx(6e-3)
+    assert [h["lr"] for h in history[1:]] == pytest.approx(
+        [6e-3 * train_cnn.lr_factor(12 * k, 12, settings) for k in range(1, len(history))])
     plan = json.loads((tmp_path / "CNN_budget_2s.plan.json").read_text())
     assert plan["settings"] == settings and plan["measured"] == SPEED
     # the default checkpoint is another file: a plain run is not refused for the budget run's settings
