@@ -307,9 +307,10 @@ def train_and_validate(model, data_sets, training, run, epoch):
         raise UserError(f"training diverged in epoch {epoch}: the loss or the weights became NaN or Inf "
                         f"(try a lower --lr); {run.checkpoint} is not marked complete")
     train_seconds = time.perf_counter() - start
-    # the epoch's highest rate, not its first step's: a warm-up epoch starts at a small fraction of the peak
-    per_epoch = steps_per_epoch(len(train_set[0]), settings["batch_size"])
-    lr = settings["lr"] * max(lr_factor(step, per_epoch, settings) for step in range(first_step, training.scheduler.last_epoch))
+    # the epoch's highest rate, not its first step's (a warm-up epoch starts at a small fraction of the peak),
+    # from the schedule's own rule over the steps it just took
+    scheduler = training.scheduler
+    lr = scheduler.base_lrs[0] * max(scheduler.lr_lambdas[0](step) for step in range(first_step, scheduler.last_epoch))
     val_loss, val_acc = loss_and_accuracy(evaluated, *val_set, training.criterion, settings["normalization"],
                                           settings["precision"])
     record = {"epoch": epoch, "train_loss": train_loss, "train_accuracy": train_acc, "val_loss": val_loss, "val_accuracy": val_acc,
