@@ -7,6 +7,7 @@ import argparse
 import contextlib
 import glob
 import gzip
+import hashlib
 import json
 import math
 import os
@@ -741,6 +742,7 @@ def place_model(model, device):
 #   epoch          the epoch these weights are from
 #   precision, metrics {"val_loss", "val_accuracy"}, settings (what defines the run), versions
 #   complete       True once the run that writes it has finished
+#   trained_on     optional: the record of the images the model trained on (see image_hashes); older files lack it
 # Beside NAME.pth: NAME.history.json (one record per epoch) and, while training runs, NAME.resume.pth.
 # What only training writes (the lock, run settings, the resume state) is train_cnn.py's "run files".
 
@@ -794,6 +796,10 @@ def check_checkpoint_fields(path, checkpoint):
     if not isinstance(epoch, int) or isinstance(epoch, bool) or epoch < 0:
         raise UserError(f"{path}: epoch must be a whole number, found {quoted(epoch)}")
     check_state_dict(path, checkpoint["model_state"])
+    record = checkpoint.get("trained_on")
+    if record is not None and not (torch.is_tensor(record) and record.dtype == torch.int64 and record.dim() == 1
+                                   and bool((record[1:] > record[:-1]).all())):
+        raise UserError(f"{path}: trained_on must be a sorted int64 tensor of image hashes, found {quoted(record)}")
 
 def check_state_dict(path, state):
     """A state dict: names -> tensors, every floating-point value finite (a NaN model labels every image 0)."""
@@ -818,6 +824,23 @@ def model_from_checkpoint(path, device, checkpoint=None):
         reason = brief(error, lambda lines: lines[1 if len(lines) > 1 else 0])  # the first says which class failed
         raise UserError(f"{path}: weights do not fit the {arch} architecture ({reason})") from None
     return place_model(model, device).eval(), checkpoint
+
+
+def image_hashes(images):
+    """A 64-bit content hash of each image's 784 bytes (blake2b), as int64 [N]: the same image hashes the same
+    wherever it comes from (MNIST's IDX files, a Kaggle CSV, a photo's 28x28 input), in any order."""
+    rows = images.reshape(len(images), NUM_PIXELS).to("cpu", torch.uint8).numpy()
+    digests = b"".join(hashlib.blake2b(row.tobytes(), digest_size=8).digest() for row in rows)
+    return torch.from_numpy(np.frombuffer(digests, dtype="<i8").copy())
+
+def training_record(images):
+    """What a checkpoint's trained_on holds: the sorted, distinct hashes of the images its model trained on."""
+    return torch.unique(image_hashes(images))
+
+def seen_in_training(hashes, records):
+    """For image hashes [N] and one record per model (None: a checkpoint without one): bool [models, N]."""
+    rows = [torch.zeros(len(hashes), dtype=torch.bool) if r is None else torch.isin(hashes, r) for r in records]
+    return torch.stack(rows) if rows else torch.zeros(0, len(hashes), dtype=torch.bool)
 
 
 def checkpoint_files(paths):

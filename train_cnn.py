@@ -60,6 +60,7 @@ from data import (
     seed_int,
     stratified_split,
     subset_on_device,
+    training_record,
     use_deterministic_algorithms,
     write_json,
 )
@@ -266,6 +267,7 @@ def fit(model, train_set, val_set, run):
     epoch) and leaves the best weights loaded in `model`.
     """
     settings = run.settings
+    trained_on = training_record(train_set[0])  # every checkpoint says which images it trained on
     training = make_training(model, settings, steps_per_epoch(len(train_set[0]), settings["batch_size"]), run.seed)
     progress = restore_run(run, model, training)
     evaluated = model if training.ema is None else training.ema.module
@@ -277,7 +279,7 @@ def fit(model, train_set, val_set, run):
         progress["history"].append(record)
         if is_better(record[monitor], progress["best"], monitor):
             progress.update(best=record[monitor], best_epoch=progress["epoch"], stale_epochs=0)
-            save_checkpoint(run.checkpoint, checkpoint_dict(evaluated, record, settings))
+            save_checkpoint(run.checkpoint, checkpoint_dict(evaluated, record, settings, trained_on))
         else:
             progress["stale_epochs"] += 1
         save_epoch(run, model, training, progress)
@@ -433,12 +435,15 @@ def check_same_run(path, saved_settings, run, resuming):
                         "repeat the original settings, or pass --retrain to start again")
 
 
-def checkpoint_dict(model, record, settings, complete=False):
-    """A checkpoint of `model`'s weights after the epoch `record` (a history entry) describes."""
+def checkpoint_dict(model, record, settings, trained_on):
+    """A checkpoint of `model`'s weights after the epoch `record` (a history entry) describes.
+
+    trained_on: the record of the training images (data.training_record), validation images not counted.
+    """
     return {"model_state": model.state_dict(), "arch": settings["arch"], "normalization": dict(settings["normalization"]),
             "precision": settings["precision"], "epoch": record["epoch"],
             "metrics": {"val_loss": record["val_loss"], "val_accuracy": record["val_accuracy"]},
-            "settings": settings, "versions": library_versions(), "complete": complete}
+            "settings": settings, "versions": library_versions(), "complete": False, "trained_on": trained_on}
 
 
 def mark_complete(path):
