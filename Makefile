@@ -14,7 +14,7 @@ LABELS    ?= $(dir $(TEST_CSV))test_labels.csv
 ARCHS     ?= resnet widecnn
 FOLDS     ?= 0 1 2 3 4
 NPROC     ?= 1
-WEIGHTS   ?= CNN_best_model.pth
+WEIGHTS   ?=
 ARGS      ?=
 GPU_CHECK ?= gpu-check
 
@@ -46,12 +46,9 @@ TRAIN := $(PYTHON) train_cnn.py --data-dir $(DATA_DIR) $(LENGTH_FLAGS) --device 
 train: $(VENV)
 	$(TRAIN)
 
-# make demo uses pipeline A's model when there is one, else a quick model trained for 3 minutes into its own file
-# (which a later make train does not touch); WEIGHTS=... on the command line picks any other.
-QUICK_MODEL := CNN_budget_3m.pth
-DEMO_WEIGHTS := $(if $(filter command line,$(origin WEIGHTS)),$(WEIGHTS),$(if $(wildcard CNN_best_model.pth),CNN_best_model.pth,$(QUICK_MODEL)))
-$(QUICK_MODEL): | $(VENV)
-	$(PYTHON) train_cnn.py --data-dir $(DATA_DIR) --budget 3m --device $(DEVICE)
+# make evaluate and make demo read with pipeline A's CNN_best_model.pth when it is here, else with the released model
+# in weights/ (the scripts say which); WEIGHTS=... picks any other.
+WEIGHTS_FLAG := $(if $(WEIGHTS),--weights $(WEIGHTS))
 
 # Without a Kaggle download, MNIST is exported in Kaggle's format (train.csv, test.csv, test_labels.csv).
 # A pattern rule with two targets is made by one run of its recipe, in every version of make.
@@ -66,10 +63,10 @@ submission: kfold $(TEST_CSV)
 		$(if $(wildcard $(LABELS)),--labels $(LABELS))
 
 evaluate: $(VENV)
-	$(PYTHON) evaluate.py --weights $(WEIGHTS) --data-dir $(DATA_DIR) --device $(DEVICE)
+	$(PYTHON) evaluate.py $(WEIGHTS_FLAG) --data-dir $(DATA_DIR) --device $(DEVICE)
 
-demo: $(VENV) $(DEMO_VENV) $(filter $(QUICK_MODEL),$(DEMO_WEIGHTS))
-	$(PYTHON) predict_tta.py --weights $(DEMO_WEIGHTS) --demo --device $(DEVICE)
+demo: $(VENV) $(DEMO_VENV)
+	$(PYTHON) predict_tta.py $(WEIGHTS_FLAG) --demo --device $(DEVICE)
 
 bench: $(VENV)
 	$(PYTHON) tests/bench.py --data-dir $(DATA_DIR) --out bench.json

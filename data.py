@@ -747,6 +747,11 @@ def place_model(model, device):
 # What only training writes (the lock, run settings, the resume state) is train_cnn.py's "run files".
 
 CHECKPOINT_KEYS = ("model_state", "arch", "normalization", "epoch")
+PIPELINE_A_CHECKPOINT = "CNN_best_model.pth"  # train_cnn.py's checkpoint, and what prediction uses when it is here
+# The released model and its manifest (SHA-256, command, commit, machine, accuracy), beside the scripts (not in the
+# working directory), so a copy of the repository reads with it from anywhere.
+RELEASED_MODEL = Path(__file__).resolve().parent / "weights" / "vgg_mnist.pth"
+RELEASE_MANIFEST = RELEASED_MODEL.with_name("manifest.json")
 
 def history_path(checkpoint_path):
     return Path(checkpoint_path).with_suffix(".history.json")
@@ -767,6 +772,8 @@ def read_checkpoint_file(path, required):
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: no such checkpoint")
+    if same_file(path, RELEASED_MODEL):
+        check_release_digest(path)
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # corrupt zip, pickle with code in it, truncated file, ...
@@ -776,6 +783,14 @@ def read_checkpoint_file(path, required):
     if not isinstance(checkpoint, dict) or not set(required) <= set(checkpoint):
         raise UserError(f"{path}: not a checkpoint of this project (it needs {', '.join(required)})")
     return checkpoint
+
+def check_release_digest(path):
+    """The released model is byte for byte the file its manifest names: a changed or truncated copy is one line."""
+    manifest = read_json(RELEASE_MANIFEST)
+    digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    if digest != manifest.get("sha256"):
+        raise UserError(f"{path}: its SHA-256 is not the one in {RELEASE_MANIFEST.name} (the file was changed or cut "
+                        "short); restore it with `git checkout -- weights/`, or copy weights/ again from the repository")
 
 def load_checkpoint(path):
     """A model checkpoint, read safely and checked field by field."""
@@ -837,7 +852,7 @@ def training_record(images):
     """What a checkpoint's trained_on holds: the sorted, distinct hashes of the images its model trained on."""
     return torch.unique(image_hashes(images))
 
-def seen_in_training(hashes, records):
+def trained_on_mask(hashes, records):
     """For image hashes [N] and one record per model (None: a checkpoint without one): bool [models, N]."""
     rows = [torch.zeros(len(hashes), dtype=torch.bool) if r is None else torch.isin(hashes, r) for r in records]
     return torch.stack(rows) if rows else torch.zeros(0, len(hashes), dtype=torch.bool)

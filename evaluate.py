@@ -1,12 +1,15 @@
 """The evaluation report: metrics and pictures for a model, an ensemble, or a submission file.
 
+    python evaluate.py                                               # CNN_best_model.pth, else the released model
     python evaluate.py --weights CNN_best_model.pth                  # MNIST test set -> reports/CNN_best_model/
     python evaluate.py --weights models --tta 4                      # the k-fold ensemble with TTA
     python evaluate.py --test-csv labelled.csv --weights models      # a labelled Kaggle-format CSV (or --labels)
     python evaluate.py --submission submission.csv --labels test_labels.csv   # score a submission file
 
 Writes confusion_matrix.png, misclassified.png, curves.png (from the history JSON beside each checkpoint),
-metrics.json and predictions.csv. Inference is predict_tta.py's, so the numbers are the submission's.
+metrics.json and predictions.csv. Inference is predict_tta.py's, so the numbers are the submission's. When a model
+trained on some of the images it is scored on (its checkpoint's record says so), the report says how many and marks
+every accuracy in it as not a fair score.
 """
 import json
 from pathlib import Path
@@ -19,6 +22,7 @@ from sklearn.metrics import classification_report, confusion_matrix
 
 from data import (
     EVAL_BATCH_SIZE,
+    PIPELINE_A_CHECKPOINT,
     Parser,
     UserError,
     add_data_arguments,
@@ -37,7 +41,7 @@ from data import (
     write_frame,
     write_json,
 )
-from predict_tta import DigitReader
+from predict_tta import DigitReader, default_weights, say_trained_on
 
 plt.switch_backend("Agg")  # headless: figures go to files, never to a window
 DPI = 120
@@ -66,9 +70,9 @@ def compute_metrics(labels, predicted, probs=None, top=10):
     return metrics
 
 
-def print_metrics(metrics, labels, predicted):
+def print_metrics(metrics, labels, predicted, unfair=""):
     loss = f"  loss {metrics['loss']:.4f}" if "loss" in metrics else ""
-    print(f"accuracy {metrics['accuracy']:.4f}{loss}  errors {metrics['errors']} of {metrics['images']}")
+    print(f"accuracy {metrics['accuracy']:.4f}{loss}  errors {metrics['errors']} of {metrics['images']}{unfair}")
     print(classification_report(labels, predicted, labels=DIGITS, digits=4, zero_division=0))
     confusions = ", ".join(f"{c['true']}→{c['predicted']}: {c['count']}" for c in metrics["top_confusions"])
     print(f"most frequent confusions (true→predicted): {confusions or 'none'}")
@@ -76,13 +80,18 @@ def print_metrics(metrics, labels, predicted):
 
 # ----------------------------------------------------------------------------- figures
 
+def marked(title, unfair):
+    """A figure's title, with a second line saying it is not a fair score when `unfair` (say_trained_on's mark) says so."""
+    return f"{title}\n{unfair.strip(' ()')}" if unfair else title
+
+
 def save_figure(figure, path):
     with atomic_path(path) as tmp:
         figure.savefig(tmp, dpi=DPI, format="png", bbox_inches="tight")
     plt.close(figure)
 
 
-def plot_confusion_matrix(matrix, accuracy, path):
+def plot_confusion_matrix(matrix, accuracy, path, unfair=""):
     """Counts in every cell; a log colour scale so that a handful of errors shows beside thousands of hits."""
     matrix = np.asarray(matrix)
     figure, ax = plt.subplots(figsize=(7.5, 6.5))
@@ -99,11 +108,12 @@ def plot_confusion_matrix(matrix, accuracy, path):
     ax.set_yticks(DIGITS)
     ax.set_xlabel("predicted digit")
     ax.set_ylabel("true digit")
-    ax.set_title(f"Confusion matrix: accuracy {accuracy:.4f} ({matrix.sum() - np.trace(matrix)} errors of {matrix.sum()})")
+    ax.set_title(marked(f"Confusion matrix: accuracy {accuracy:.4f} ({matrix.sum() - np.trace(matrix)} errors of "
+                        f"{matrix.sum()})", unfair))
     save_figure(figure, path)
 
 
-def plot_misclassified(images, labels, predicted, confidence, path, max_errors):
+def plot_misclassified(images, labels, predicted, confidence, path, max_errors, unfair=""):
     """The wrong images, most confident mistakes first, dark ink on white paper, each titled true/pred/confidence."""
     wrong = np.flatnonzero(labels != predicted)
     wrong = wrong[np.argsort(-confidence[wrong], kind="stable")][:max_errors]
@@ -116,8 +126,8 @@ def plot_misclassified(images, labels, predicted, confidence, path, max_errors):
         ax.imshow(images[i], cmap="gray_r", vmin=0, vmax=255)
         ax.set_title(f"true {labels[i]} pred {predicted[i]}\n{confidence[i]:.2f}", fontsize=8)
     total = int((labels != predicted).sum())
-    figure.suptitle(f"Misclassified: {len(wrong)} of {total} errors, most confident first"
-                    if total else "No misclassified images", fontsize=11)
+    title = f"Misclassified: {len(wrong)} of {total} errors, most confident first" if total else "No misclassified images"
+    figure.suptitle(marked(title, unfair), fontsize=11)
     figure.tight_layout()
     save_figure(figure, path)
 
@@ -187,7 +197,8 @@ def write_predictions(path, labels, predicted, confidence):
 def parse_args(argv=None):
     parser = Parser(__doc__)
     inputs = parser.add_argument_group("data")
-    inputs.add_argument("--weights", nargs="+", default=["CNN_best_model.pth"], help="checkpoint files and/or folders of them")
+    inputs.add_argument("--weights", nargs="+", help="checkpoint files and/or folders of them (default: "
+                                                      f"{PIPELINE_A_CHECKPOINT} when it is here, else the released model)")
     add_data_arguments(inputs, default="mnist", split="test")
     inputs.add_argument("--submission", help="score this submission file (ImageId,Label) against --labels; no model needed")
     prediction = parser.add_argument_group("prediction")
@@ -223,20 +234,22 @@ def evaluate_models(args, out):
         raise UserError(f"{args.test_csv}: no labels to evaluate against; give a CSV with a label column, or --labels")
     print(f"{len(reader.ensemble)} models x {len(reader.variants)} TTA variants on {len(images)} images "
           f"({source}); device {reader.device}, precision {reader.precision}")
+    trained_on = reader.trained_on(images)
+    unfair = say_trained_on(trained_on, len(reader.ensemble))
     probs = reader.probabilities(images).numpy()
     labels, predicted, confidence = labels.numpy(), probs.argmax(1), probs.max(1)
     metrics = compute_metrics(labels, predicted, probs)
-    print_metrics(metrics, labels, predicted)
+    print_metrics(metrics, labels, predicted, unfair)
 
-    plot_confusion_matrix(metrics["confusion_matrix"], metrics["accuracy"], out / "confusion_matrix.png")
-    plot_misclassified(images.numpy(), labels, predicted, confidence, out / "misclassified.png", args.max_errors)
+    plot_confusion_matrix(metrics["confusion_matrix"], metrics["accuracy"], out / "confusion_matrix.png", unfair)
+    plot_misclassified(images.numpy(), labels, predicted, confidence, out / "misclassified.png", args.max_errors, unfair)
     if histories:
         plot_curves(histories, out / "curves.png")
     else:
         print("no history JSON beside the checkpoints: curves.png not written")
     write_predictions(out / "predictions.csv", labels, predicted, confidence)
     write_json(out / "metrics.json", {"weights": [str(path) for path in reader.paths], "tta_variants": len(reader.variants),
-                                      "data": str(source), **metrics})
+                                      "data": str(source), "fair_score": not unfair, "trained_on": trained_on, **metrics})
 
 
 REPORT_FILES = ("confusion_matrix.png", "misclassified.png", "curves.png", "predictions.csv", "metrics.json")
@@ -244,6 +257,8 @@ REPORT_FILES = ("confusion_matrix.png", "misclassified.png", "curves.png", "pred
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.weights is None and not args.submission:
+        args.weights = [default_weights()]
     out = Path(args.out) if args.out else default_out(args)
     check_output_folder("--out", out)
     inputs = {"--labels": [args.labels]}

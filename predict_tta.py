@@ -29,6 +29,9 @@ from data import (
     EVAL_BATCH_SIZE,
     IMAGE_SIZE,
     MNIST_FILES,
+    PIPELINE_A_CHECKPOINT,
+    RELEASE_MANIFEST,
+    RELEASED_MODEL,
     Parser,
     TTA_VARIANTS,
     UserError,
@@ -42,6 +45,7 @@ from data import (
     check_outputs,
     find_idx_file,
     find_images,
+    image_hashes,
     is_complete,
     load_checkpoint,
     load_data,
@@ -54,10 +58,12 @@ from data import (
     positive_int,
     preprocess_image,
     progress_bar,
+    read_json,
     resolve_data_arguments,
     run_cli,
     seed_int,
     to_unit_float,
+    trained_on_mask,
     write_frame,
     write_numpy,
     write_submission,
@@ -77,34 +83,48 @@ PAGE_CSS = "#seen img { width: 224px; height: 224px; object-fit: contain; image-
 
 
 def find_checkpoints(paths):
-    """[(path, checkpoint dict)] from files and folders; a folder contributes every complete *.pth in it."""
+    """[(path, checkpoint dict)] of the complete checkpoints that files and folders name (a folder: its *.pth).
+
+    An unfinished checkpoint (its training was stopped, or still runs) is never used, whether named by its file or
+    found in a folder: one line names it and says how to finish it, and the others are used.
+    """
     found = []
     for path in map(Path, paths):
-        if path.is_dir():
-            candidates = [(p, load_checkpoint(p)) for p in checkpoint_files([path])]
-            for skipped, checkpoint in candidates:
-                if not is_complete(checkpoint):
-                    print(f"skipping {skipped}: training did not finish (rerun its training command to resume)")
-            complete = [(p, checkpoint) for p, checkpoint in candidates if is_complete(checkpoint)]
-            if not complete:
-                raise UserError(f"{path}: no complete checkpoint (*.pth) in this folder; train first or pass --weights FILE")
-            found += complete
-        elif path.is_file():
-            found.append((path, load_checkpoint(path)))
-        else:
+        if not path.exists():
             raise UserError(f"{path}: no such checkpoint file or folder; make one with `make train` (pipeline A, "
                             "about 30 minutes on 2 cores) or, in 3 minutes, `python train_cnn.py --budget 3m`, which "
                             "writes CNN_budget_3m.pth")
+        candidates = [(p, load_checkpoint(p)) for p in checkpoint_files([path])]
+        if path.is_dir() and not candidates:
+            raise UserError(f"{path}: no complete checkpoint (*.pth) in this folder; train first or pass --weights FILE")
+        for candidate, checkpoint in candidates:
+            if is_complete(checkpoint):
+                found.append((candidate, checkpoint))
+            else:
+                print(f"skipping {candidate}: {UNFINISHED}")
+    if not found:
+        raise UserError(f"no complete checkpoint in {' '.join(map(str, paths))}: {UNFINISHED}, or pass another --weights")
     return found
 
 
-def load_ensemble(paths, device):
-    """[(model, normalization, path)] for every checkpoint found in paths."""
-    ensemble = []
-    for path, checkpoint in find_checkpoints(paths):
-        model, _ = model_from_checkpoint(path, device, checkpoint)
-        ensemble.append((model, checkpoint["normalization"], path))
-    return ensemble
+UNFINISHED = "training did not finish (rerun its training command to finish it)"
+
+
+def default_weights():
+    """What a prediction uses when no model is named, said in one line on stdout: pipeline A's model in the working
+    directory when it is there and finished, else the released model beside the scripts."""
+    if Path(PIPELINE_A_CHECKPOINT).is_file():
+        if is_complete(load_checkpoint(PIPELINE_A_CHECKPOINT)):
+            print(f"using {PIPELINE_A_CHECKPOINT} (pipeline A's model in this folder; --weights picks another)")
+            return Path(PIPELINE_A_CHECKPOINT)
+        print(f"skipping {PIPELINE_A_CHECKPOINT}: {UNFINISHED}")
+    if not RELEASED_MODEL.is_file():
+        raise UserError(f"no model to read with: {RELEASED_MODEL} is missing (the released model: copy the "
+                        f"repository's weights/ folder beside {Path(__file__).name}), or train one with `make train`")
+    accuracy = read_json(RELEASE_MANIFEST)["mnist_test_accuracy"]
+    print(f"using the released model weights/{RELEASED_MODEL.name} (vgg, MNIST test accuracy {accuracy}; "
+          "--weights picks another)")
+    return RELEASED_MODEL
 
 
 @torch.inference_mode()
@@ -150,7 +170,8 @@ class DigitReader:
     """Read handwritten digits from your own code; submission.csv, --images, the page and evaluate.py all use it.
 
         from predict_tta import DigitReader
-        reader = DigitReader("CNN_best_model.pth")     # a checkpoint, a list of them, or a folder: an ensemble
+        reader = DigitReader()                         # CNN_best_model.pth here, else the released model
+        reader = DigitReader("models")                 # a checkpoint, a list of them, or a folder: an ensemble
         labels, probs = reader.predict("photo.jpg")    # labels int64 [1], probs float32 [1, 10]
         labels, probs = reader.predict(digits)         # MNIST-like uint8 digits [N, 28, 28] or [28, 28]
 
@@ -158,14 +179,19 @@ class DigitReader:
     through preprocess_image (MNIST's recipe) first. A numpy array or torch tensor is taken as MNIST-like already:
     a white digit on black, 28x28, uint8 0..255, shaped [28, 28] or [N, 28, 28]; anything else is refused in one
     line (UserError). The answer is the mean softmax over the models and the first `tta` TTA variants (1: plain
-    prediction), on the CPU; the same inputs, seed and batch size give the same answer.
+    prediction), on the CPU; the same inputs, seed and batch size give the same answer. `trained_on` counts the
+    digits that the models trained on, from the record each checkpoint keeps: no accuracy on those is a fair score.
     """
 
-    def __init__(self, weights, device="auto", precision="auto", tta=1, seed=42, batch_size=EVAL_BATCH_SIZE):
+    def __init__(self, weights=None, device="auto", precision="auto", tta=1, seed=42, batch_size=EVAL_BATCH_SIZE):
         self.device = device if isinstance(device, torch.device) else pick_device(device)
         self.precision = pick_precision(precision, self.device)
         self.variants = tta_variants(tta)
-        self.ensemble = load_ensemble([weights] if isinstance(weights, (str, Path)) else weights, self.device)
+        weights = default_weights() if weights is None else weights
+        found = find_checkpoints([weights] if isinstance(weights, (str, Path)) else weights)
+        self.ensemble = [(model_from_checkpoint(path, self.device, checkpoint)[0], checkpoint["normalization"], path)
+                         for path, checkpoint in found]   # [(model, normalization, path)]
+        self.records = [checkpoint.get("trained_on") for _, checkpoint in found]  # None: saved before records
         self.seed, self.batch_size = seed, batch_size
 
     @property
@@ -190,6 +216,25 @@ class DigitReader:
         digits = mnist_like(digits)
         return ensemble_probabilities(self.ensemble, digits.to(self.device), self.variants, self.precision, self.seed,
                                       self.batch_size).cpu()
+
+    def trained_on(self, digits):
+        """How many of these MNIST-like digits [N, 28, 28] the models trained on: {"images": of the N, any model,
+        "of": N, "models": that trained on any of them, "unrecorded": models whose checkpoint keeps no record}."""
+        seen = trained_on_mask(image_hashes(mnist_like(digits)), self.records)      # bool [models, N]
+        return {"images": int(seen.any(0).sum()), "of": seen.shape[1], "models": int(seen.any(1).sum()),
+                "unrecorded": sum(record is None for record in self.records)}
+
+
+def say_trained_on(count, models):
+    """Print what reader.trained_on counted, one line each; the mark for every accuracy on those images ("" if fair)."""
+    if count["unrecorded"]:
+        print(f"note: {count['unrecorded']} of {models} models were saved without a record of their training images, "
+              "so they are not checked")
+    if not count["images"]:
+        return ""
+    print(f"warning: {count['images']} of {count['of']} images are among the training images of {count['models']} of "
+          f"{models} models: an accuracy on them is not a fair score")
+    return f" (not a fair score: {count['images']} of {count['of']} images trained on)"
 
 
 def mnist_like(digits):
@@ -222,6 +267,7 @@ def predict_images(args, reader):
             problems.append(str(error))
     if digits:
         images = torch.stack(digits)                                                  # uint8 [N, 28, 28]
+        say_trained_on(reader.trained_on(images), len(reader.ensemble))
         probs = reader.probabilities(images)
         top = probs.topk(2, dim=1)
         for path, values, labels in zip(paths, top.values, top.indices):
@@ -260,7 +306,9 @@ def save_preprocessed(folder, paths, images):
 def parse_args(argv=None):
     parser = Parser(__doc__)
     inputs = parser.add_argument_group("data")
-    inputs.add_argument("--weights", nargs="+", default=["models"], help="checkpoint files and/or folders of them")
+    inputs.add_argument("--weights", nargs="+",
+                        help="checkpoint files and/or folders of them (default: models/ for a CSV or --export; for "
+                             f"--images and --demo {PIPELINE_A_CHECKPOINT} when it is here, else the released model)")
     add_data_arguments(inputs, default="csv", split="test")
     images = parser.add_argument_group("own images")
     images.add_argument("--images", nargs="+", help="predict these image files and folders of them (PNG, JPEG, BMP, ...) instead")
@@ -297,6 +345,8 @@ def parse_args(argv=None):
         parser.error("--invert and --show-preprocessed go with --images")
     if args.images is None and args.out is None and not args.demo and not args.export:
         args.out = "submission.csv"
+    if args.weights is None and args.images is None and not args.demo:
+        args.weights = ["models"]
     return args
 
 
@@ -490,6 +540,8 @@ def serve_demo(args):
 def main(argv=None):
     args = parse_args(argv)
     tta_variants(args.tta)  # a bad --tta is one line before anything is loaded
+    if args.weights is None:
+        args.weights = [default_weights()]
     check_paths(args)
     if args.demo:
         return serve_demo(args)
@@ -504,6 +556,7 @@ def main(argv=None):
     passes = len(reader.ensemble) * len(reader.variants)
     print(f"{len(reader.ensemble)} models x {len(reader.variants)} TTA variants = {passes} forward passes per image, "
           f"{len(images)} images; device {reader.device}, precision {reader.precision}")
+    unfair = say_trained_on(reader.trained_on(images), len(reader.ensemble))
 
     start = time.perf_counter()
     probs = reader.probabilities(images)
@@ -517,7 +570,7 @@ def main(argv=None):
         print(f"wrote {args.save_probs}")
     if labels is not None:
         errors = int((predicted != labels).sum())
-        print(f"accuracy {1 - errors / len(labels):.4f} ({errors} errors in {len(labels)} images)")
+        print(f"accuracy {1 - errors / len(labels):.4f} ({errors} errors in {len(labels)} images){unfair}")
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ from data import (
     AUGMENTATIONS,
     EVAL_BATCH_SIZE,
     NORMALIZATION,
+    PIPELINE_A_CHECKPOINT,
     Parser,
     UserError,
     add_data_arguments,
@@ -757,14 +758,14 @@ def parse_args(argv=None):
                         help="train and validate only, never reading the test set: for trials that choose a recipe "
                              "(the same command without it reuses the model and reports)")
     files = parser.add_argument_group("files")
-    files.add_argument("--checkpoint", help="best-model file; reused if complete (default: CNN_best_model.pth, "
-                                            "or with --budget CNN_budget_<budget>.pth, so neither blocks the other)")
+    files.add_argument("--checkpoint", help=f"best-model file; reused if complete (default: {PIPELINE_A_CHECKPOINT}, "
+                                            f"or with --budget CNN_budget_<budget>.pth, so neither blocks the other)")
     files.add_argument("--retrain", action="store_true", help="train even if the checkpoint exists")
     add_training_arguments(parser, epochs=50, optimizer="adam", schedule="step", patience=5, augmentation="light")
     add_device_arguments(parser, training=True)
     args = resolve_training_arguments(resolve_data_arguments(parser.parse_args(argv)), epochs=50, schedule="step")
     if args.checkpoint is None:
-        args.checkpoint = f"CNN_budget_{format_duration(args.budget)}.pth" if args.budget else "CNN_best_model.pth"
+        args.checkpoint = f"CNN_budget_{format_duration(args.budget)}.pth" if args.budget else PIPELINE_A_CHECKPOINT
     return args
 
 

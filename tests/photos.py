@@ -47,7 +47,7 @@ def main():
     import pandas as pd
     import torch
 
-    from predict_tta import ensemble_probabilities, load_ensemble
+    from predict_tta import DigitReader
 
     images, labels = data.load_mnist(args.data_dir, "test")
     images, labels = images[:args.count], labels[:args.count]
@@ -61,12 +61,10 @@ def main():
                     "--out", str(folder / "predictions.csv")], check=True, stdout=subprocess.DEVNULL)
     through_images = pd.read_csv(folder / "predictions.csv")["label"].to_numpy() == labels.numpy()
 
-    device = torch.device("cpu")
-    ensemble = load_ensemble(args.weights, device)
-    precision = data.pick_precision("auto", device)
+    reader = DigitReader(args.weights, "cpu", tta=len(data.TTA_VARIANTS))
 
     def correct(batch):  # uint8 [N, 28, 28] -> how many the ensemble reads right, with predict_tta.py's TTA
-        return int((ensemble_probabilities(ensemble, batch, data.TTA_VARIANTS, precision, 42).argmax(1) == labels).sum())
+        return int((reader.probabilities(batch).argmax(1) == labels).sum())
 
     resized = torch.from_numpy(np.stack([np.asarray(Image.open(path).convert("L").resize((28, 28), Image.BILINEAR))
                                          for path in paths]))

@@ -13,6 +13,7 @@ from conftest import ROOT, assert_user_error, run_script
 
 import data
 import train_kfold
+from predict_tta import DigitReader
 
 TINY = ["--n-folds", "2", "--epochs", "1", "--batch-size", "32"]
 
@@ -52,6 +53,22 @@ def test_kfold_writes_every_job_and_a_summary(trained):
     assert 0 <= summary["ensemble_out_of_fold"] <= 1
     assert "ensemble (OOF)" in result.stdout
     assert not list(models.glob("*.resume.pth"))
+
+
+def test_each_fold_records_its_own_training_images_and_an_ensemble_counts_them(trained):
+    folder, _ = trained
+    images, labels = data.load_csv(folder / "train.csv", labelled=True)
+    folds = train_kfold.fold_indices(labels, 2, 42)
+    models = [folder / "models" / f"resnet_fold{fold}.pth" for fold in (0, 1)]
+    for path, (train_index, _) in zip(models, folds):
+        record = data.load_checkpoint(path)["trained_on"]
+        assert len(record) == len(train_index) and torch.equal(record, data.image_hashes(images[train_index]).sort().values)
+    reader = DigitReader(models, "cpu")
+    fold0_validation = folds[0][1]  # fold 1 trained on these, fold 0 did not
+    assert reader.trained_on(images[fold0_validation]) == {"images": len(fold0_validation), "of": len(fold0_validation),
+                                                           "models": 1, "unrecorded": 0}
+    assert reader.trained_on(images) == {"images": 400, "of": 400, "models": 2, "unrecorded": 0}
+    assert reader.trained_on(data.load_csv(folder / "test.csv", labelled=False)[0])["images"] == 0
 
 
 def test_rerun_skips_complete_jobs(trained):

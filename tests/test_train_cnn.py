@@ -76,7 +76,9 @@ def test_killed_run_resumes_where_it_stopped_and_matches_an_uninterrupted_run(tm
     resumed = run_script("train_cnn.py", *args, cwd=folder)
     assert "resuming CNN_best_model.pth after epoch" in resumed.stdout
     assert history_losses(folder) == history_losses(tmp_path / "straight")
-    assert data.load_checkpoint(folder / "CNN_best_model.pth")["complete"] is True
+    resumed_checkpoint = data.load_checkpoint(folder / "CNN_best_model.pth")
+    assert resumed_checkpoint["complete"] is True
+    assert torch.equal(resumed_checkpoint["trained_on"], data.load_checkpoint(tmp_path / "straight" / "CNN_best_model.pth")["trained_on"])
     assert not resume_file.exists()
 
 

@@ -1,0 +1,102 @@
+"""Make the released model, weights/vgg_mnist.pth, and its manifest from a finished pipeline A checkpoint.
+
+    python tests/release.py --checkpoint ~/runs/release/CNN_best_model.pth --data-dir ../shared/data \
+        --commit 6d75e51 --training-seconds 1500 --command "python train_cnn.py ..."
+
+The weights are stored in half precision (BatchNorm's running statistics stay fp32), after a parity check on
+MNIST's 10,000 test images: the copy, loaded back into the fp32 model and predicted at fp32, must give every label
+the fp32 checkpoint gives, and no probability may differ by more than 1e-3; otherwise nothing is written. The
+manifest records the file's SHA-256 (checked whenever the file is loaded), how it was made, and its test accuracy.
+"""
+import argparse
+import hashlib
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import data  # noqa: E402
+from predict_tta import DigitReader  # noqa: E402
+
+TOLERANCE = 1e-3
+KEPT_IN_FP32 = ("running_mean", "running_var")  # BatchNorm's statistics: small, and sensitive to rounding
+
+
+def half_precision(checkpoint):
+    """The checkpoint with its floating-point weights in fp16, BatchNorm's statistics and everything else as they are."""
+    state = {name: tensor.half() if tensor.is_floating_point() and not name.endswith(KEPT_IN_FP32) else tensor
+             for name, tensor in checkpoint["model_state"].items()}
+    return {**checkpoint, "model_state": state}
+
+
+def machine():
+    """lscpu's model name and the instruction sets that decide the speed (AMX, AVX-512 BF16, AVX2)."""
+    lines = subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines()
+    fields = dict(line.split(":", 1) for line in lines if ":" in line)
+    flags = fields.get("Flags", "").split()
+    kinds = [flag for flag in ("amx_bf16", "avx512_bf16", "avx2") if flag in flags]
+    return f"{fields.get('Model name', platform.processor()).strip()} ({', '.join(kinds)}), {os.cpu_count()} cores"
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="the finished fp32 checkpoint of the release run")
+    p.add_argument("--data-dir", default=data.DEFAULT_DATA_DIR, help="folder holding MNIST/raw")
+    p.add_argument("--command", required=True, help="the command that trained it")
+    p.add_argument("--commit", required=True, help="the commit it was trained at")
+    p.add_argument("--training-seconds", type=float, required=True, help="what its training took ('training took')")
+    args = p.parse_args()
+
+    checkpoint = data.load_checkpoint(args.checkpoint)
+    if not data.is_complete(checkpoint) or checkpoint["arch"] != "vgg" or "trained_on" not in checkpoint:
+        sys.exit(f"{args.checkpoint}: not a finished vgg checkpoint with a record of its training images")
+    images, labels = data.load_mnist(args.data_dir, "test")
+    target = data.RELEASED_MODEL
+    target.parent.mkdir(exist_ok=True)
+    candidate = target.with_name("candidate.pth")
+    data.save_checkpoint(candidate, half_precision(checkpoint))
+    try:
+        full = DigitReader(args.checkpoint, "cpu", "fp32").probabilities(images)
+        half = DigitReader(candidate, "cpu", "fp32").probabilities(images)
+    except BaseException:
+        candidate.unlink()
+        raise
+    labels_differ = int((full.argmax(1) != half.argmax(1)).sum())
+    difference = (full - half).abs().max().item()
+    print(f"fp16 weights against fp32, both predicted at fp32 on {len(images)} MNIST test images: "
+          f"{labels_differ} labels differ, largest probability difference {difference:.2e}")
+    if labels_differ or difference > TOLERANCE:
+        candidate.unlink()
+        sys.exit(f"parity check failed (allowed: 0 labels, {TOLERANCE:.0e}); nothing written")
+    accuracy = (half.argmax(1) == labels).float().mean().item()
+    candidate.replace(target)
+    manifest = {
+        "file": target.name,
+        "sha256": hashlib.sha256(target.read_bytes()).hexdigest(),
+        "bytes": target.stat().st_size,
+        "arch": "vgg",
+        "mnist_test_accuracy": round(accuracy, 4),
+        "accuracy_read": "once, at --precision fp32 with no TTA, after training (never used to choose anything)",
+        "command": args.command,
+        "commit": args.commit,
+        "machine": machine(),
+        "training_seconds": round(args.training_seconds),
+        "trained_on": f"{len(checkpoint['trained_on'])} of MNIST's training images (a stratified "
+                      f"{checkpoint['settings']['split']['val_fraction']} held out for validation)",
+        "precision": "fp16 weights, fp32 BatchNorm statistics; loaded into fp32",
+        "parity": {"labels_differ": labels_differ, "max_probability_difference": float(f"{difference:.2e}"),
+                   "images": len(images)},
+        "versions": data.library_versions(),
+        "note": "committed only here, replaced only when the recipe improves; every version stays in git's history",
+    }
+    data.write_json(data.RELEASE_MANIFEST, manifest)
+    print(f"wrote {target} ({manifest['bytes'] / 1e6:.1f} MB, sha256 {manifest['sha256'][:16]}...), MNIST test accuracy "
+          f"{accuracy:.4f}, and {data.RELEASE_MANIFEST}")
+
+
+if __name__ == "__main__":
+    main()
