@@ -16,7 +16,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import data  # noqa: E402
@@ -49,6 +48,7 @@ def main():
     p.add_argument("--command", required=True, help="the command that trained it")
     p.add_argument("--commit", required=True, help="the commit it was trained at")
     p.add_argument("--training-seconds", type=float, required=True, help="what its training took ('training took')")
+    p.add_argument("--remark", default="", help="anything a reader of the figures should know (e.g. other work beside it)")
     args = p.parse_args()
 
     checkpoint = data.load_checkpoint(args.checkpoint)
@@ -85,6 +85,7 @@ def main():
         "commit": args.commit,
         "machine": machine(),
         "training_seconds": round(args.training_seconds),
+        **({"remark": args.remark} if args.remark else {}),
         "trained_on": f"{len(checkpoint['trained_on'])} of MNIST's training images (a stratified "
                       f"{checkpoint['settings']['split']['val_fraction']} held out for validation)",
         "precision": "fp16 weights, fp32 BatchNorm statistics; loaded into fp32",
