@@ -1,7 +1,9 @@
 """Data from files on disk to a normalized batch on the device, and what every script reads and writes.
 
-In data-flow order: MNIST, Kaggle CSV, the data source, batches, augmentation and TTA, photos, device and
-precision, the checkpoint format as read, files; then command-line plumbing and the export-kaggle command.
+In two parts. The data, in data-flow order: MNIST, Kaggle CSV, the data source, splits and batches, augmentation
+and TTA. Then, below one banner, the machinery: the download and the CSV's cell checks, photos, device and
+precision, the checkpoint format as read (with the record of training images and the released model's check),
+atomic files, command-line plumbing, and the export-kaggle command.
 """
 import argparse
 import contextlib
@@ -88,36 +90,6 @@ def read_idx(path, expected_magic):
         raise UserError(f"{path}: {len(raw)} bytes, but its header announces {dims[0]} items ({expected_bytes} bytes): truncated or corrupt")
     return torch.frombuffer(bytearray(raw), dtype=torch.uint8, offset=header_size).view(*dims)
 
-def download_mnist(data_dir, split):
-    """Fetch MNIST with torchvision into data_dir/MNIST/raw (only called when the files are missing).
-
-    torchvision downloads into a scratch folder beside; only the verified .gz files move into place, so a
-    failed or interrupted download leaves data_dir as it was.
-    """
-    data_dir = Path(data_dir)
-    created = next((p for p in [data_dir, *data_dir.parents][::-1] if not p.exists()), None)  # the first missing folder
-    try:
-        data_dir.mkdir(parents=True, exist_ok=True)
-        scratch = Path(tempfile.mkdtemp(dir=data_dir, prefix=".mnist-download-"))
-    except OSError as error:
-        raise UserError(f"MNIST files not found in {data_dir}/MNIST/raw, and {data_dir} is not writable "
-                        f"({error.strerror or error}); pass --data-dir") from None
-    try:
-        from torchvision.datasets import MNIST  # torchvision, scikit-learn, PIL and tqdm load when first needed
-        MNIST(str(scratch), train=split == "train", download=True)
-        raw = data_dir / "MNIST" / "raw"
-        raw.mkdir(parents=True, exist_ok=True)
-        for stem in MNIST_FILES[split]:
-            os.replace(scratch / "MNIST" / "raw" / f"{stem}.gz", raw / f"{stem}.gz")
-    except Exception as error:  # network errors come in many types; all mean the same to the user
-        if created is not None:
-            shutil.rmtree(created, ignore_errors=True)
-        # torchvision lists every mirror it tried over several lines; the last one says what went wrong
-        reason = brief(error, lambda lines: lines[-1])
-        raise UserError(f"MNIST files not found in {data_dir}/MNIST/raw and the download failed ({reason}); "
-                        "offline, put the four MNIST .gz files there or pass --data-dir") from None
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
 
 def load_mnist(data_dir, split="train"):
     """MNIST's "train" or "test" split as (images uint8 [N, 28, 28], labels int64 [N]), read from data_dir/MNIST/raw."""
@@ -136,62 +108,12 @@ def load_mnist(data_dir, split="train"):
 
 # ----------------------------------------------------------------------------- Kaggle CSV files
 
-MAX_QUOTED = 100  # characters of an offending cell quoted in an error message
 
 def default_kaggle_csv(name):
     """Inside a Kaggle kernel the competition data is mounted read-only under /kaggle/input."""
     folder = KAGGLE_INPUT if KAGGLE_INPUT.is_dir() else Path("data/digit-recognizer")
     return folder / name
 
-def quoted(value):
-    """repr(value), cut to MAX_QUOTED characters: a 5 MB cell must not become a 5 MB error line."""
-    text = repr(value)
-    return text if len(text) <= MAX_QUOTED else text[:MAX_QUOTED] + f"... ({len(text)} characters)"
-
-
-def brief(error, choose=lambda lines: lines[0]):
-    """One line of an exception's message for a one-line error: the line `choose` picks, cut to 2 * MAX_QUOTED."""
-    lines = [line.strip() for line in str(error).splitlines() if line.strip(" )")] or [type(error).__name__]
-    return choose(lines)[:2 * MAX_QUOTED]
-
-
-def check_integers_in_range(path, frame, low, high):
-    """Raise a UserError naming the first cell that is missing, not an integer, or outside low..high."""
-    for column in frame.columns:
-        values = frame[column]
-        if values.dtype.kind in "iu":  # the common case: pandas parsed the whole column as integers
-            bad = (values < low) | (values > high)
-        elif values.dtype.kind == "b":  # True/False is not a pixel value, though pandas would cast it to 1/0
-            bad = pd.Series(True, index=values.index)
-        else:
-            numeric = pd.to_numeric(values.mask(values.map(lambda v: isinstance(v, bool))), errors="coerce")
-            bad = numeric.isna() | (numeric % 1 != 0) | (numeric < low) | (numeric > high)
-        if not bad.any():
-            continue
-        row = int(np.flatnonzero(bad.to_numpy())[0])
-        value = values.iloc[row]
-        value = value.item() if hasattr(value, "item") else value  # numpy scalar -> plain Python for the message
-        if isinstance(value, float) and math.isnan(value):
-            problem = "missing value"
-        else:
-            problem = f"value {quoted(value)} is not an integer in {low}..{high}"
-        raise UserError(f"{path}: line {row + 2}, column {column}: {problem}")
-
-def read_csv_frame(path):
-    """A CSV file (plain, gzip or zip) as a DataFrame; a missing, empty or unparsable file is a UserError naming it."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: no such file")
-    with open(path, "rb") as f:
-        start = f.read(4)
-    # compressed by its content, whatever its name: a gzip or zip file named .csv is read as the CSV inside it
-    compression = "gzip" if start[:2] == b"\x1f\x8b" else "zip" if start == b"PK\x03\x04" else None
-    try:
-        return pd.read_csv(path, engine="c", low_memory=False, compression=compression)
-    except pd.errors.EmptyDataError:
-        raise UserError(f"{path}: the file is empty") from None
-    except (pd.errors.ParserError, UnicodeDecodeError, ValueError, OSError, EOFError, zlib.error) as error:
-        raise UserError(f"{path}: not a readable CSV ({brief(error)})") from None
 
 def load_csv(path, labelled):
     """A Kaggle Digit Recognizer CSV as (images uint8 [N, 28, 28], labels int64 [N] or None), validated.
@@ -245,10 +167,6 @@ def load_submission_csv(path, n_rows=None):
         raise UserError(f"{path}: line {row + 2}: ImageId {frame['ImageId'].iloc[row]}, expected {row + 1} (ImageId must run 1..N in order)")
     return torch.from_numpy(frame["Label"].to_numpy(dtype=np.int64, copy=True))
 
-def write_frame(path, frame):
-    """Write a DataFrame as CSV, atomically (the old file or the new one, never half of one)."""
-    with atomic_path(path) as tmp:
-        frame.to_csv(tmp, index=False)
 
 def write_images_csv(path, images, labels=None):
     """Images uint8 [N, 28, 28] (and labels) in Kaggle's train.csv / test.csv format."""
@@ -466,6 +384,110 @@ def augment(images, augmentation, generator):
         # perspective is applied after the affine, so its inverse comes first when mapping output -> input
         inverse = inverse @ perspective_matrices(offsets * chosen)
     return warp(images, inverse)
+
+
+# ============================================================================= machinery
+# Below: what keeps the data honest and the files whole, which the part above calls: the download and the CSV
+# cell checks, photos, device and precision, the checkpoint format, atomic files, command-line plumbing, and
+# the export-kaggle command.
+
+
+# ----------------------------------------------------------------------------- the download, and the CSV's cell checks
+
+# What keeps a bad file from becoming data: a download lands whole or not at all; every CSV cell is checked
+# and an offending one quoted, briefly, in one line.
+
+def download_mnist(data_dir, split):
+    """Fetch MNIST with torchvision into data_dir/MNIST/raw (only called when the files are missing).
+
+    torchvision downloads into a scratch folder beside; only the verified .gz files move into place, so a
+    failed or interrupted download leaves data_dir as it was.
+    """
+    data_dir = Path(data_dir)
+    created = next((p for p in [data_dir, *data_dir.parents][::-1] if not p.exists()), None)  # the first missing folder
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        scratch = Path(tempfile.mkdtemp(dir=data_dir, prefix=".mnist-download-"))
+    except OSError as error:
+        raise UserError(f"MNIST files not found in {data_dir}/MNIST/raw, and {data_dir} is not writable "
+                        f"({error.strerror or error}); pass --data-dir") from None
+    try:
+        from torchvision.datasets import MNIST  # torchvision, scikit-learn, PIL and tqdm load when first needed
+        MNIST(str(scratch), train=split == "train", download=True)
+        raw = data_dir / "MNIST" / "raw"
+        raw.mkdir(parents=True, exist_ok=True)
+        for stem in MNIST_FILES[split]:
+            os.replace(scratch / "MNIST" / "raw" / f"{stem}.gz", raw / f"{stem}.gz")
+    except Exception as error:  # network errors come in many types; all mean the same to the user
+        if created is not None:
+            shutil.rmtree(created, ignore_errors=True)
+        # torchvision lists every mirror it tried over several lines; the last one says what went wrong
+        reason = brief(error, lambda lines: lines[-1])
+        raise UserError(f"MNIST files not found in {data_dir}/MNIST/raw and the download failed ({reason}); "
+                        "offline, put the four MNIST .gz files there or pass --data-dir") from None
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+MAX_QUOTED = 100  # characters of an offending cell quoted in an error message
+
+
+def quoted(value):
+    """repr(value), cut to MAX_QUOTED characters: a 5 MB cell must not become a 5 MB error line."""
+    text = repr(value)
+    return text if len(text) <= MAX_QUOTED else text[:MAX_QUOTED] + f"... ({len(text)} characters)"
+
+
+def brief(error, choose=lambda lines: lines[0]):
+    """One line of an exception's message for a one-line error: the line `choose` picks, cut to 2 * MAX_QUOTED."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip(" )")] or [type(error).__name__]
+    return choose(lines)[:2 * MAX_QUOTED]
+
+
+def check_integers_in_range(path, frame, low, high):
+    """Raise a UserError naming the first cell that is missing, not an integer, or outside low..high."""
+    for column in frame.columns:
+        values = frame[column]
+        if values.dtype.kind in "iu":  # the common case: pandas parsed the whole column as integers
+            bad = (values < low) | (values > high)
+        elif values.dtype.kind == "b":  # True/False is not a pixel value, though pandas would cast it to 1/0
+            bad = pd.Series(True, index=values.index)
+        else:
+            numeric = pd.to_numeric(values.mask(values.map(lambda v: isinstance(v, bool))), errors="coerce")
+            bad = numeric.isna() | (numeric % 1 != 0) | (numeric < low) | (numeric > high)
+        if not bad.any():
+            continue
+        row = int(np.flatnonzero(bad.to_numpy())[0])
+        value = values.iloc[row]
+        value = value.item() if hasattr(value, "item") else value  # numpy scalar -> plain Python for the message
+        if isinstance(value, float) and math.isnan(value):
+            problem = "missing value"
+        else:
+            problem = f"value {quoted(value)} is not an integer in {low}..{high}"
+        raise UserError(f"{path}: line {row + 2}, column {column}: {problem}")
+
+
+def read_csv_frame(path):
+    """A CSV file (plain, gzip or zip) as a DataFrame; a missing, empty or unparsable file is a UserError naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: no such file")
+    with open(path, "rb") as f:
+        start = f.read(4)
+    # compressed by its content, whatever its name: a gzip or zip file named .csv is read as the CSV inside it
+    compression = "gzip" if start[:2] == b"\x1f\x8b" else "zip" if start == b"PK\x03\x04" else None
+    try:
+        return pd.read_csv(path, engine="c", low_memory=False, compression=compression)
+    except pd.errors.EmptyDataError:
+        raise UserError(f"{path}: the file is empty") from None
+    except (pd.errors.ParserError, UnicodeDecodeError, ValueError, OSError, EOFError, zlib.error) as error:
+        raise UserError(f"{path}: not a readable CSV ({brief(error)})") from None
+
+
+def write_frame(path, frame):
+    """Write a DataFrame as CSV, atomically (the old file or the new one, never half of one)."""
+    with atomic_path(path) as tmp:
+        frame.to_csv(tmp, index=False)
 
 
 # ----------------------------------------------------------------------------- people's own photos and drawings
@@ -848,10 +870,6 @@ def image_hashes(images):
     digests = b"".join(hashlib.blake2b(row.tobytes(), digest_size=8).digest() for row in rows)
     return torch.from_numpy(np.frombuffer(digests, dtype="<i8").copy())
 
-def training_record(images):
-    """What a checkpoint's trained_on holds: the sorted, distinct hashes of the images its model trained on."""
-    return torch.unique(image_hashes(images))
-
 def trained_on_mask(hashes, records):
     """For image hashes [N] and one record per model (None: a checkpoint without one): bool [models, N]."""
     rows = [torch.zeros(len(hashes), dtype=torch.bool) if r is None else torch.isin(hashes, r) for r in records]
@@ -969,12 +987,12 @@ def write_numpy(path, value):
         else:
             np.save(f, value)
 
-def read_json(path):
-    """A JSON file the project wrote; a UserError naming it when it cannot be read."""
+def read_json(path, what="readable JSON", remedy="remove it to start again"):
+    """A JSON file the project wrote; when it cannot be read, a UserError naming it, `what` it is not, and `remedy`."""
     try:
         return json.loads(Path(path).read_text())
     except (OSError, ValueError) as error:
-        raise UserError(f"{path}: not readable JSON ({brief(error)}); remove it to start again") from None
+        raise UserError(f"{path}: not {what} ({brief(error)}); {remedy}") from None
 
 
 def write_json(path, obj):
@@ -1046,7 +1064,7 @@ below_one = checked(float, lambda v: 0 <= v < 1, "in [0, 1)", "below_one")  # la
 def duration(text):
     """An argparse type: a duration such as 90s, 10m, 2h or 1h30m -> seconds (float)."""
     match = re.fullmatch(r"(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s)?", text.strip())
-    seconds = match and sum(float(part or 0) * unit for part, unit in zip(match.groups(), (3600, 60, 1)))
+    seconds = match and sum(float(part or 0) * unit for part, unit in zip(match.groups(), (3600, 60, 1), strict=True))
     if not seconds or not math.isfinite(seconds):
         raise argparse.ArgumentTypeError(f"must be a duration such as 90s, 10m, 2h or 1h30m, got {text}")
     return seconds

@@ -9,9 +9,9 @@
 Writes confusion_matrix.png, misclassified.png, curves.png (from the history JSON beside each checkpoint),
 metrics.json and predictions.csv. Inference is predict_tta.py's, so the numbers are the submission's. When a model
 trained on some of the images it is scored on (its checkpoint's record says so), the report says how many and marks
-every accuracy in it as not a fair score.
+every accuracy in it as not a fair score. In this file: the metrics, the figures, scoring a submission and a
+model, main; below one banner, reading the histories and naming the report's files.
 """
-import json
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -20,8 +20,11 @@ import pandas as pd
 from matplotlib.colors import LogNorm
 from sklearn.metrics import classification_report, confusion_matrix
 
-from data import (
-    EVAL_BATCH_SIZE,
+from data import (  # the story: the test data and the submission
+    load_data,
+    load_submission_csv,
+)
+from data import (  # the machinery: files and command line
     PIPELINE_A_CHECKPOINT,
     Parser,
     UserError,
@@ -29,19 +32,17 @@ from data import (
     add_device_arguments,
     atomic_path,
     check_output_folder,
-    checkpoint_files,
     check_outputs,
+    checkpoint_files,
     history_path,
-    load_data,
-    load_submission_csv,
     positive_int,
+    read_json,
     resolve_data_arguments,
     run_cli,
-    seed_int,
     write_frame,
     write_json,
 )
-from predict_tta import DigitReader, default_weights, say_trained_on
+from predict_tta import DigitReader, add_reader_arguments, default_weights, say_trained_on
 
 plt.switch_backend("Agg")  # headless: figures go to files, never to a window
 DPI = 120
@@ -122,7 +123,7 @@ def plot_misclassified(images, labels, predicted, confidence, path, max_errors, 
     figure, axes = plt.subplots(rows, columns, figsize=(columns * 1.4, rows * 1.65 + 0.5), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
-    for ax, i in zip(axes.flat, wrong):
+    for ax, i in zip(axes.flat, wrong, strict=False):  # more axes than errors
         ax.imshow(images[i], cmap="gray_r", vmin=0, vmax=255)
         ax.set_title(f"true {labels[i]} pred {predicted[i]}\n{confidence[i]:.2f}", fontsize=8)
     total = int((labels != predicted).sum())
@@ -160,60 +161,7 @@ def plot_curves(histories, path):
     save_figure(figure, path)
 
 
-# ----------------------------------------------------------------------------- inputs and outputs
-
-def load_histories(paths):
-    """{checkpoint name: history} for every checkpoint that has a history JSON beside it, each checked."""
-    histories = {}
-    for path in paths:
-        json_path = history_path(path)
-        if not json_path.is_file():
-            continue
-        try:
-            history = json.loads(json_path.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-            raise UserError(f"{json_path}: not a readable history ({error}); move it away to report without curves") from None
-        keys = ("epoch", "train_loss", "val_loss", "train_accuracy", "val_accuracy")
-        if not (isinstance(history, list) and history and all(isinstance(h, dict) and all(
-                isinstance(h.get(k), (int, float)) for k in keys) for h in history)):
-            raise UserError(f"{json_path}: not a history of this project (a list of epochs with {', '.join(keys)})")
-        histories[Path(path).stem] = history
-    return histories
-
-
-def default_out(args):
-    if args.submission:
-        return Path("reports") / Path(args.submission).stem
-    if len(args.weights) == 1:
-        return Path("reports") / Path(args.weights[0]).stem
-    return Path("reports") / "ensemble"
-
-
-def write_predictions(path, labels, predicted, confidence):
-    write_frame(path, pd.DataFrame({"index": np.arange(len(labels)), "true": labels, "predicted": predicted,
-                                    "confidence": np.round(confidence, 6)}))
-
-
-def parse_args(argv=None):
-    parser = Parser(__doc__)
-    inputs = parser.add_argument_group("data")
-    inputs.add_argument("--weights", nargs="+", help="checkpoint files and/or folders of them (default: "
-                                                      f"{PIPELINE_A_CHECKPOINT} when it is here, else the released model)")
-    add_data_arguments(inputs, default="mnist", split="test")
-    inputs.add_argument("--submission", help="score this submission file (ImageId,Label) against --labels; no model needed")
-    prediction = parser.add_argument_group("prediction")
-    prediction.add_argument("--tta", type=positive_int, default=1, help="number of TTA variants, as in predict_tta.py (1 = none)")
-    prediction.add_argument("--batch-size", type=positive_int, default=EVAL_BATCH_SIZE)
-    prediction.add_argument("--seed", type=seed_int, default=42, help="seed of the TTA variants' random shifts")
-    report = parser.add_argument_group("files")
-    report.add_argument("--out", help="report folder (default: reports/<weights or submission name>/)")
-    report.add_argument("--max-errors", type=positive_int, default=48, help="most misclassified images to show")
-    add_device_arguments(parser)
-    args = resolve_data_arguments(parser.parse_args(argv))
-    if args.submission and not args.labels:
-        parser.error("--submission needs --labels")
-    return args
-
+# ----------------------------------------------------------------------------- scoring a submission or models, and main
 
 def score_submission(args, out):
     """Format-check a submission against its answer key and report its metrics."""
@@ -252,9 +200,6 @@ def evaluate_models(args, out):
                                       "data": str(source), "fair_score": not unfair, "trained_on": trained_on, **metrics})
 
 
-REPORT_FILES = ("confusion_matrix.png", "misclassified.png", "curves.png", "predictions.csv", "metrics.json")
-
-
 def main(argv=None):
     args = parse_args(argv)
     if args.weights is None and not args.submission:
@@ -272,6 +217,58 @@ def main(argv=None):
     else:
         evaluate_models(args, out)
     print(f"report written to {out}/")
+
+
+def parse_args(argv=None):
+    parser = Parser(__doc__)
+    inputs = parser.add_argument_group("data")
+    add_data_arguments(inputs, default="mnist", split="test")
+    inputs.add_argument("--submission", help="score this submission file (ImageId,Label) against --labels; no model needed")
+    add_reader_arguments(parser, tta=1, weights=f"{PIPELINE_A_CHECKPOINT} when it is here, else the released model")
+    report = parser.add_argument_group("files")
+    report.add_argument("--out", help="report folder (default: reports/<weights or submission name>/)")
+    report.add_argument("--max-errors", type=positive_int, default=48, help="most misclassified images to show")
+    add_device_arguments(parser)
+    args = resolve_data_arguments(parser.parse_args(argv))
+    if args.submission and not args.labels:
+        parser.error("--submission needs --labels")
+    return args
+
+
+# ============================================================================= machinery
+# Below: the histories beside the checkpoints, read and checked, and the report's files.
+
+
+def load_histories(paths):
+    """{checkpoint name: history} for every checkpoint that has a history JSON beside it, each checked."""
+    histories = {}
+    for path in paths:
+        json_path = history_path(path)
+        if not json_path.is_file():
+            continue
+        history = read_json(json_path, "a readable history", "move it away to report without curves")
+        keys = ("epoch", "train_loss", "val_loss", "train_accuracy", "val_accuracy")
+        if not (isinstance(history, list) and history and all(isinstance(h, dict) and all(
+                isinstance(h.get(k), (int, float)) for k in keys) for h in history)):
+            raise UserError(f"{json_path}: not a history of this project (a list of epochs with {', '.join(keys)})")
+        histories[Path(path).stem] = history
+    return histories
+
+
+def default_out(args):
+    if args.submission:
+        return Path("reports") / Path(args.submission).stem
+    if len(args.weights) == 1:
+        return Path("reports") / Path(args.weights[0]).stem
+    return Path("reports") / "ensemble"
+
+
+def write_predictions(path, labels, predicted, confidence):
+    write_frame(path, pd.DataFrame({"index": np.arange(len(labels)), "true": labels, "predicted": predicted,
+                                    "confidence": np.round(confidence, 6)}))
+
+
+REPORT_FILES = ("confusion_matrix.png", "misclassified.png", "curves.png", "predictions.csv", "metrics.json")
 
 
 if __name__ == "__main__":

@@ -17,8 +17,8 @@ def conv_bn(in_channels, out_channels, activation, stride=1):
     )
 
 
-class Dropout(nn.Module):
-    """nn.Dropout(p) with a cheaper mask: each element is kept with probability 1 - p and scaled to keep the mean.
+class PackedDropout(nn.Module):
+    """nn.Dropout(p) with a packed mask: each element is kept with probability 1 - p and scaled to keep the mean.
 
     nn.Dropout draws one random number per element (bernoulli_), serially on the CPU, a visible share of a training
     step (README, Speed). Here, on the CPU, one 64-bit draw gives four 16-bit ones, so the mask costs a quarter of
@@ -61,7 +61,7 @@ class VGG(nn.Module):
         )
         self.head = nn.Sequential(
             nn.Flatten(),                                    # 6272
-            nn.Linear(128 * 7 * 7, 512, bias=False), nn.BatchNorm1d(512), nn.GELU(), Dropout(0.35),
+            nn.Linear(128 * 7 * 7, 512, bias=False), nn.BatchNorm1d(512), nn.GELU(), PackedDropout(0.35),
             nn.Linear(512, num_classes),
         )
 
@@ -110,7 +110,7 @@ class ResNet(nn.Module):
         self.layer3 = nn.Sequential(ResidualBlock(128, 256, 2), ResidualBlock(256, 256))  # 256x7x7
         self.head = nn.Sequential(
             GlobalAveragePool(), nn.Flatten(),               # 256
-            Dropout(0.4), nn.Linear(256, num_classes),
+            PackedDropout(0.4), nn.Linear(256, num_classes),
         )
 
     def forward(self, x):
@@ -126,7 +126,7 @@ class WideCNN(nn.Module):
         def block(in_channels, out_channels, pool_padding=0):
             return nn.Sequential(
                 conv_bn(in_channels, out_channels, nn.ReLU), conv_bn(out_channels, out_channels, nn.ReLU),
-                nn.MaxPool2d(2, padding=pool_padding), Dropout(0.25),
+                nn.MaxPool2d(2, padding=pool_padding), PackedDropout(0.25),
             )
 
         self.features = nn.Sequential(
@@ -136,7 +136,7 @@ class WideCNN(nn.Module):
         )
         self.head = nn.Sequential(
             nn.Flatten(),                     # 4096
-            nn.Linear(256 * 4 * 4, 512, bias=False), nn.BatchNorm1d(512), nn.ReLU(), Dropout(0.5),
+            nn.Linear(256 * 4 * 4, 512, bias=False), nn.BatchNorm1d(512), nn.ReLU(), PackedDropout(0.5),
             nn.Linear(512, num_classes),
         )
 
@@ -147,8 +147,6 @@ class WideCNN(nn.Module):
 MODELS = {"vgg": VGG, "resnet": ResNet, "widecnn": WideCNN}
 # A fixed number per architecture, part of each k-fold job's seed: a new architecture takes the next one.
 ARCH_NUMBERS = {"vgg": 0, "resnet": 1, "widecnn": 2}
-# Training time per image relative to widecnn, from `make bench` on a CPU (README, Speed): deals k-fold jobs evenly.
-TRAINING_COST = {"vgg": 0.5, "resnet": 2.3, "widecnn": 1.0}
 
 
 def build_model(name):

@@ -2,12 +2,14 @@
 
     python predict_tta.py --test-csv data/digit-recognizer/test.csv               # every complete model in models/
     python predict_tta.py --weights CNN_best_model.pth --data mnist --no-tta      # one model on MNIST's test set
-    python predict_tta.py --weights CNN_best_model.pth --images photo.jpg my_digits/   # people's own images
-    python predict_tta.py --weights CNN_best_model.pth --demo    # draw a digit in the browser (requirements-demo.txt)
+    python predict_tta.py --images photo.jpg my_digits/       # people's own images, with the released model
+    python predict_tta.py --demo                              # draw a digit in the browser (requirements-demo.txt)
     python predict_tta.py --weights models --export digits.onnx  # one ONNX graph (requirements-export.txt)
 
-From Python: `DigitReader` below. Each checkpoint brings its own architecture and normalization. The same inputs,
-seed and batch size give the same submission: each TTA variant draws its random shifts from its own seeded generator.
+Each checkpoint brings its own architecture and normalization. The same inputs, seed and batch size give the same
+submission: each TTA variant draws its random shifts from its own seeded generator. In this file: TTA over the
+ensemble, `DigitReader` (the Python entry point everything predicts through), the submission, then main and own
+images; below one banner, finding the checkpoints, checking paths, the ONNX export and the draw-a-digit page.
 """
 import contextlib
 import copy
@@ -25,107 +27,54 @@ import pandas as pd
 import torch
 from torch import nn
 
-from data import (
+from data import (  # the story: batches, TTA, the checkpoint's model, the submission
     EVAL_BATCH_SIZE,
     IMAGE_SIZE,
+    TTA_VARIANTS,
+    autocast,
+    batch_indices,
+    image_hashes,
+    load_data,
+    model_from_checkpoint,
+    model_input,
+    pick_device,
+    pick_precision,
+    preprocess_image,
+    progress_bar,
+    to_unit_float,
+    trained_on_mask,
+    write_submission,
+)
+from data import (  # the machinery: files, checks, command line
     MNIST_FILES,
     PIPELINE_A_CHECKPOINT,
     RELEASE_MANIFEST,
     RELEASED_MODEL,
     Parser,
-    TTA_VARIANTS,
     UserError,
     add_data_arguments,
     add_device_arguments,
     atomic_path,
-    autocast,
-    batch_indices,
     check_output_folder,
-    checkpoint_files,
     check_outputs,
+    checkpoint_files,
     find_idx_file,
     find_images,
-    image_hashes,
     is_complete,
     load_checkpoint,
-    load_data,
     load_mnist,
-    model_from_checkpoint,
-    model_input,
-    pick_device,
-    pick_precision,
     port_number,
     positive_int,
-    preprocess_image,
-    progress_bar,
     read_json,
     resolve_data_arguments,
     run_cli,
     seed_int,
-    to_unit_float,
-    trained_on_mask,
     write_frame,
     write_numpy,
-    write_submission,
 )
 
-DEMO_HOST, DEMO_PORT = "127.0.0.1", 7860
-# --demo serves one drawing or photo at a time: options about files and batches have nothing to act on
-NOT_WITH_DEMO = ("--images", "--invert", "--show-preprocessed", "--data", "--data-dir", "--test-csv", "--labels",
-                 "--out", "--save-probs", "--batch-size")
-# --export writes a graph of the models alone: prediction's options have nothing to act on
-NOT_WITH_EXPORT = ("--images", "--invert", "--show-preprocessed", "--test-csv", "--labels", "--out", "--save-probs",
-                   "--demo", "--tta")
-CANVAS_SIZE = 280  # pixels a side; the brush is a tenth of that wide, as MNIST's strokes are of its 28 pixels
-MAX_UPLOAD = "50mb"  # refused before it is stored; a phone's photo of a digit is a few MB
-# The 28x28 input is shown 8x enlarged with every pixel a sharp square, so a thin or off-centre digit is plain to see.
-PAGE_CSS = "#seen img { width: 224px; height: 224px; object-fit: contain; image-rendering: pixelated; }"
 
-
-def find_checkpoints(paths):
-    """[(path, checkpoint dict)] of the complete checkpoints that files and folders name (a folder: its *.pth).
-
-    An unfinished checkpoint (its training was stopped, or still runs) is never used, whether named by its file or
-    found in a folder: one line names it and says how to finish it, and the others are used.
-    """
-    found = []
-    for path in map(Path, paths):
-        if not path.exists():
-            raise UserError(f"{path}: no such checkpoint file or folder; make one with `make train` (pipeline A, "
-                            "about 30 minutes on 2 cores) or, in 3 minutes, `python train_cnn.py --budget 3m`, which "
-                            "writes CNN_budget_3m.pth")
-        candidates = [(p, load_checkpoint(p)) for p in checkpoint_files([path])]
-        if path.is_dir() and not candidates:
-            raise UserError(f"{path}: no complete checkpoint (*.pth) in this folder; train first or pass --weights FILE")
-        for candidate, checkpoint in candidates:
-            if is_complete(checkpoint):
-                found.append((candidate, checkpoint))
-            else:
-                print(f"skipping {candidate}: {UNFINISHED}")
-    if not found:
-        raise UserError(f"no complete checkpoint in {' '.join(map(str, paths))}: {UNFINISHED}, or pass another --weights")
-    return found
-
-
-UNFINISHED = "training did not finish (rerun its training command to finish it)"
-
-
-def default_weights():
-    """What a prediction uses when no model is named, said in one line on stdout: pipeline A's model in the working
-    directory when it is there and finished, else the released model beside the scripts."""
-    if Path(PIPELINE_A_CHECKPOINT).is_file():
-        if is_complete(load_checkpoint(PIPELINE_A_CHECKPOINT)):
-            print(f"using {PIPELINE_A_CHECKPOINT} (pipeline A's model in this folder; --weights picks another)")
-            return Path(PIPELINE_A_CHECKPOINT)
-        print(f"skipping {PIPELINE_A_CHECKPOINT}: {UNFINISHED}")
-    if not RELEASED_MODEL.is_file():
-        raise UserError(f"no model to read with: {RELEASED_MODEL} is missing (the released model: copy the "
-                        f"repository's weights/ folder beside {Path(__file__).name}), or train one with `make train`")
-    accuracy = read_json(RELEASE_MANIFEST)["mnist_test_accuracy"]
-    print(f"using the released model weights/{RELEASED_MODEL.name} (vgg, MNIST test accuracy {accuracy}; "
-          "--weights picks another)")
-    return RELEASED_MODEL
-
+# ----------------------------------------------------------------------------- test-time augmentation over the ensemble
 
 @torch.inference_mode()
 def ensemble_probabilities(ensemble, images, variants, precision, seed, batch_size=EVAL_BATCH_SIZE):
@@ -142,7 +91,7 @@ def ensemble_probabilities(ensemble, images, variants, precision, seed, batch_si
     batches = batch_indices(len(images), batch_size)
     progress = progress_bar(len(batches), "predict")
     for index in batches:
-        for variant, generator in zip(variants, generators):
+        for variant, generator in zip(variants, generators, strict=True):
             x = to_unit_float(images[index], variant, generator)          # [B, 1, 28, 28] in 0..1
             for m, (model, normalization, _) in enumerate(ensemble):
                 with autocast(device, precision):
@@ -151,7 +100,7 @@ def ensemble_probabilities(ensemble, images, variants, precision, seed, batch_si
                 total[index] += torch.softmax(logits, 1)
         progress.update()
     progress.close()
-    for ok, (_, _, path) in zip(finite.tolist(), ensemble):
+    for ok, (_, _, path) in zip(finite.tolist(), ensemble, strict=True):
         if not ok:
             raise UserError(f"{path}: the model's outputs are NaN or Inf on these images; nothing was written")
     return total / (len(ensemble) * len(variants))
@@ -225,18 +174,6 @@ class DigitReader:
                 "unrecorded": sum(record is None for record in self.records)}
 
 
-def say_trained_on(count, models):
-    """Print what reader.trained_on counted, one line each; the mark for every accuracy on those images ("" if fair)."""
-    if count["unrecorded"]:
-        print(f"note: {count['unrecorded']} of {models} models were saved without a record of their training images, "
-              "so they are not checked")
-    if not count["images"]:
-        return ""
-    print(f"warning: {count['images']} of {count['of']} images are among the training images of {count['models']} of "
-          f"{models} models: an accuracy on them is not a fair score")
-    return f" (not a fair score: {count['images']} of {count['of']} images trained on)"
-
-
 def mnist_like(digits):
     """Digits as uint8 [N, 28, 28] tensors, from a numpy array or tensor of [28, 28] or [N, 28, 28] uint8."""
     if isinstance(digits, np.ndarray):
@@ -253,73 +190,73 @@ def mnist_like(digits):
     return digits.cpu()
 
 
-# ----------------------------------------------------------------------------- own images (--images)
-
-def predict_images(args, reader):
-    """Predict each image file; a bad file is one line on stderr, and a UserError ends the run after the others."""
-    files, problems = find_images(args.images)
-    paths, digits = [], []
-    for path in files:
-        try:
-            digits.append(reader.digits(path, args.invert)[0])
-            paths.append(path)
-        except UserError as error:
-            problems.append(str(error))
-    if digits:
-        images = torch.stack(digits)                                                  # uint8 [N, 28, 28]
-        say_trained_on(reader.trained_on(images), len(reader.ensemble))
-        probs = reader.probabilities(images)
-        top = probs.topk(2, dim=1)
-        for path, values, labels in zip(paths, top.values, top.indices):
-            print(f"{path}: {labels[0]} ({values[0]:.2f}), next {labels[1]} ({values[1]:.2f})")
-        if args.out:
-            frame = pd.DataFrame(probs.numpy().round(6), columns=[f"p{d}" for d in range(10)])
-            frame.insert(0, "path", [str(path) for path in paths])
-            frame.insert(1, "label", top.indices[:, 0].numpy())
-            frame.insert(2, "probability", top.values[:, 0].numpy().round(6))
-            write_frame(args.out, frame)
-            print(f"wrote {args.out} ({len(paths)} rows)")
-        if args.show_preprocessed:
-            save_preprocessed(Path(args.show_preprocessed), paths, images)
-    for problem in problems:
-        print(f"error: {problem}", file=sys.stderr)
-    if problems:
-        raise UserError(f"{len(problems)} of the inputs could not be predicted (each named above)")
+def say_trained_on(count, models):
+    """Print what reader.trained_on counted, one line each; the mark for every accuracy on those images ("" if fair)."""
+    if count["unrecorded"]:
+        print(f"note: {count['unrecorded']} of {models} models were saved without a record of their training images, "
+              "so they are not checked")
+    if not count["images"]:
+        return ""
+    print(f"warning: {count['images']} of {count['of']} images are among the training images of {count['models']} of "
+          f"{models} models: an accuracy on them is not a fair score")
+    return f" (not a fair score: {count['images']} of {count['of']} images trained on)"
 
 
-def preprocessed_names(paths):
-    """A distinct PNG name per input: digit.png and digit.jpg become digit_28x28.png and digit.jpg_28x28.png."""
-    stems = [path.stem for path in paths]
-    return [f"{path.stem if stems.count(path.stem) == 1 else path.name}_28x28.png" for path in paths]
+# ----------------------------------------------------------------------------- the submission
+
+def predict_submission(args, reader):
+    """submission.csv for the test CSV (or MNIST's test set), scored when it has labels; the probabilities too."""
+    images, labels = load_data(args, "test")
+    passes = len(reader.ensemble) * len(reader.variants)
+    print(f"{len(reader.ensemble)} models x {len(reader.variants)} TTA variants = {passes} forward passes per image, "
+          f"{len(images)} images; device {reader.device}, precision {reader.precision}")
+    unfair = say_trained_on(reader.trained_on(images), len(reader.ensemble))
+
+    start = time.perf_counter()
+    probs = reader.probabilities(images)
+    seconds = time.perf_counter() - start
+    predicted = probs.argmax(1)
+    print(f"predicted in {seconds:.1f}s ({len(images) / seconds:.0f} images/s, "
+          f"{len(images) * passes / seconds:.0f} forward passes/s)")
+    write_submission(args.out, predicted)
+    print(f"wrote {args.out} ({len(predicted)} rows)")
+    if args.save_probs:
+        write_numpy(args.save_probs, probs.numpy())
+        print(f"wrote {args.save_probs}")
+    if labels is not None:
+        errors = int((predicted != labels).sum())
+        print(f"accuracy {1 - errors / len(labels):.4f} ({errors} errors in {len(labels)} images){unfair}")
 
 
-def save_preprocessed(folder, paths, images):
-    """The 28x28 inputs exactly as the model saw them (before normalization), one PNG per file."""
-    from PIL import Image
-    names = preprocessed_names(paths)
-    for name, image in zip(names, images):
-        with atomic_path(folder / name) as tmp:
-            Image.fromarray(image.numpy()).save(tmp, format="PNG")
-    print(f"wrote {len(set(names))} preprocessed images to {folder}/")
+# ----------------------------------------------------------------------------- the command line and own images (--images)
+
+def main(argv=None):
+    args = parse_args(argv)
+    tta_variants(args.tta)  # a bad --tta is one line before anything is loaded
+    if args.weights is None:
+        args.weights = [default_weights()]
+    check_paths(args)
+    if args.demo:
+        return serve_demo(args)
+    if args.export:
+        import_onnx()  # before the models load: without the packages, that is the one line
+        return export_onnx(reader_for(args), args.export, args.data_dir)
+    if args.images:
+        return predict_images(args, reader_for(args))
+    return predict_submission(args, reader_for(args))
 
 
 def parse_args(argv=None):
     parser = Parser(__doc__)
     inputs = parser.add_argument_group("data")
-    inputs.add_argument("--weights", nargs="+",
-                        help="checkpoint files and/or folders of them (default: models/ for a CSV or --export; for "
-                             f"--images and --demo {PIPELINE_A_CHECKPOINT} when it is here, else the released model)")
     add_data_arguments(inputs, default="csv", split="test")
     images = parser.add_argument_group("own images")
     images.add_argument("--images", nargs="+", help="predict these image files and folders of them (PNG, JPEG, BMP, ...) instead")
     images.add_argument("--invert", choices=["auto", "yes", "no"], default="auto",
                         help="with --images: make the ink white on black; auto inverts when the border is light")
     images.add_argument("--show-preprocessed", help="with --images: save the 28x28 images the model saw to this folder")
-    prediction = parser.add_argument_group("prediction")
-    prediction.add_argument("--tta", type=positive_int, default=len(TTA_VARIANTS), help="number of TTA variants (1 = none)")
-    prediction.add_argument("--no-tta", dest="tta", action="store_const", const=1, help="plain prediction, same as --tta 1")
-    prediction.add_argument("--batch-size", type=positive_int, default=EVAL_BATCH_SIZE)
-    prediction.add_argument("--seed", type=seed_int, default=42, help="seed of the TTA variants' random shifts")
+    add_reader_arguments(parser, tta=len(TTA_VARIANTS), weights="models/ for a CSV or --export; for --images and "
+                         f"--demo {PIPELINE_A_CHECKPOINT} when it is here, else the released model")
     files = parser.add_argument_group("files")
     files.add_argument("--out", help="CSV to write (default: submission.csv; with --images, only written when given)")
     files.add_argument("--save-probs", help="also save the averaged probabilities [N, 10] to this .npy file")
@@ -350,10 +287,134 @@ def parse_args(argv=None):
     return args
 
 
+def add_reader_arguments(parser, tta, weights):
+    """The flags that pick the models and how they read, shared with evaluate.py: each script gives its own default
+    number of TTA variants and says what --weights defaults to."""
+    group = parser.add_argument_group("prediction")
+    group.add_argument("--weights", nargs="+", help=f"checkpoint files and/or folders of them (default: {weights})")
+    group.add_argument("--tta", type=positive_int, default=tta, help="number of TTA variants (1 = none)")
+    group.add_argument("--no-tta", dest="tta", action="store_const", const=1, help="plain prediction, same as --tta 1")
+    group.add_argument("--batch-size", type=positive_int, default=EVAL_BATCH_SIZE)
+    group.add_argument("--seed", type=seed_int, default=42, help="seed of the TTA variants' random shifts")
+
+
+def reader_for(args):
+    """The DigitReader the command line asks for."""
+    return DigitReader(args.weights, args.device, args.precision, args.tta, args.seed, args.batch_size)
+
+
+def predict_images(args, reader):
+    """Predict each image file; a bad file is one line on stderr, and a UserError ends the run after the others."""
+    files, problems = find_images(args.images)
+    paths, digits = [], []
+    for path in files:
+        try:
+            digits.append(reader.digits(path, args.invert)[0])
+            paths.append(path)
+        except UserError as error:
+            problems.append(str(error))
+    if digits:
+        images = torch.stack(digits)                                                  # uint8 [N, 28, 28]
+        say_trained_on(reader.trained_on(images), len(reader.ensemble))
+        probs = reader.probabilities(images)
+        top = probs.topk(2, dim=1)
+        for path, values, labels in zip(paths, top.values, top.indices, strict=True):
+            print(f"{path}: {labels[0]} ({values[0]:.2f}), next {labels[1]} ({values[1]:.2f})")
+        if args.out:
+            frame = pd.DataFrame(probs.numpy().round(6), columns=[f"p{d}" for d in range(10)])
+            frame.insert(0, "path", [str(path) for path in paths])
+            frame.insert(1, "label", top.indices[:, 0].numpy())
+            frame.insert(2, "probability", top.values[:, 0].numpy().round(6))
+            write_frame(args.out, frame)
+            print(f"wrote {args.out} ({len(paths)} rows)")
+        if args.show_preprocessed:
+            save_preprocessed(Path(args.show_preprocessed), paths, images)
+    for problem in problems:
+        print(f"error: {problem}", file=sys.stderr)
+    if problems:
+        raise UserError(f"{len(problems)} of the inputs could not be predicted (each named above)")
+
+
+def preprocessed_names(paths):
+    """A distinct PNG name per input: digit.png and digit.jpg become digit_28x28.png and digit.jpg_28x28.png."""
+    stems = [path.stem for path in paths]
+    return [f"{path.stem if stems.count(path.stem) == 1 else path.name}_28x28.png" for path in paths]
+
+
+def save_preprocessed(folder, paths, images):
+    """The 28x28 inputs exactly as the model saw them (before normalization), one PNG per file."""
+    from PIL import Image
+    names = preprocessed_names(paths)
+    for name, image in zip(names, images, strict=True):
+        with atomic_path(folder / name) as tmp:
+            Image.fromarray(image.numpy()).save(tmp, format="PNG")
+    print(f"wrote {len(set(names))} preprocessed images to {folder}/")
+
+
+# ============================================================================= machinery
+# Below: finding the checkpoints (the released model when none is named), checking options and paths before any
+# work, the ONNX export, and the draw-a-digit page; all of them read through DigitReader.
+
+
+def find_checkpoints(paths):
+    """[(path, checkpoint dict)] of the complete checkpoints that files and folders name (a folder: its *.pth).
+
+    An unfinished checkpoint (its training was stopped, or still runs) is never used, whether named by its file or
+    found in a folder: one line names it and says how to finish it, and the others are used.
+    """
+    found = []
+    for path in map(Path, paths):
+        if not path.exists():
+            raise UserError(f"{path}: no such checkpoint file or folder; make one with `make train` (pipeline A, "
+                            "about 30 minutes on 2 cores) or, in 3 minutes, `python train_cnn.py --budget 3m`, which "
+                            "writes CNN_budget_3m.pth")
+        candidates = [(p, load_checkpoint(p)) for p in checkpoint_files([path])]
+        if path.is_dir() and not candidates:
+            raise UserError(f"{path}: no complete checkpoint (*.pth) in this folder; train first or pass --weights FILE")
+        for candidate, checkpoint in candidates:
+            if is_complete(checkpoint):
+                found.append((candidate, checkpoint))
+            else:
+                print(f"skipping {candidate}: {UNFINISHED}")
+    if not found:
+        raise UserError(f"no complete checkpoint in {' '.join(map(str, paths))}: {UNFINISHED}, or pass another --weights")
+    return found
+
+
+UNFINISHED = "training did not finish (rerun its training command to finish it)"
+
+
+def default_weights():
+    """What a prediction uses when no model is named, said in one line on stdout: pipeline A's model in the working
+    directory when it is there and finished, else the released model beside the scripts."""
+    if Path(PIPELINE_A_CHECKPOINT).is_file():
+        if is_complete(load_checkpoint(PIPELINE_A_CHECKPOINT)):
+            print(f"using {PIPELINE_A_CHECKPOINT} (pipeline A's model in this folder; --weights picks another)")
+            return Path(PIPELINE_A_CHECKPOINT)
+        print(f"skipping {PIPELINE_A_CHECKPOINT}: {UNFINISHED}")
+    if not RELEASED_MODEL.is_file():
+        raise UserError(f"no model to read with: {RELEASED_MODEL} is missing (the released model: copy the "
+                        f"repository's weights/ folder beside {Path(__file__).name}), or train one with `make train`")
+    accuracy = read_json(RELEASE_MANIFEST)["mnist_test_accuracy"]
+    print(f"using the released model weights/{RELEASED_MODEL.name} (vgg, MNIST test accuracy {accuracy}; "
+          "--weights picks another)")
+    return RELEASED_MODEL
+
+
+# --demo serves one drawing or photo at a time: options about files and batches have nothing to act on
+NOT_WITH_DEMO = ("--images", "--invert", "--show-preprocessed", "--data", "--data-dir", "--test-csv", "--labels",
+                 "--out", "--save-probs", "--batch-size")
+
+
+# --export writes a graph of the models alone: prediction's options have nothing to act on
+NOT_WITH_EXPORT = ("--images", "--invert", "--show-preprocessed", "--test-csv", "--labels", "--out", "--save-probs",
+                   "--demo", "--tta")
+
+
 def changed_options(parser, args, flags):
     """The flags among `flags` whose value differs from their default, that is, that were given."""
     dests = [flag[2:].replace("-", "_") for flag in flags]
-    return [flag for flag, dest in zip(flags, dests) if getattr(args, dest) != parser.get_default(dest)]
+    return [flag for flag, dest in zip(flags, dests, strict=True) if getattr(args, dest) != parser.get_default(dest)]
 
 
 def check_paths(args):
@@ -368,6 +429,7 @@ def check_paths(args):
 
 
 # ----------------------------------------------------------------------------- ONNX export (--export)
+
 # One fp32 graph: uint8 digits [N, 28, 28] in (N free), the ensemble's mean softmax [N, 10] out, normalization
 # inside. TTA stays out: its variants draw seeded random shifts, which a graph would fix once.
 
@@ -386,7 +448,7 @@ class EnsembleGraph(nn.Module):
 
     def forward(self, digits):
         x = digits.unsqueeze(1).float() / 255                                         # [N, 1, 28, 28] in 0..1
-        probs = [torch.softmax(model((x - mean) / std), 1) for model, (mean, std) in zip(self.models, self.normalizations)]
+        probs = [torch.softmax(model((x - mean) / std), 1) for model, (mean, std) in zip(self.models, self.normalizations, strict=True)]
         return torch.stack(probs).mean(0)                                             # [N, 10]
 
 
@@ -439,6 +501,13 @@ def export_onnx(reader, path, data_dir):
 
 
 # ----------------------------------------------------------------------------- the draw-a-digit page (--demo)
+
+DEMO_HOST, DEMO_PORT = "127.0.0.1", 7860
+CANVAS_SIZE = 280  # pixels a side; the brush is a tenth of that wide, as MNIST's strokes are of its 28 pixels
+MAX_UPLOAD = "50mb"  # refused before it is stored; a phone's photo of a digit is a few MB
+# The 28x28 input is shown 8x enlarged with every pixel a sharp square, so a thin or off-centre digit is plain to see.
+PAGE_CSS = "#seen img { width: 224px; height: 224px; object-fit: contain; image-rendering: pixelated; }"
+
 
 def import_gradio(folder):
     """The gradio module, with analytics off and what it writes (uploads, images it serves, matplotlib's font cache)
@@ -516,11 +585,6 @@ def check_can_serve(host, port):
         raise UserError(f"cannot serve on {host}:{port}: {error.strerror or error}; pick another --port or --host") from None
 
 
-def reader_for(args):
-    """The DigitReader the command line asks for."""
-    return DigitReader(args.weights, args.device, args.precision, args.tta, args.seed, args.batch_size)
-
-
 def serve_demo(args):
     """Serve the page until Ctrl-C; Gradio's uploads and served images live in a temporary folder removed at exit."""
     with tempfile.TemporaryDirectory(prefix="predict_tta-demo-") as folder:
@@ -535,42 +599,6 @@ def serve_demo(args):
                                 quiet=True, prevent_thread_lock=True)
         print(f"draw a digit at {url} (Ctrl-C to stop)")
         page.block_thread()
-
-
-def main(argv=None):
-    args = parse_args(argv)
-    tta_variants(args.tta)  # a bad --tta is one line before anything is loaded
-    if args.weights is None:
-        args.weights = [default_weights()]
-    check_paths(args)
-    if args.demo:
-        return serve_demo(args)
-    if args.export:
-        import_onnx()  # before the models load: without the packages, that is the one line
-    reader = reader_for(args)
-    if args.export:
-        return export_onnx(reader, args.export, args.data_dir)
-    if args.images:
-        return predict_images(args, reader)
-    images, labels = load_data(args, "test")
-    passes = len(reader.ensemble) * len(reader.variants)
-    print(f"{len(reader.ensemble)} models x {len(reader.variants)} TTA variants = {passes} forward passes per image, "
-          f"{len(images)} images; device {reader.device}, precision {reader.precision}")
-    unfair = say_trained_on(reader.trained_on(images), len(reader.ensemble))
-
-    start = time.perf_counter()
-    probs = reader.probabilities(images)
-    seconds = time.perf_counter() - start
-    predicted = probs.argmax(1)
-    print(f"predicted in {seconds:.1f}s ({len(images) / seconds:.0f} images/s, {len(images) * passes / seconds:.0f} forward passes/s)")
-    write_submission(args.out, predicted)
-    print(f"wrote {args.out} ({len(predicted)} rows)")
-    if args.save_probs:
-        write_numpy(args.save_probs, probs.numpy())
-        print(f"wrote {args.save_probs}")
-    if labels is not None:
-        errors = int((predicted != labels).sum())
-        print(f"accuracy {1 - errors / len(labels):.4f} ({errors} errors in {len(labels)} images){unfair}")
 
 
 if __name__ == "__main__":

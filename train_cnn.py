@@ -1,12 +1,26 @@
-"""Pipeline A: train the VGG-style CNN on MNIST (or a Kaggle train.csv) and report test accuracy.
+"""Pipeline A: one VGG-style CNN on MNIST (or a Kaggle train.csv), then its test accuracy.
 
-    python train_cnn.py --data-dir ../shared/data          # 50 epochs: test accuracy 0.9966 (README, Results)
+The recipe, RECIPE below (each value is a flag, grouped in --help)
+    model           vgg (models.py): two conv pairs with pooling and Dropout2d, a 128-channel conv, an MLP head
+    data            MNIST's 60,000 training digits, a stratified 10% held out for validation; the test set is read
+                    once, at the end, to report (a CSV gives up a stratified 10% of its rows as the test set)
+    augmentation    light, per image on the device: rotation up to 10 degrees, shift up to 10%, scale 0.9-1.1
+    optimizer       Adam, peak rate 1e-3, batches of 128
+    schedule        step: x0.5 every 10 epochs; 50 epochs, early stop after 5 without a lower validation loss
+    regularization  label smoothing 0.1; an EMA of the weights (decay 0.999), which is validated, saved and used
+    result          MNIST test accuracy 0.9966 in 1,820 s on 2 Intel Xeon cores with AMX (README, Results). The
+                    best recipe known, --epochs 30 --schedule warmup-linear --lr 6e-3, reaches 0.9971 +- 0.0003 over
+                    3 seeds in about 1,400 s on 2 AMD EPYC cores; the released model in weights/ is its seed 42
+    --budget 10m    the run measures its own speed, then plans its steps to end within 10 minutes, warmup-linear
+                    from a peak of 6e-3 to zero on the planned last step (README, Training to a time budget)
+
+    python train_cnn.py --data-dir ../shared/data          # the recipe: CNN_best_model.pth, then the test report
     python train_cnn.py --epochs 3 --limit 2000 --retrain   # a quick smoke run
 
-The epoch, validation and fit functions below are shared with train_kfold.py, and so are the run files (lock,
-settings, resume state). The training loop keeps the whole data set on the device and never waits for it inside
-an epoch: metrics accumulate there and are read once per epoch. An interrupted run resumes from its last epoch
-when the command is repeated, and reproduces the uninterrupted run.
+In this file: the training step, the optimizer, schedule and EMA, fit (epochs, validation, early stopping), then
+main; below one banner, the machinery that keeps runs safe (lock, settings check, exact resume, budget planning).
+The loop keeps the whole data set on the device and reads its metrics once per epoch. train_kfold.py trains its
+jobs with the same functions.
 """
 import contextlib
 import copy
@@ -14,43 +28,49 @@ import hashlib
 import io
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from data import (
+from data import (  # the story: data, batches, augmentation, precision
     AUGMENTATIONS,
     EVAL_BATCH_SIZE,
     NORMALIZATION,
+    autocast,
+    batch_indices,
+    load_data,
+    pick_device,
+    pick_precision,
+    place_model,
+    prepare_batch,
+    progress_bar,
+    stratified_split,
+    subset_on_device,
+)
+from data import (  # the machinery: checkpoints, files, command line
     PIPELINE_A_CHECKPOINT,
     Parser,
     UserError,
     add_data_arguments,
     add_device_arguments,
-    autocast,
-    batch_indices,
     below_one,
     check_outputs,
     check_state_dict,
     duration,
     format_duration,
+    fraction,
     history_path,
+    image_hashes,
     is_complete,
     library_versions,
     load_checkpoint,
-    load_data,
     model_from_checkpoint,
     nonnegative_float,
-    pick_device,
-    pick_precision,
-    place_model,
     positive_float,
     positive_int,
-    fraction,
-    prepare_batch,
-    progress_bar,
     quoted,
     read_checkpoint_file,
     read_json,
@@ -59,24 +79,28 @@ from data import (
     run_cli,
     save_checkpoint,
     seed_int,
-    stratified_split,
-    subset_on_device,
-    training_record,
     use_deterministic_algorithms,
     write_json,
 )
 from models import build_model
 
+# Pipeline A's recipe: argparse's defaults, and what --epochs, --lr and --schedule resolve to when not given (their
+# flags default to None, since --budget decides them). train_kfold.py's recipe starts from this one.
+RECIPE = {"batch_size": 128, "epochs": 50, "patience": 5, "seed": 42, "val_fraction": 0.1,
+          "optimizer": "adam", "lr": 1e-3, "weight_decay": 1e-4,
+          "augmentation": "light", "label_smoothing": 0.1, "ema_decay": 0.999,
+          "schedule": "step", "lr_step": 10, "lr_gamma": 0.5, "warmup_epochs": 0.3}
+# The schedules that reach zero on the last step, whatever its number: the ones a --budget run may use.
+BUDGET_SCHEDULES = ("warmup-linear", "warmup-cosine")
+# What --budget changes: the first of those schedules, and a higher peak rate that only such a schedule bears
+# (chosen on validation, docs/measurements.md).
+BUDGET_RECIPE = {"schedule": BUDGET_SCHEDULES[0], "lr": 6e-3}
 # Each schedule and the settings it reads besides --lr and --epochs (see lr_factor).
 SCHEDULE_SETTINGS = {"step": ("lr_step", "lr_gamma"), "cosine": (), "warmup-cosine": ("warmup_epochs",),
                      "warmup-linear": ("warmup_epochs",)}
-# The schedules that reach zero on the last step, whatever its number: the ones a --budget run may use.
-BUDGET_SCHEDULES = ("warmup-linear", "warmup-cosine")
-# A budget's peak learning rate unless --lr says otherwise, chosen on validation (docs/measurements.md).
-LR, BUDGET_LR = 1e-3, 6e-3
 
 
-# ----------------------------------------------------------------------------- one epoch
+# ----------------------------------------------------------------------------- the training step
 
 @dataclass
 class Training:
@@ -87,6 +111,10 @@ class Training:
     scaler: torch.amp.GradScaler
     generators: dict  # "shuffle" and "augment": torch.Generator on the device
     ema: "EMA | None"
+
+    def evaluated(self, model):
+        """What is validated, saved and predicted: the EMA's weights when the EMA is on, else the model itself."""
+        return model if self.ema is None else self.ema.module
 
 
 def train_one_epoch(model, images, labels, training, settings):
@@ -240,7 +268,7 @@ def model_tensors(model):
     return [t.detach() for t in (*model.parameters(), *model.buffers())]
 
 
-# ----------------------------------------------------------------------------- fit: epochs, early stopping, files
+# ----------------------------------------------------------------------------- fit: epochs, validation, early stopping
 
 def make_training(model, settings, steps, seed):
     """The optimizer, schedule (`steps` per epoch), loss, gradient scaler, generators and EMA of a new run."""
@@ -268,10 +296,10 @@ def fit(model, train_set, val_set, run):
     epoch) and leaves the best weights loaded in `model`.
     """
     settings = run.settings
-    trained_on = training_record(train_set[0])  # every checkpoint says which images it trained on
+    trained_on = training_record(train_set[0])  # every checkpoint says which images its model trained on
     training = make_training(model, settings, steps_per_epoch(len(train_set[0]), settings["batch_size"]), run.seed)
     progress = restore_run(run, model, training)
-    evaluated = model if training.ema is None else training.ema.module
+    evaluated = training.evaluated(model)
     monitor = settings["monitor"]
     patience = math.inf if settings.get("budget") else settings["patience"]  # a budget's plan is the run
     while progress["epoch"] < settings["epochs"] and progress["stale_epochs"] < patience:
@@ -302,7 +330,7 @@ def train_and_validate(model, data_sets, training, run, epoch):
     data_sets: (train_set, val_set). With the EMA on, the EMA weights are validated, and the plain ones beside.
     """
     (train_set, val_set), settings = data_sets, run.settings
-    evaluated = model if training.ema is None else training.ema.module
+    evaluated = training.evaluated(model)
     start = time.perf_counter()
     first_step = training.scheduler.last_epoch  # LambdaLR's count of optimizer steps so far
     train_loss, train_acc, finite, seen = train_one_epoch(model, *train_set, training, settings)
@@ -340,14 +368,174 @@ def is_better(value, best, monitor):
 
 def all_finite(model):
     """True when every parameter and buffer is finite (read once per epoch)."""
-    tensors = [t for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()]
-    return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
+    return bool(torch.stack([torch.isfinite(t).all() for t in model_tensors(model) if t.is_floating_point()]).all())
 
 
-# ----------------------------------------------------------------------------- run files
-# What only training writes and reads: the lock on a checkpoint, the data fingerprint and run settings that
-# say which run a file belongs to, the resume state, marking a checkpoint complete. The checkpoint format
-# itself, as every script reads it, is data.py's.
+# ----------------------------------------------------------------------------- pipeline A's command line and main
+
+def parse_args(argv=None):
+    parser = Parser(__doc__)
+    inputs = parser.add_argument_group("data")
+    add_data_arguments(inputs, default="mnist", split="train")
+    inputs.add_argument("--val-fraction", type=fraction, default=RECIPE["val_fraction"],
+                        help="stratified validation share of the training set")
+    inputs.add_argument("--no-test-report", action="store_true",
+                        help="train and validate only, never reading the test set: for trials that choose a recipe "
+                             "(the same command without it reuses the model and reports)")
+    add_training_arguments(parser, RECIPE, parser.add_argument_group("model and length"))
+    add_device_arguments(parser, training=True)
+    files = parser.add_argument_group("files")
+    files.add_argument("--checkpoint", help=f"best-model file; reused if complete (default: {PIPELINE_A_CHECKPOINT}, "
+                                            "or with --budget CNN_budget_<budget>.pth, so neither blocks the other)")
+    files.add_argument("--retrain", action="store_true", help="train even if the checkpoint exists")
+    args = resolve_training_arguments(resolve_data_arguments(parser.parse_args(argv)), RECIPE)
+    if args.checkpoint is None:
+        args.checkpoint = f"CNN_budget_{format_duration(args.budget)}.pth" if args.budget else PIPELINE_A_CHECKPOINT
+    return args
+
+
+def add_training_arguments(parser, recipe, model):
+    """The training flags both pipelines share, in the groups a reader tunes by, with the pipeline's recipe as
+    defaults; `model` is the script's "model and length" group, which gets the length flags after its own."""
+    model.add_argument("--epochs", type=positive_int,
+                       help=f"the schedule's length (default: {recipe['epochs']}; not with --budget)")
+    model.add_argument("--patience", type=positive_int, default=recipe["patience"],
+                       help="early stop after this many epochs without improvement")
+    model.add_argument("--seed", type=seed_int, default=recipe["seed"],
+                       help="the seed of the split, the initial weights, the shuffling and the augmentation")
+    group = parser.add_argument_group("optimizer")
+    group.add_argument("--optimizer", choices=["adam", "adamw"], default=recipe["optimizer"])
+    group.add_argument("--lr", type=positive_float,
+                       help=f"peak learning rate (default: {recipe['lr']}, with --budget {BUDGET_RECIPE['lr']})")
+    group.add_argument("--batch-size", type=positive_int, default=recipe["batch_size"])
+    group.add_argument("--weight-decay", type=nonnegative_float, default=recipe["weight_decay"],
+                       help="AdamW's decoupled weight decay (not used by adam)")
+    group = parser.add_argument_group("regularization")
+    group.add_argument("--augmentation", choices=AUGMENTATIONS, default=recipe["augmentation"])
+    group.add_argument("--label-smoothing", type=below_one, default=recipe["label_smoothing"])
+    group.add_argument("--ema-decay", type=below_one, default=recipe["ema_decay"],
+                       help="the EMA of the weights: its decay per step (warmed up from 0.1); 0 turns it off")
+    group = parser.add_argument_group("schedule")
+    group.add_argument("--schedule", choices=SCHEDULE_SETTINGS,
+                       help="step: x --lr-gamma every --lr-step epochs; cosine: cosine to 0 by epoch; "
+                            "warmup-cosine, warmup-linear: linear warm-up over --warmup-epochs, then cosine or linear "
+                            f"to 0 at the last step (default: {recipe['schedule']}; with --budget "
+                            f"{BUDGET_RECIPE['schedule']}, and only these two)")
+    group.add_argument("--lr-step", type=positive_int, default=recipe["lr_step"],
+                       help="step schedule: epochs between learning-rate cuts")
+    group.add_argument("--lr-gamma", type=positive_float, default=recipe["lr_gamma"],
+                       help="step schedule: factor at each cut")
+    group.add_argument("--warmup-epochs", type=nonnegative_float, default=recipe["warmup_epochs"],
+                       help="warmup-cosine and warmup-linear: warm-up length in epochs")
+    group = parser.add_argument_group("time budget")
+    group.add_argument("--budget", type=duration,
+                       help="train for this long instead of --epochs (90s, 10m, 2h): the run measures its speed, "
+                            "then plans its steps")
+
+
+def resolve_training_arguments(args, recipe):
+    """Fill in --epochs, --schedule and --lr: the recipe's, or under --budget a schedule that ends at zero and a
+    higher peak rate, which only such a schedule bears."""
+    if args.budget is None:
+        args.epochs = args.epochs or recipe["epochs"]
+        args.schedule = args.schedule or recipe["schedule"]
+        args.lr = args.lr or recipe["lr"]
+        return args
+    args.lr = args.lr or BUDGET_RECIPE["lr"]
+    if args.epochs is not None:
+        raise UserError("--budget plans the number of steps itself; give --budget or --epochs, not both")
+    if args.schedule not in (None, *BUDGET_SCHEDULES):
+        raise UserError(f"--schedule {args.schedule} does not end at zero on a planned step; "
+                        f"with --budget use {' or '.join(BUDGET_SCHEDULES)} (the default is {BUDGET_RECIPE['schedule']})")
+    args.schedule = args.schedule or BUDGET_RECIPE["schedule"]
+    return args
+
+
+def load_splits(args, device):
+    """(train, val, test) as (uint8 images [N, 28, 28], int64 labels [N]) pairs on the device, and the data's fingerprint.
+
+    MNIST brings its own test set; a CSV gives up a stratified --val-fraction of its rows as the test set. With
+    --no-test-report the test set is None: MNIST's test files are not read, and a CSV's test rows are still held
+    out (so the run trains on what the same command without the flag trains on) but never scored.
+    """
+    images, labels = load_data(args, "train")
+    test = None
+    if args.data == "csv":
+        kept, held_out = stratified_split(labels, args.val_fraction, args.seed)
+        test = images[held_out], labels[held_out]
+        images, labels = images[kept], labels[kept]
+    elif not args.no_test_report:
+        test = load_data(args, "test")
+    train, val = stratified_split(labels, args.val_fraction, args.seed)
+    test_set = None if args.no_test_report else subset_on_device(*test, torch.arange(len(test[1])), device)
+    return (subset_on_device(images, labels, train, device), subset_on_device(images, labels, val, device),
+            test_set, data_fingerprint(images, labels))
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.use_deterministic_algorithms:
+        use_deterministic_algorithms()
+    device = pick_device(args.device)
+    precision = pick_precision(args.precision, device)
+    checkpoint = Path(args.checkpoint)
+    check_outputs({"--checkpoint": [checkpoint, history_path(checkpoint), resume_path(checkpoint), plan_path(checkpoint)]},
+                  {"--train-csv": [args.train_csv] if args.data == "csv" else []})
+    with checkpoint_lock(checkpoint):
+        train_and_report(args, device, precision, checkpoint)
+
+
+def train_and_report(args, device, precision, checkpoint):
+    existing = existing_checkpoint(checkpoint, args.retrain)
+    if existing is not None and is_complete(existing) and existing["arch"] != "vgg":  # before the data is read
+        raise UserError(f"{checkpoint} holds a {existing['arch']} model, not pipeline A's vgg; "
+                        "pass another --checkpoint or --retrain")
+    train_set, val_set, test_set, fingerprint = load_splits(args, device)
+    settings, flags = training_settings(args, {"arch": "vgg", "data": fingerprint, "split": {"val_fraction": args.val_fraction},
+                                               "monitor": "val_loss", "precision": precision})
+    run = Run(checkpoint, settings, flags, seed=args.seed, retrain=args.retrain)
+    tested = "no test set (--no-test-report)" if test_set is None else f"{len(test_set[0])} test images"
+    print(f"device {device}, precision {precision}, {torch.get_num_threads()} threads; "
+          f"{len(train_set[0])} train / {len(val_set[0])} val / {tested}")
+    adopt_saved_plan(run, existing)
+    finished = finished_checkpoint(run, existing)
+    if finished is not None:
+        model, normalization = reused_model(run, finished, device)
+    else:
+        started = time.perf_counter()
+        if needs_plan(run):
+            plan_budget([(run, lambda: (train_set, val_set), 0)], device, started)
+        model, normalization = train_new_model(run, device, train_set, val_set, started)
+    if test_set is None:
+        print(f"test set not read (--no-test-report); {checkpoint} is the model chosen by validation")
+        return
+
+    criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
+    test_loss, test_acc = loss_and_accuracy(model, *test_set, criterion, normalization, precision)
+    errors = round((1 - test_acc) * len(test_set[0]))
+    print(f"test loss {test_loss:.4f}  accuracy {test_acc:.4f} ({errors} errors in {len(test_set[0])} images)")
+
+
+def train_new_model(run, device, train_set, val_set, started):
+    """(model, normalization): a freshly initialised model trained by fit; the time since `started` is logged."""
+    model = new_model(run.settings["arch"], device, run.seed)
+    fit(model, train_set, val_set, run)
+    run.log(f"training took {time.perf_counter() - started:.0f}s")
+    return model, run.settings["normalization"]
+
+
+def reused_model(run, finished, device):
+    """(model, normalization) of the run's finished checkpoint (its contents: `finished`), said in one line."""
+    model, _ = model_from_checkpoint(run.checkpoint, device, finished)
+    run.log(f"using {run.checkpoint} (epoch {finished['epoch']}); --retrain to train again")
+    return model, finished["normalization"]
+
+
+# ============================================================================= machinery
+# Below: what keeps a run safe and exact, which the story above calls: the lock on a checkpoint, the data
+# fingerprint and the record of training images, the run settings and their check, the resume state, finishing a
+# checkpoint, and training to a time budget. The checkpoint format itself, as every script reads it, is data.py's.
+
 
 @dataclass
 class Run:
@@ -357,7 +545,7 @@ class Run:
     flags: frozenset  # the settings given on the command line, named --flag in messages
     seed: int
     retrain: bool = False
-    log: callable = print
+    log: Callable[[str], None] = print
     # Settings added after checkpoints were first written: a file without one was made with this value (or, for
     # a function, the value it gives for the file's other settings), so finished models stay valid.
     added_settings: dict = field(default_factory=dict)
@@ -401,6 +589,30 @@ def data_fingerprint(images, labels):
     return f"{len(labels)} images, sha256 {digest.hexdigest()[:16]}"
 
 
+def training_record(images):
+    """What a checkpoint's trained_on holds: the sorted, distinct hashes (data.image_hashes) of the images its model
+    trained on, the validation images not counted."""
+    return torch.unique(image_hashes(images))
+
+
+def training_settings(args, run_of):
+    """Everything that defines a training run, as plain values: the loop reads them, checkpoints record them.
+
+    run_of: what the script says the run is of (arch, data fingerprint, split, monitor, precision); then the
+    flags that act in the run (weight decay only for adamw, only this schedule's parameters), so changing a
+    flag that does not act is not another run. Returns (settings, the names of those taken from flags).
+    """
+    budget = args.budget is not None  # then the plan sets the epochs, and early stopping does not act
+    flags = ["seed", "optimizer", "lr", "schedule", *([] if budget else ["epochs"]), "batch_size", "label_smoothing",
+             "augmentation", "ema_decay", *([] if budget else ["patience"]),
+             *(["weight_decay"] if args.optimizer == "adamw" else []), *SCHEDULE_SETTINGS[args.schedule],
+             *(["budget"] if budget else [])]
+    settings = {**run_of, "normalization": dict(NORMALIZATION), **{name: getattr(args, name) for name in flags}}
+    if budget:
+        settings.update(planned_steps=None, epochs=None, patience=None)  # fixed by the plan (see plan_budget)
+    return settings, frozenset(flags)
+
+
 def settings_difference(saved, current, may_change, added_settings):
     """(name, saved value, current value) of the first setting that differs outside may_change, else None.
 
@@ -436,10 +648,25 @@ def check_same_run(path, saved_settings, run, resuming):
                         "repeat the original settings, or pass --retrain to start again")
 
 
+def existing_checkpoint(path, retrain):
+    """The contents of a run's checkpoint file, read and checked; None when there is none or under --retrain."""
+    path = Path(path)
+    return load_checkpoint(path) if path.exists() and not retrain else None
+
+
+def finished_checkpoint(run, existing):
+    """`existing` (the checkpoint file's contents, or None) when it is this run's finished model, else None (train);
+    one line when it is the finished model of other settings."""
+    if existing is None or not is_complete(existing):
+        return None
+    check_same_run(run.checkpoint, existing.get("settings"), run, resuming=False)
+    return existing
+
+
 def checkpoint_dict(model, record, settings, trained_on):
     """A checkpoint of `model`'s weights after the epoch `record` (a history entry) describes.
 
-    trained_on: the record of the training images (data.training_record), validation images not counted.
+    trained_on: the record of the training images (training_record), validation images not counted.
     """
     return {"model_state": model.state_dict(), "arch": settings["arch"], "normalization": dict(settings["normalization"]),
             "precision": settings["precision"], "epoch": record["epoch"],
@@ -472,6 +699,8 @@ def restore_run(run, model, training):
     A resume file of another run (architecture, settings, device type) is one line, before anything is loaded.
     """
     resume = resume_path(run.checkpoint)
+    if run.retrain:  # --retrain starts again, whatever an earlier run left
+        resume.unlink(missing_ok=True)
     if not resume.exists():
         return {"epoch": 0, "best": None, "best_epoch": None, "stale_epochs": 0, "history": []}
     device = next(model.parameters()).device
@@ -532,46 +761,11 @@ def new_model(arch, device, seed):
     return place_model(build_model(arch), device)
 
 
-def finished_checkpoint(run, existing=None):
-    """The run's complete checkpoint, if it has one of these settings (None: train); one line if it is another run's.
+# Training to a time budget: with --budget a run measures its own speed on its first steps (after a warm-up, on this
+# machine, at this precision), then fixes its number of optimizer steps so that training and its validation passes
+# end within the budget, and its schedule reaches zero on that planned step. The plan becomes part of the run's
+# settings, kept in <stem>.plan.json beside the checkpoint, so a rerun or a resume on any machine finishes the same plan.
 
-    existing: the checkpoint file's contents when the caller has read them already (read here otherwise).
-    """
-    if existing is None and run.checkpoint.exists() and not run.retrain:
-        existing = load_checkpoint(run.checkpoint)
-    adopt_saved_plan(run, existing)
-    if existing is None or not is_complete(existing):
-        return None
-    check_same_run(run.checkpoint, existing.get("settings"), run, resuming=False)
-    return existing
-
-
-def reuse_or_train(run, existing, device, data_sets):
-    """(model, normalization): the finished checkpoint's model, or a new one trained by fit.
-
-    data_sets: a function returning (train_set, val_set) on the device, called only when training.
-    """
-    if existing is not None:
-        model, _ = model_from_checkpoint(run.checkpoint, device, existing)
-        run.log(f"using {run.checkpoint} (epoch {existing['epoch']}); --retrain to train again")
-        return model, existing["normalization"]
-    if run.retrain:
-        resume_path(run.checkpoint).unlink(missing_ok=True)
-    start = time.perf_counter()
-    train_set, val_set = data_sets()
-    if run.settings.get("budget") and run.settings["planned_steps"] is None:
-        plan_budget(run, device, train_set, val_set, start)
-    model = new_model(run.settings["arch"], device, run.seed)
-    fit(model, train_set, val_set, run)
-    run.log(f"training took {time.perf_counter() - start:.0f}s")
-    return model, run.settings["normalization"]
-
-
-# ----------------------------------------------------------------------------- training to a time budget
-# With --budget a run measures its own speed on its first steps (after a warm-up, on this machine, at this
-# precision), then fixes its number of optimizer steps so that training and its validation passes end within
-# the budget, and its schedule reaches zero on that planned step. The plan becomes part of the run's settings,
-# kept in <stem>.plan.json beside the checkpoint, so a rerun or a resume on any machine finishes the same plan.
 
 PLAN_KEYS = ("planned_steps", "epochs")
 WARMUP_STEPS, MEASURED_STEPS, MEASURED_ROUNDS = 3, 10, 3
@@ -585,11 +779,16 @@ def without_plan(settings):
     return {name: value for name, value in settings.items() if name not in PLAN_KEYS}
 
 
+def needs_plan(run):
+    """True for a budgeted run that has not fixed its number of steps yet."""
+    return bool(run.settings.get("budget")) and run.settings["planned_steps"] is None
+
+
 def adopt_saved_plan(run, existing):
-    """A budgeted run without a plan takes the one it made before, for these same settings (its plan file, else
-    its checkpoint, `existing`: None when there is none or --retrain); True when it has a plan."""
-    if not run.settings.get("budget") or run.settings["planned_steps"] is not None:
-        return run.settings.get("planned_steps") is not None
+    """A budgeted run without a plan takes the one it made before for these same settings: from its plan file, else
+    from its checkpoint (`existing`: the file's contents, or None)."""
+    if not needs_plan(run):
+        return
     candidates = []
     if plan_path(run.checkpoint).exists() and not run.retrain:
         candidates.append(read_json(plan_path(run.checkpoint)).get("settings"))
@@ -598,8 +797,32 @@ def adopt_saved_plan(run, existing):
     for saved in candidates:
         if isinstance(saved, dict) and without_plan(saved) == without_plan(run.settings):
             run.settings.update({name: saved[name] for name in PLAN_KEYS})
-            return True
-    return False
+            return
+
+
+def plan_budget(jobs, device, started):
+    """Fix the plan of every job so that all of them end within their --budget since `started` (perf_counter).
+
+    jobs: [(run, data_sets, images predicted after training)], data_sets a function giving (train_set, val_set) on
+    the device. Each architecture is measured once, on its first job, and every job gets the same number of steps,
+    so the budget is shared by their measured cost (pipeline A: one job; train_kfold.py: a rank's unplanned jobs).
+    """
+    budget = jobs[0][0].settings["budget"]
+    speeds, costs = {}, []
+    for run, data_sets, after_images in jobs:
+        train_set, val_set = data_sets()
+        arch = run.settings["arch"]
+        if arch not in speeds:
+            speeds[arch] = measure_speed(run, device, train_set, val_set)
+        step, epoch = measured_costs(speeds[arch], len(val_set[0]), run.settings)
+        costs.append((steps_per_epoch(len(train_set[0]), run.settings["batch_size"]), step, epoch,
+                      after_images * speeds[arch]["val_image_seconds"]))
+    spent = time.perf_counter() - started
+    planned = plan_steps(budget - spent, costs)
+    if planned < 1:
+        raise budget_error(budget, spent, sum(step + epoch + after for _, step, epoch, after in costs))
+    for (run, _, _), (per_epoch, *_) in zip(jobs, costs, strict=True):
+        fix_plan(run, per_epoch, planned, speeds[run.settings["arch"]])
 
 
 def measure_speed(run, device, train_set, val_set):
@@ -661,169 +884,14 @@ def budget_error(budget, spent, needed):
                      f"{format_duration(math.ceil(1.5 * (spent + needed)))}")
 
 
-def fix_plan(run, steps_per_epoch_, planned_steps, speed):
-    """Record the plan in the run's settings and in its plan file; one line saying what it is."""
-    run.settings.update(planned_steps=planned_steps, epochs=math.ceil(planned_steps / steps_per_epoch_))
+def fix_plan(run, per_epoch, planned_steps, speed):
+    """Record the plan (`per_epoch` steps an epoch) in the run's settings and its plan file; one line saying what it is."""
+    run.settings.update(planned_steps=planned_steps, epochs=math.ceil(planned_steps / per_epoch))
     write_json(plan_path(run.checkpoint), {"settings": run.settings, "measured": speed})
     images_per_second = run.settings["batch_size"] / speed["step_seconds"]
     run.log(f"budget {format_duration(run.settings['budget'])}: {planned_steps} steps = "
-            f"{planned_steps / steps_per_epoch_:.2f} epochs, at {images_per_second:.0f} img/s measured "
+            f"{planned_steps / per_epoch:.2f} epochs, at {images_per_second:.0f} img/s measured "
             f"({run.settings['precision']}); {run.settings['schedule']} to 0 at step {planned_steps}")
-
-
-def plan_budget(run, device, train_set, val_set, started):
-    """Measure this run's speed and fix its plan for what is left of the budget since `started` (perf_counter)."""
-    speed = measure_speed(run, device, train_set, val_set)
-    per_epoch = steps_per_epoch(len(train_set[0]), run.settings["batch_size"])
-    step, epoch = measured_costs(speed, len(val_set[0]), run.settings)
-    spent = time.perf_counter() - started
-    planned = plan_steps(run.settings["budget"] - spent, [(per_epoch, step, epoch, 0.0)])
-    if planned < 1:
-        raise budget_error(run.settings["budget"], spent, step + epoch)
-    fix_plan(run, per_epoch, planned, speed)
-
-
-# ----------------------------------------------------------------------------- settings and flags
-
-def add_training_arguments(parser, epochs, optimizer, schedule, patience, augmentation):
-    """The optimization flags pipelines A and B share, in groups; each script passes its own protocol's defaults."""
-    group = parser.add_argument_group("optimization")
-    group.add_argument("--epochs", type=positive_int, help=f"the schedule's length (default: {epochs}; not with --budget)")
-    group.add_argument("--budget", type=duration,
-                       help="train for this long instead (90s, 10m, 2h): the run measures its speed, then plans its steps")
-    group.add_argument("--batch-size", type=positive_int, default=128)
-    group.add_argument("--optimizer", choices=["adam", "adamw"], default=optimizer)
-    group.add_argument("--lr", type=positive_float, help=f"peak learning rate (default: {LR}, with --budget {BUDGET_LR})")
-    group.add_argument("--weight-decay", type=nonnegative_float, default=1e-4, help="AdamW's decoupled weight decay (not used by adam)")
-    group.add_argument("--ema-decay", type=below_one, default=0.999,
-                       help="the EMA of the weights: its decay per step (warmed up from 0.1); 0 turns it off")
-    group.add_argument("--label-smoothing", type=below_one, default=0.1)
-    group.add_argument("--augmentation", choices=AUGMENTATIONS, default=augmentation)
-    group.add_argument("--patience", type=positive_int, default=patience, help="early stop after this many epochs without improvement")
-    group.add_argument("--seed", type=seed_int, default=42)
-    group = parser.add_argument_group("schedule")
-    group.add_argument("--schedule", choices=SCHEDULE_SETTINGS,
-                       help=f"step: x --lr-gamma every --lr-step epochs; cosine: cosine to 0 by epoch; "
-                            f"warmup-cosine, warmup-linear: linear warm-up over --warmup-epochs, then cosine or linear to 0 "
-                            f"at the last step (default: {schedule}; with --budget {BUDGET_SCHEDULES[0]}, and only these two)")
-    group.add_argument("--lr-step", type=positive_int, default=10, help="step schedule: epochs between learning-rate cuts")
-    group.add_argument("--lr-gamma", type=positive_float, default=0.5, help="step schedule: factor at each cut")
-    group.add_argument("--warmup-epochs", type=nonnegative_float, default=0.3, help="warmup-cosine and warmup-linear: warm-up length in epochs")
-
-
-def resolve_training_arguments(args, epochs, schedule):
-    """Fill in --epochs, --schedule and --lr: the script's defaults, or under --budget a schedule that ends at zero
-    and a higher peak rate, which only such a schedule bears."""
-    if args.budget is None:
-        args.epochs = args.epochs or epochs
-        args.schedule = args.schedule or schedule
-        args.lr = args.lr or LR
-        return args
-    args.lr = args.lr or BUDGET_LR
-    if args.epochs is not None:
-        raise UserError("--budget plans the number of steps itself; give --budget or --epochs, not both")
-    if args.schedule not in (None, *BUDGET_SCHEDULES):
-        raise UserError(f"--schedule {args.schedule} does not end at zero on a planned step; "
-                        f"with --budget use {' or '.join(BUDGET_SCHEDULES)} (the default is {BUDGET_SCHEDULES[0]})")
-    args.schedule = args.schedule or BUDGET_SCHEDULES[0]
-    return args
-
-
-def training_settings(args, run_of):
-    """Everything that defines a training run, as plain values: the loop reads them, checkpoints record them.
-
-    run_of: what the script says the run is of (arch, data fingerprint, split, monitor, precision); then the
-    flags that act in the run (weight decay only for adamw, only this schedule's parameters), so changing a
-    flag that does not act is not another run. Returns (settings, the names of those taken from flags).
-    """
-    budget = args.budget is not None  # then the plan sets the epochs, and early stopping does not act
-    flags = ["seed", "optimizer", "lr", "schedule", *([] if budget else ["epochs"]), "batch_size", "label_smoothing",
-             "augmentation", "ema_decay", *([] if budget else ["patience"]),
-             *(["weight_decay"] if args.optimizer == "adamw" else []), *SCHEDULE_SETTINGS[args.schedule],
-             *(["budget"] if budget else [])]
-    settings = {**run_of, "normalization": dict(NORMALIZATION), **{name: getattr(args, name) for name in flags}}
-    if budget:
-        settings.update(planned_steps=None, epochs=None, patience=None)  # fixed by the plan (see plan_budget)
-    return settings, frozenset(flags)
-
-
-# ----------------------------------------------------------------------------- pipeline A's command line
-
-def parse_args(argv=None):
-    parser = Parser(__doc__)
-    inputs = parser.add_argument_group("data")
-    add_data_arguments(inputs, default="mnist", split="train")
-    inputs.add_argument("--val-fraction", type=fraction, default=0.1, help="stratified validation share of the training set")
-    inputs.add_argument("--no-test-report", action="store_true",
-                        help="train and validate only, never reading the test set: for trials that choose a recipe "
-                             "(the same command without it reuses the model and reports)")
-    files = parser.add_argument_group("files")
-    files.add_argument("--checkpoint", help=f"best-model file; reused if complete (default: {PIPELINE_A_CHECKPOINT}, "
-                                            f"or with --budget CNN_budget_<budget>.pth, so neither blocks the other)")
-    files.add_argument("--retrain", action="store_true", help="train even if the checkpoint exists")
-    add_training_arguments(parser, epochs=50, optimizer="adam", schedule="step", patience=5, augmentation="light")
-    add_device_arguments(parser, training=True)
-    args = resolve_training_arguments(resolve_data_arguments(parser.parse_args(argv)), epochs=50, schedule="step")
-    if args.checkpoint is None:
-        args.checkpoint = f"CNN_budget_{format_duration(args.budget)}.pth" if args.budget else PIPELINE_A_CHECKPOINT
-    return args
-
-
-def load_splits(args, device):
-    """(train, val, test) as (uint8 images [N, 28, 28], int64 labels [N]) pairs on the device, and the data's fingerprint.
-
-    MNIST brings its own test set; a CSV gives up a stratified --val-fraction of its rows as the test set. With
-    --no-test-report the test set is None: MNIST's test files are not read, and a CSV's test rows are still held
-    out (so the run trains on what the same command without the flag trains on) but never scored.
-    """
-    images, labels = load_data(args, "train")
-    test = None
-    if args.data == "csv":
-        kept, held_out = stratified_split(labels, args.val_fraction, args.seed)
-        test = images[held_out], labels[held_out]
-        images, labels = images[kept], labels[kept]
-    elif not args.no_test_report:
-        test = load_data(args, "test")
-    train, val = stratified_split(labels, args.val_fraction, args.seed)
-    test_set = None if args.no_test_report else subset_on_device(*test, torch.arange(len(test[1])), device)
-    return (subset_on_device(images, labels, train, device), subset_on_device(images, labels, val, device),
-            test_set, data_fingerprint(images, labels))
-
-
-def main(argv=None):
-    args = parse_args(argv)
-    if args.use_deterministic_algorithms:
-        use_deterministic_algorithms()
-    device = pick_device(args.device)
-    precision = pick_precision(args.precision, device)
-    checkpoint = Path(args.checkpoint)
-    check_outputs({"--checkpoint": [checkpoint, history_path(checkpoint), resume_path(checkpoint), plan_path(checkpoint)]},
-                  {"--train-csv": [args.train_csv] if args.data == "csv" else []})
-    with checkpoint_lock(checkpoint):
-        train_and_report(args, device, precision, checkpoint)
-
-
-def train_and_report(args, device, precision, checkpoint):
-    existing = load_checkpoint(checkpoint) if checkpoint.exists() and not args.retrain else None
-    if existing is not None and is_complete(existing) and existing["arch"] != "vgg":  # before the data is read
-        raise UserError(f"{checkpoint} holds a {existing['arch']} model, not pipeline A's vgg; "
-                        "pass another --checkpoint or --retrain")
-    train_set, val_set, test_set, fingerprint = load_splits(args, device)
-    settings, flags = training_settings(args, {"arch": "vgg", "data": fingerprint, "split": {"val_fraction": args.val_fraction},
-                                               "monitor": "val_loss", "precision": precision})
-    run = Run(checkpoint, settings, flags, seed=args.seed, retrain=args.retrain)
-    tested = "no test set (--no-test-report)" if test_set is None else f"{len(test_set[0])} test images"
-    print(f"device {device}, precision {precision}, {torch.get_num_threads()} threads; "
-          f"{len(train_set[0])} train / {len(val_set[0])} val / {tested}")
-    model, normalization = reuse_or_train(run, finished_checkpoint(run, existing), device, lambda: (train_set, val_set))
-    if test_set is None:
-        print(f"test set not read (--no-test-report); {checkpoint} is the model chosen by validation")
-        return
-
-    criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
-    test_loss, test_acc = loss_and_accuracy(model, *test_set, criterion, normalization, precision)
-    errors = round((1 - test_acc) * len(test_set[0]))
-    print(f"test loss {test_loss:.4f}  accuracy {test_acc:.4f} ({errors} errors in {len(test_set[0])} images)")
 
 
 if __name__ == "__main__":

@@ -1,18 +1,34 @@
-"""Pipeline B, training: two architectures over stratified folds, 10 models by default.
+"""Pipeline B, training: two architectures over stratified folds, 10 models, for predict_tta.py's submission.
+
+The recipe, RECIPE below: pipeline A's (train_cnn.py) with these changes, each value a flag grouped in --help
+    models          resnet and widecnn (models.py), each trained on 4 of 5 stratified folds and validated on the
+                    fifth: 10 models, every training image validated once per architecture (out of fold)
+    data            Kaggle's train.csv (42,000 digits; its input folder in a kernel), or MNIST's with --data mnist
+    augmentation    strong, per image on the device: rotation up to 15 degrees, shear up to 10, shift up to 10%,
+                    scale 0.9-1.1, and a perspective warp on half the images
+    optimizer       AdamW, peak rate 1e-3, weight decay 1e-4, batches of 128
+    schedule        cosine to 0 by epoch over 30 epochs; early stop after 10 without a higher validation accuracy
+    regularization  label smoothing 0.1; an EMA of the weights (decay 0.999)
+    result          with predict_tta.py's 4 TTA variants, Kaggle's published score 0.99689; at 3 epochs on MNIST,
+                    out of fold 0.9944 and MNIST test accuracy 0.9961 (README, Results). --archs vgg --n-folds 10
+                    --budget 105m: out of fold 0.9965, MNIST test accuracy 0.9974 (README, Training to a time budget)
 
     python train_kfold.py --train-csv data/digit-recognizer/train.csv          # all folds, both archs
     python train_kfold.py --folds 0 2 --archs resnet                            # a subset, e.g. one job per machine
     torchrun --nproc_per_node=2 train_kfold.py --train-csv ...                  # ranks share the (arch, fold) jobs
 
-Each (arch, fold) job writes models/<arch>_fold<k>.pth (the checkpoint format of train_cnn.py), its history,
-and its out-of-fold probabilities. A completed job is skipped on the next run; an interrupted one resumes from
-its last epoch. When all jobs are done, rank 0 writes the summary: validation accuracy per fold, per
-architecture, and of the out-of-fold ensemble.
+Each (arch, fold) job writes models/<arch>_fold<k>.pth (train_cnn.py's checkpoint), its history and its out-of-fold
+probabilities. A completed job is skipped on the next run; an interrupted one resumes from its last epoch. When all
+jobs are done, rank 0 writes the summary: validation accuracy per fold, per architecture, and of the out-of-fold
+ensemble. In this file: the folds, one job, the summary, main; below one banner, the job files, dealing jobs to
+torchrun's ranks, and the ranks themselves.
 """
 import contextlib
 import datetime
+import functools
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +36,13 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from data import (
+from data import (  # the story: data and folds
+    load_data,
+    pick_device,
+    pick_precision,
+    subset_on_device,
+)
+from data import (  # the machinery: files, ranks, command line
     Parser,
     UserError,
     add_data_arguments,
@@ -30,60 +52,42 @@ from data import (
     history_path,
     is_complete,
     load_checkpoint,
-    load_data,
-    pick_device,
-    pick_precision,
     positive_int,
     resolve_data_arguments,
     resume_path,
     run_cli,
     share_cpu_threads,
-    subset_on_device,
     use_deterministic_algorithms,
     write_json,
     write_numpy,
 )
-from models import ARCH_NUMBERS, MODELS, TRAINING_COST
+from models import ARCH_NUMBERS, MODELS
+from train_cnn import RECIPE as PIPELINE_A_RECIPE
 from train_cnn import (
     Run,
     add_training_arguments,
-    budget_error,
+    adopt_saved_plan,
     checkpoint_lock,
     data_fingerprint,
+    existing_checkpoint,
     finished_checkpoint,
-    fix_plan,
-    measured_costs,
-    measure_speed,
+    needs_plan,
+    plan_budget,
     plan_path,
-    plan_steps,
     predict_logits,
     resolve_training_arguments,
-    reuse_or_train,
-    steps_per_epoch,
+    reused_model,
+    train_new_model,
     training_settings,
 )
 
+# Pipeline B's recipe: pipeline A's (its validation share aside: here the folds decide), with these changes.
+RECIPE = {**{name: value for name, value in PIPELINE_A_RECIPE.items() if name != "val_fraction"},
+          "archs": ["resnet", "widecnn"], "n_folds": 5, "epochs": 30, "patience": 10,
+          "optimizer": "adamw", "augmentation": "strong", "schedule": "cosine"}
 
-def parse_args(argv=None):
-    parser = Parser(__doc__)
-    add_data_arguments(parser.add_argument_group("data"), default="csv", split="train")
-    model = parser.add_argument_group("model")
-    model.add_argument("--archs", nargs="+", choices=list(MODELS), default=["resnet", "widecnn"])
-    model.add_argument("--n-folds", type=positive_int, default=5, help="number of stratified folds")
-    model.add_argument("--folds", nargs="+", type=int, help="which folds to train (default: all)")
-    files = parser.add_argument_group("files")
-    files.add_argument("--out", default="models", help="folder for checkpoints, histories, out-of-fold probabilities, summary")
-    files.add_argument("--retrain", action="store_true", help="train jobs again even if complete")
-    add_training_arguments(parser, epochs=30, optimizer="adamw", schedule="cosine", patience=10, augmentation="strong")
-    add_device_arguments(parser, training=True)
-    args = resolve_training_arguments(resolve_data_arguments(parser.parse_args(argv)), epochs=30, schedule="cosine")
-    if args.n_folds < 2:
-        parser.error("--n-folds must be at least 2")
-    args.folds = sorted(set(args.folds if args.folds is not None else range(args.n_folds)))
-    if any(not 0 <= k < args.n_folds for k in args.folds):
-        parser.error(f"--folds must be between 0 and {args.n_folds - 1}")
-    return args
 
+# ----------------------------------------------------------------------------- folds
 
 def fold_indices(labels, n_folds, seed):
     """[(train_idx, val_idx)] per fold from a seeded StratifiedKFold: the same folds on every rank and every run."""
@@ -95,99 +99,6 @@ def fold_indices(labels, n_folds, seed):
         raise UserError(f"cannot split {len(labels)} images into {n_folds} stratified folds ({error})") from None
 
 
-# ----------------------------------------------------------------------------- job files
-
-def job_checkpoint(out, arch, fold):
-    return Path(out) / f"{arch}_fold{fold}.pth"
-
-
-def oof_path(out, arch, fold):
-    return Path(out) / f"{arch}_fold{fold}.oof.npz"
-
-
-def job_files(out, arch, fold):
-    """Every file an (arch, fold) job writes."""
-    path = job_checkpoint(out, arch, fold)
-    return [path, history_path(path), resume_path(path), plan_path(path), oof_path(out, arch, fold)]
-
-
-def deal_jobs(jobs, world, costs):
-    """Jobs per rank, so the ranks finish close together: the costliest first, each to the least-loaded rank.
-
-    costs: {job: relative cost}; a rank's list keeps the jobs in the order it will run them.
-    """
-    loads, dealt = [0.0] * world, [[] for _ in range(world)]
-    for job in sorted(jobs, key=lambda job: -costs[job]):  # sorted() is stable: ties keep the jobs' order
-        rank = loads.index(min(loads))
-        loads[rank] += costs[job]
-        dealt[rank].append(job)
-    return dealt
-
-
-def job_cost(out, arch, fold):
-    """TRAINING_COST of the job's architecture; nothing when it is already complete (it will be skipped)."""
-    path = job_checkpoint(out, arch, fold)
-    done = path.exists() and oof_path(out, arch, fold).exists() and is_complete(load_checkpoint(path))
-    return 0.0 if done else TRAINING_COST[arch]
-
-
-# ----------------------------------------------------------------------------- one (arch, fold) job
-
-def job_seed(seed, arch, fold):
-    """The seed of an (arch, fold) job's model and generators: distinct per job, from the architecture's name."""
-    return seed + 100 * fold + ARCH_NUMBERS[arch]
-
-
-@dataclass
-class KFold:
-    """What every job of this process shares: the flags, the training data and its folds, the device, the log."""
-    args: object
-    images: torch.Tensor  # uint8 [N, 28, 28], on the CPU
-    labels: torch.Tensor  # int64 [N]
-    splits: list          # [(train_idx, val_idx)] per fold
-    device: torch.device
-    precision: str
-    log: callable
-
-
-def job_run(kfold, arch, fold, fingerprint):
-    """The Run of one (arch, fold) job: its checkpoint, settings (the job seed recorded) and log prefix."""
-    args = kfold.args
-    seed = job_seed(args.seed, arch, fold)
-    settings, flags = training_settings(args, {"arch": arch, "data": fingerprint, "split": {"n_folds": args.n_folds, "fold": fold},
-                                               "monitor": "val_accuracy", "precision": kfold.precision})
-    settings["job_seed"] = seed  # after --seed, from which it follows: a changed --seed is named as such
-    return Run(job_checkpoint(args.out, arch, fold), settings, flags, seed=seed, retrain=args.retrain,
-               log=lambda line: kfold.log(f"[{arch} fold {fold}] {line}"),
-               # checkpoints written before the job seed was recorded were made with this seed
-               added_settings={"job_seed": lambda saved: job_seed(saved["seed"], saved["arch"], saved["split"]["fold"])})
-
-
-def plan_budget_jobs(kfold, runs, finished, started):
-    """Under --budget: plan this rank's jobs that have no plan yet, so that they end within the budget together.
-
-    Each architecture is measured once, on its first such job; every job gets the same number of steps, so the
-    budget is shared by their measured cost. Jobs with a plan (a rerun, a resume) keep it and are not measured.
-    """
-    unplanned = [job for job, run in runs.items() if run.settings["planned_steps"] is None and finished[job] is None]
-    speeds, costs = {}, []
-    for arch, fold in unplanned:
-        train_idx, val_idx = kfold.splits[fold]
-        if arch not in speeds:
-            speeds[arch] = measure_speed(runs[(arch, fold)], kfold.device, *job_sets(kfold, fold))
-        step, epoch = measured_costs(speeds[arch], len(val_idx), runs[(arch, fold)].settings)
-        out_of_fold = len(val_idx) * speeds[arch]["val_image_seconds"]
-        costs.append((steps_per_epoch(len(train_idx), kfold.args.batch_size), step, epoch, out_of_fold))
-    if not unplanned:
-        return
-    spent = time.perf_counter() - started
-    planned = plan_steps(kfold.args.budget - spent, costs)
-    if planned < 1:
-        raise budget_error(kfold.args.budget, spent, sum(step + epoch + after for _, step, epoch, after in costs))
-    for (arch, fold), (per_epoch, *_) in zip(unplanned, costs):
-        fix_plan(runs[(arch, fold)], per_epoch, planned, speeds[arch])
-
-
 def job_sets(kfold, fold):
     """(train_set, val_set) of a fold on the device: the other folds, and this one."""
     train_idx, val_idx = kfold.splits[fold]
@@ -195,15 +106,25 @@ def job_sets(kfold, fold):
             subset_on_device(kfold.images, kfold.labels, val_idx, kfold.device))
 
 
-def run_job(kfold, arch, fold, run, existing):
-    """Train one model on the other folds (or reuse its complete checkpoint), save its out-of-fold probabilities."""
-    if existing is not None and oof_path(kfold.args.out, arch, fold).exists():
+def job_seed(seed, arch, fold):
+    """The seed of an (arch, fold) job's model and generators: distinct per job, from the architecture's name."""
+    return seed + 100 * fold + ARCH_NUMBERS[arch]
+
+
+# ----------------------------------------------------------------------------- one (arch, fold) job
+
+def run_job(kfold, arch, fold, run, finished):
+    """Train one model on the other folds (or reuse its finished checkpoint), save its out-of-fold probabilities."""
+    if finished is not None and oof_path(kfold.args.out, arch, fold).exists():
         run.log("complete, skipped (--retrain to train again)")
         return
     _, val_idx = kfold.splits[fold]
     val_set = subset_on_device(kfold.images, kfold.labels, val_idx, kfold.device)
     start = time.perf_counter()
-    model, normalization = reuse_or_train(run, existing, kfold.device, lambda: job_sets(kfold, fold))
+    if finished is not None:
+        model, normalization = reused_model(run, finished, kfold.device)
+    else:
+        model, normalization = train_new_model(run, kfold.device, *job_sets(kfold, fold), start)
     probs = torch.softmax(predict_logits(model, val_set[0], normalization, kfold.precision), 1).cpu()  # [N_val, 10]
     write_numpy(oof_path(kfold.args.out, arch, fold), {"indices": val_idx.numpy(), "labels": kfold.labels[val_idx].numpy(),
                                                        "probs": probs.numpy()})
@@ -257,16 +178,28 @@ def print_summary(summary, n_folds):
               f"  on {summary['ensemble_images']} images")
 
 
-# ----------------------------------------------------------------------------- ranks
+# ----------------------------------------------------------------------------- pipeline B's command line and main
 
-def distributed_context():
-    """(rank, world_size, local_rank): torchrun's environment, or a single process."""
-    if "RANK" not in os.environ:
-        return 0, 1, None
-    # gloo for the one thing ranks share, a final barrier; it works whether the jobs run on CPUs or GPUs.
-    # A rank that finishes early may wait for hours at that barrier, hence the long timeout.
-    dist.init_process_group("gloo", timeout=datetime.timedelta(days=7))
-    return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0))
+def parse_args(argv=None):
+    parser = Parser(__doc__)
+    add_data_arguments(parser.add_argument_group("data"), default="csv", split="train")
+    model = parser.add_argument_group("model and length")
+    model.add_argument("--archs", nargs="+", choices=list(MODELS), default=RECIPE["archs"])
+    model.add_argument("--n-folds", type=positive_int, default=RECIPE["n_folds"], help="number of stratified folds")
+    model.add_argument("--folds", nargs="+", type=int, help="which folds to train (default: all)")
+    add_training_arguments(parser, RECIPE, model)
+    add_device_arguments(parser, training=True)
+    files = parser.add_argument_group("files")
+    files.add_argument("--out", default="models",
+                       help="folder for checkpoints, histories, out-of-fold probabilities, summary")
+    files.add_argument("--retrain", action="store_true", help="train jobs again even if complete")
+    args = resolve_training_arguments(resolve_data_arguments(parser.parse_args(argv)), RECIPE)
+    if args.n_folds < 2:
+        parser.error("--n-folds must be at least 2")
+    args.folds = sorted(set(args.folds if args.folds is not None else range(args.n_folds)))
+    if any(not 0 <= k < args.n_folds for k in args.folds):
+        parser.error(f"--folds must be between 0 and {args.n_folds - 1}")
+    return args
 
 
 def main(argv=None):
@@ -295,9 +228,14 @@ def main(argv=None):
         fingerprint = data_fingerprint(images, labels)
         runs = {job: job_run(kfold, *job, fingerprint) for job in mine}
         # every finished job is checked against this run's settings before any training starts
-        finished = {job: finished_checkpoint(runs[job]) for job in mine}
-        if args.budget:
-            plan_budget_jobs(kfold, runs, finished, started)
+        existing = {job: existing_checkpoint(runs[job].checkpoint, args.retrain) for job in mine}
+        for job in mine:
+            adopt_saved_plan(runs[job], existing[job])
+        finished = {job: finished_checkpoint(runs[job], existing[job]) for job in mine}
+        unplanned = [job for job in mine if needs_plan(runs[job]) and finished[job] is None]
+        if unplanned:  # each with its fold's validation images predicted after training
+            plan_budget([(runs[job], functools.partial(job_sets, kfold, job[1]), len(kfold.splits[job[1]][1]))
+                         for job in unplanned], device, started)
         for job in mine:
             run_job(kfold, *job, runs[job], finished[job])
         if args.budget:
@@ -309,6 +247,84 @@ def main(argv=None):
         summarize(args, labels)
     if world > 1:
         dist.destroy_process_group()
+
+
+# ============================================================================= machinery
+# Below: what main runs the jobs with: the state every job shares and each job's run (train_cnn.py's run files),
+# the files a job writes, dealing the jobs over torchrun's ranks by cost, and the ranks themselves.
+
+
+@dataclass
+class KFold:
+    """What every job of this process shares: the flags, the training data and its folds, the device, the log."""
+    args: object
+    images: torch.Tensor  # uint8 [N, 28, 28], on the CPU
+    labels: torch.Tensor  # int64 [N]
+    splits: list          # [(train_idx, val_idx)] per fold
+    device: torch.device
+    precision: str
+    log: Callable[[str], None]
+
+
+def job_run(kfold, arch, fold, fingerprint):
+    """The Run of one (arch, fold) job: its checkpoint, settings (the job seed recorded) and log prefix."""
+    args = kfold.args
+    seed = job_seed(args.seed, arch, fold)
+    settings, flags = training_settings(args, {"arch": arch, "data": fingerprint, "split": {"n_folds": args.n_folds, "fold": fold},
+                                               "monitor": "val_accuracy", "precision": kfold.precision})
+    settings["job_seed"] = seed  # after --seed, from which it follows: a changed --seed is named as such
+    return Run(job_checkpoint(args.out, arch, fold), settings, flags, seed=seed, retrain=args.retrain,
+               log=lambda line: kfold.log(f"[{arch} fold {fold}] {line}"),
+               # checkpoints written before the job seed was recorded were made with this seed
+               added_settings={"job_seed": lambda saved: job_seed(saved["seed"], saved["arch"], saved["split"]["fold"])})
+
+
+def job_checkpoint(out, arch, fold):
+    return Path(out) / f"{arch}_fold{fold}.pth"
+
+
+def oof_path(out, arch, fold):
+    return Path(out) / f"{arch}_fold{fold}.oof.npz"
+
+
+def job_files(out, arch, fold):
+    """Every file an (arch, fold) job writes."""
+    path = job_checkpoint(out, arch, fold)
+    return [path, history_path(path), resume_path(path), plan_path(path), oof_path(out, arch, fold)]
+
+
+# Training time per image relative to widecnn, from `make bench` on a CPU (README, Speed): deals k-fold jobs evenly.
+TRAINING_COST = {"vgg": 0.5, "resnet": 2.3, "widecnn": 1.0}
+
+
+def job_cost(out, arch, fold):
+    """TRAINING_COST of the job's architecture; nothing when it is already complete (it will be skipped)."""
+    path = job_checkpoint(out, arch, fold)
+    done = path.exists() and oof_path(out, arch, fold).exists() and is_complete(load_checkpoint(path))
+    return 0.0 if done else TRAINING_COST[arch]
+
+
+def deal_jobs(jobs, world, costs):
+    """Jobs per rank, so the ranks finish close together: the costliest first, each to the least-loaded rank.
+
+    costs: {job: relative cost}; a rank's list keeps the jobs in the order it will run them.
+    """
+    loads, dealt = [0.0] * world, [[] for _ in range(world)]
+    for job in sorted(jobs, key=lambda job: -costs[job]):  # sorted() is stable: ties keep the jobs' order
+        rank = loads.index(min(loads))
+        loads[rank] += costs[job]
+        dealt[rank].append(job)
+    return dealt
+
+
+def distributed_context():
+    """(rank, world_size, local_rank): torchrun's environment, or a single process."""
+    if "RANK" not in os.environ:
+        return 0, 1, None
+    # gloo for the one thing ranks share, a final barrier; it works whether the jobs run on CPUs or GPUs.
+    # A rank that finishes early may wait for hours at that barrier, hence the long timeout.
+    dist.init_process_group("gloo", timeout=datetime.timedelta(days=7))
+    return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0))
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ Shared by tests/test_demo.py and tests/screenshot_demo.py. Chromium and chromedr
 """
 import contextlib
 import importlib.util
+import itertools
 import os
 import signal
 import socket
@@ -131,7 +132,7 @@ def draw(driver, strokes, steps=10):
     for stroke in strokes:
         points = [(round((x - 0.5) * side), round((y - 0.5) * side)) for x, y in stroke]  # offsets from the centre
         actions = ActionChains(driver).move_to_element_with_offset(canvas, *points[0]).click_and_hold()
-        for (x0, y0), (x1, y1) in zip(points, points[1:]):
+        for (x0, y0), (x1, y1) in itertools.pairwise(points):
             previous = (x0, y0)
             for k in range(1, steps + 1):
                 point = (x0 + round((x1 - x0) * k / steps), y0 + round((y1 - y0) * k / steps))

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -54,6 +55,17 @@ def mnist_dir():
         if raw and all(data.find_idx_file(raw, stem) for stems in data.MNIST_FILES.values() for stem in stems):
             return Path(candidate).resolve()
     pytest.skip("real MNIST not found: set MNIST_DATA_DIR to a folder holding MNIST/raw/*.gz, or put them in ./data")
+
+
+def random_steps(model, optimizer, steps, batch_size):
+    """Take `steps` optimizer steps on random batches [batch_size, 1, 28, 28] (a loss that needs no labels),
+    yielding after each one, for tests of what follows the weights."""
+    for step in range(steps):
+        loss = model(torch.randn(batch_size, 1, 28, 28)).logsumexp(1).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        yield step
 
 
 def run_script(script, *args, cwd, check=True):

@@ -51,7 +51,7 @@ def random_checkpoints(folder, archs):
 def median_ms(image, reader, repeats):
     """Median wall time of predict_one on `image`, in ms, after 3 warm-up predictions."""
     times = []
-    for i in range(repeats + 3):
+    for _ in range(repeats + 3):
         start = time.perf_counter()
         predict_one(reader, image, "the drawing")
         times.append(time.perf_counter() - start)

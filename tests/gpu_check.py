@@ -176,7 +176,7 @@ def sync_stage(check):
             model = train_cnn.new_model("vgg", device, 0)
             training = train_cnn.make_training(model, settings, train_cnn.steps_per_epoch(count, 128), seed=0)
             result[f"epoch_{precision}_sync_warnings"] = counter.count(
-                lambda: train_cnn.train_one_epoch(model, images, labels, training, settings))
+                lambda: train_cnn.train_one_epoch(model, images, labels, training, settings))  # noqa: B023 (called at once)
         ensemble = [(model.eval(), data.NORMALIZATION, "vgg"), (train_cnn.new_model("widecnn", device, 1).eval(), data.NORMALIZATION, "widecnn")]
         result["tta_sync_warnings"] = counter.count(lambda: predict_tta.ensemble_probabilities(
             ensemble, images[:2048], data.TTA_VARIANTS, data.pick_precision("auto", device), seed=0))

@@ -54,7 +54,7 @@ def main():
     rng = np.random.default_rng(args.seed)
     folder = Path(tempfile.mkdtemp(prefix="photos-"))
     paths = [folder / f"{i:04d}.jpg" for i in range(args.count)]
-    for digit, path in zip(images, paths):   # 2.5-4.5x larger, so 70-126 pixels tall in a 200x150 JPEG
+    for digit, path in zip(images, paths, strict=True):   # 2.5-4.5x larger, so 70-126 pixels tall in a 200x150 JPEG
         render_as_photo(digit.numpy(), rng, scale=rng.uniform(2.5, 4.5)).save(path, quality=90)
 
     subprocess.run([sys.executable, str(ROOT / "predict_tta.py"), "--weights", *args.weights, "--images", str(folder),

@@ -4,6 +4,7 @@ k-fold sharing one measurement per architecture, the separate checkpoint, and ea
 The plans here come from a fixed speed put in place of the measurement, so that they do not depend on the
 machine; how close a real budget lands is measured in docs/measurements.md, not asserted here.
 """
+import itertools
 import json
 import math
 from pathlib import Path
@@ -28,9 +29,7 @@ def fixed_speed(monkeypatch):
     def measure(run, device, train_set, val_set):
         calls.append(run.settings["arch"])
         return dict(SPEED)
-    monkeypatch.setattr(train_cnn, "measure_speed", measure)
-    import train_kfold
-    monkeypatch.setattr(train_kfold, "measure_speed", measure)
+    monkeypatch.setattr(train_cnn, "measure_speed", measure)  # the one planner, which train_kfold.py calls too
     return calls
 
 
@@ -40,7 +39,8 @@ def test_the_plan_is_the_most_steps_that_fit():
     assert train_cnn.plan_steps(101, [(10, 1.0, 2.0, 0.0)]) == 83  # 83 + 9 epochs' 18 s
     # two jobs share the time by their cost: each gets the same steps
     n = train_cnn.plan_steps(300, [(10, 1.0, 2.0, 5.0), (20, 3.0, 1.0, 5.0)])
-    cost = lambda n: n * 1.0 + math.ceil(n / 10) * 2.0 + 5 + n * 3.0 + math.ceil(n / 20) * 1.0 + 5
+    def cost(n):
+        return n * 1.0 + math.ceil(n / 10) * 2.0 + 5 + n * 3.0 + math.ceil(n / 20) * 1.0 + 5
     assert cost(n) <= 300 < cost(n + 1)
     assert train_cnn.plan_steps(2.5, [(10, 1.0, 2.0, 0.0)]) == 0  # one step and its validation do not fit
 
@@ -71,7 +71,7 @@ def test_the_budget_schedules_reach_zero_after_the_planned_step():
         settings = {"schedule": schedule, "epochs": 3, "warmup_epochs": 0.5, "planned_steps": 25}
         factors = [train_cnn.lr_factor(step, 10, settings) for step in range(26)]
         assert factors[:5] == pytest.approx([0.2, 0.4, 0.6, 0.8, 1.0])  # half an epoch of warm-up
-        assert all(a > b for a, b in zip(factors[5:25], factors[6:25])) and factors[24] > 0
+        assert all(a > b for a, b in itertools.pairwise(factors[5:25])) and factors[24] > 0
         assert factors[25] == pytest.approx(0, abs=1e-12)  # the rate after the 25th and last step
     linear = {"schedule": "warmup-linear", "epochs": 3, "warmup_epochs": 0.5, "planned_steps": 25}
     assert train_cnn.lr_factor(15, 10, linear) == pytest.approx(1 - 10 / 20)

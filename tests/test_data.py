@@ -266,7 +266,8 @@ def digits():
 def test_batched_affine_matches_torchvision(digits, angle, tx, ty, scale, shear):
     expected = TF.affine(digits, angle=angle, translate=[tx, ty], scale=scale, shear=[shear, 0.0],
                          interpolation=InterpolationMode.BILINEAR)
-    full = lambda v: torch.full((len(digits),), float(v))
+    def full(v):
+        return torch.full((len(digits),), float(v))
     forward = data.affine_matrices(full(angle), full(tx), full(ty), full(scale), full(shear))
     ours = data.warp(digits, torch.linalg.inv(forward))
     assert (ours - expected).abs().max() < 1e-3
@@ -280,7 +281,8 @@ def test_each_sample_gets_its_own_parameters(digits):
 
 
 def test_augmentation_is_reproducible_from_the_generator_seed(digits):
-    run = lambda seed: data.augment(digits, data.strong_augmentation, torch.Generator().manual_seed(seed))
+    def run(seed):
+        return data.augment(digits, data.strong_augmentation, torch.Generator().manual_seed(seed))
     assert torch.equal(run(5), run(5))
     assert not torch.equal(run(5), run(6))
 

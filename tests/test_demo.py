@@ -105,7 +105,7 @@ def digit_files(tmp_path_factory, mnist_dir):
     images, labels = data.load_mnist(mnist_dir, "test")
     rng = np.random.default_rng(1)
     paths = [folder / f"digit{i:02d}.png" for i in range(20)]
-    for image, path in zip(images, paths):
+    for image, path in zip(images, paths, strict=False):  # the first 20 of the test set
         render_as_photo(image.numpy(), rng).save(path)
     return paths
 
@@ -171,7 +171,7 @@ def test_bad_input_gets_a_message_and_the_server_keeps_serving(client, digit_fil
         "notes": client.predict(handle_file(tmp_path / "notes.png"), api_name="/photo"),
         "text": client.predict(handle_file(tmp_path / "notes.txt"), api_name="/photo"),
     }
-    for name, (label, seen, message) in answers.items():
+    for name, (label, seen, _) in answers.items():
         assert not label and seen is None, name
     assert answers["blank"][2].startswith("**the drawing: no digit found")
     assert answers["speck"][2].startswith("**the drawing: no digit found")

@@ -108,7 +108,7 @@ def test_a_models_folder_gets_one_curve_per_checkpoint_and_tta(tmp_path, constan
 
 def write_ids(path, labels, header="ImageId,Label", ids=None):
     ids = ids if ids is not None else range(1, len(labels) + 1)
-    path.write_text(header + "\n" + "".join(f"{i},{label}\n" for i, label in zip(ids, labels)))
+    path.write_text(header + "\n" + "".join(f"{i},{label}\n" for i, label in zip(ids, labels, strict=True)))
     return path
 
 

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from torch.optim.swa_utils import AveragedModel
 
-from conftest import ROOT, assert_user_error, run_script, synthetic_mnist
+from conftest import ROOT, assert_user_error, random_steps, run_script, synthetic_mnist
 
 import data
 import predict_tta
@@ -219,11 +219,7 @@ def test_the_weight_average_equals_torchs_averaged_model_bit_for_bit():
     model = build_model("resnet")
     ours, reference = train_cnn.EMA(model, 0.95), AveragedModelReference(model, 0.95)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-    for _ in range(12):
-        loss = model(torch.randn(4, 1, 28, 28)).logsumexp(1).mean()
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+    for _ in random_steps(model, optimizer, steps=12, batch_size=4):
         ours.update(model)
         reference.update(model)
     expected = reference.module.state_dict()

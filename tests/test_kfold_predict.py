@@ -60,7 +60,7 @@ def test_each_fold_records_its_own_training_images_and_an_ensemble_counts_them(t
     images, labels = data.load_csv(folder / "train.csv", labelled=True)
     folds = train_kfold.fold_indices(labels, 2, 42)
     models = [folder / "models" / f"resnet_fold{fold}.pth" for fold in (0, 1)]
-    for path, (train_index, _) in zip(models, folds):
+    for path, (train_index, _) in zip(models, folds, strict=True):
         record = data.load_checkpoint(path)["trained_on"]
         assert len(record) == len(train_index) and torch.equal(record, data.image_hashes(images[train_index]).sort().values)
     reader = DigitReader(models, "cpu")

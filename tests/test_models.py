@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from models import MODELS, Dropout, ResidualBlock, build_model, count_parameters
+from models import MODELS, PackedDropout, ResidualBlock, build_model, count_parameters
 
 
 @pytest.mark.parametrize("name", list(MODELS))
@@ -44,7 +44,7 @@ def test_unknown_architecture_is_a_bug_not_a_new_model():
 
 def test_dropout_is_the_identity_in_eval_mode():
     x = torch.randn(4, 512)
-    assert Dropout(0.5).eval()(x) is x
+    assert PackedDropout(0.5).eval()(x) is x
 
 
 @pytest.mark.parametrize("p", [0.25, 0.4, 0.5])
@@ -53,7 +53,7 @@ def test_dropout_keeps_one_minus_p_of_the_elements_scaled_to_keep_the_mean(p, ch
     torch.manual_seed(0)
     x = torch.ones(64, 32, 14, 14, requires_grad=True)               # 401,408 elements
     inputs = x.contiguous(memory_format=torch.channels_last) if channels_last else x
-    y = Dropout(p).train()(inputs)
+    y = PackedDropout(p).train()(inputs)
     kept = y != 0
     assert y.shape == x.shape and y.is_contiguous(memory_format=torch.channels_last) == channels_last
     assert abs(kept.float().mean().item() - (1 - p)) < 0.005           # the standard deviation is below 0.001
@@ -70,11 +70,11 @@ def test_dropout_mask_follows_the_seed():
     masks = []
     for seed in (1, 1, 2):
         torch.manual_seed(seed)
-        masks.append(Dropout(0.25).train()(x) != 0)
+        masks.append(PackedDropout(0.25).train()(x) != 0)
     assert torch.equal(masks[0], masks[1]) and not torch.equal(masks[0], masks[2])
 
 
 def test_dropout_off_the_cpu_runs_torchs_own():
     # CUDA and MPS cannot run here; the meta device takes the same branch and checks its shapes
-    y = Dropout(0.25).train()(torch.ones(4, 8, device="meta"))
+    y = PackedDropout(0.25).train()(torch.ones(4, 8, device="meta"))
     assert y.device.type == "meta" and y.shape == (4, 8)

@@ -1,14 +1,16 @@
 """The training machinery on its own: schedules per step, the EMA, settings checks, dealing jobs to ranks."""
+import itertools
 import math
 
 import pytest
 import torch
-from conftest import assert_user_error, run_script, synthetic_mnist
+from conftest import assert_user_error, random_steps, run_script, synthetic_mnist
 
 import data
 import train_cnn
 import train_kfold
-from models import TRAINING_COST, build_model
+from models import build_model
+from train_kfold import TRAINING_COST
 
 STEPS = 10  # optimizer steps per epoch in these tests
 
@@ -25,7 +27,7 @@ def factors(s):
 def test_warmup_cosine_rises_linearly_then_falls_to_zero_at_the_last_step():
     f = factors(settings())
     assert f[:5] == pytest.approx([0.2, 0.4, 0.6, 0.8, 1.0])      # half an epoch of warm-up, ending at the peak
-    assert all(a >= b for a, b in zip(f[5:], f[6:]))             # then only down
+    assert all(a >= b for a, b in itertools.pairwise(f[5:]))     # then only down
     assert f[-1] == pytest.approx(0.5 * (1 + math.cos(math.pi * 34 / 35)))  # the last step is a hair above 0
     assert f[-1] < 0.003
     assert factors(settings(warmup_epochs=0))[0] == 1.0          # no warm-up: start at the peak
@@ -67,11 +69,7 @@ def test_weight_average_follows_the_weights_and_batchnorm_statistics():
     average = train_cnn.EMA(model, decay=0.9)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     snapshots = []
-    for step in range(30):
-        loss = model(torch.randn(8, 1, 28, 28)).logsumexp(1).mean()
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+    for _ in random_steps(model, optimizer, steps=30, batch_size=8):
         average.update(model)
         snapshots.append({k: v.clone() for k, v in model.state_dict().items()})
     averaged = average.module.state_dict()
