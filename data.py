@@ -80,14 +80,16 @@ def read_idx(path, expected_magic):
         raise UserError(f"{path}: truncated IDX header ({len(raw)} bytes)")
     magic, *dims = struct.unpack(f">{1 + ndim}I", raw[:header_size])
     if magic != expected_magic:
-        raise UserError(f"{path}: not an IDX {'image' if ndim == 3 else 'label'} file (magic {magic}, expected {expected_magic})")
+        raise UserError(f"{path}: not an IDX {'image' if ndim == 3 else 'label'} file (magic {magic}, expected "
+                        f"{expected_magic})")
     if ndim == 3 and tuple(dims[1:]) != (IMAGE_SIZE, IMAGE_SIZE):
         raise UserError(f"{path}: images are {dims[1]}x{dims[2]}, expected {IMAGE_SIZE}x{IMAGE_SIZE}")
     if dims[0] == 0:
         raise UserError(f"{path}: its header announces 0 items; the file holds no data")
     expected_bytes = header_size + math.prod(dims)
     if len(raw) != expected_bytes:
-        raise UserError(f"{path}: {len(raw)} bytes, but its header announces {dims[0]} items ({expected_bytes} bytes): truncated or corrupt")
+        raise UserError(f"{path}: {len(raw)} bytes, but its header announces {dims[0]} items ({expected_bytes} "
+                        "bytes): truncated or corrupt")
     return torch.frombuffer(bytearray(raw), dtype=torch.uint8, offset=header_size).view(*dims)
 
 
@@ -129,7 +131,8 @@ def load_csv(path, labelled):
         missing = [c for c in expected if c not in columns]
         extra = [c for c in columns if c not in expected]
         if missing:
-            detail = f"missing column {quoted(missing[0])[1:-1]}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+            more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+            detail = f"missing column {quoted(missing[0])[1:-1]}{more}"
         elif extra:
             detail = f"unexpected column {quoted(extra[0])[1:-1]}"
         else:
@@ -164,7 +167,8 @@ def load_submission_csv(path, n_rows=None):
     out_of_order = np.flatnonzero(frame["ImageId"].to_numpy() != np.arange(1, n_rows + 1))
     if len(out_of_order):
         row = int(out_of_order[0])
-        raise UserError(f"{path}: line {row + 2}: ImageId {frame['ImageId'].iloc[row]}, expected {row + 1} (ImageId must run 1..N in order)")
+        raise UserError(f"{path}: line {row + 2}: ImageId {frame['ImageId'].iloc[row]}, expected {row + 1} (ImageId "
+                        "must run 1..N in order)")
     return torch.from_numpy(frame["Label"].to_numpy(dtype=np.int64, copy=True))
 
 
@@ -190,10 +194,14 @@ def add_data_arguments(parser, default, split):
     """
     default_text = f"mnist, or csv when --{split}-csv is given" if default == "mnist" else "csv"
     parser.add_argument("--data", choices=["mnist", "csv"],
-                        help=f"mnist: the IDX files in --data-dir; csv: Kaggle-format --{split}-csv (default: {default_text})")
-    parser.add_argument("--data-dir", default=DEFAULT_DATA_DIR, help="folder holding MNIST/raw/*.gz (env MNIST_DATA_DIR)")
+                        help=f"mnist: the IDX files in --data-dir; csv: Kaggle-format --{split}-csv "
+                             f"(default: {default_text})")
+    parser.add_argument("--data-dir", default=DEFAULT_DATA_DIR,
+                        help="folder holding MNIST/raw/*.gz (env MNIST_DATA_DIR)")
     if split == "train":
-        parser.add_argument("--train-csv", help=f"Kaggle train.csv: label, pixel0..pixel783 (default: {default_kaggle_csv('train.csv')})")
+        parser.add_argument("--train-csv",
+                            help="Kaggle train.csv: label, pixel0..pixel783 "
+                                 f"(default: {default_kaggle_csv('train.csv')})")
     else:
         parser.add_argument("--test-csv", help="Kaggle test.csv: pixel0..pixel783, or with a label column first "
                                                f"(default: {default_kaggle_csv('test.csv')})")
@@ -520,7 +528,8 @@ def read_greyscale(source, name=None):
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             opened = Image.open(source) if isinstance(source, (str, Path)) else contextlib.nullcontext(source)
         with opened as image:
-            image.draft("RGB", (DECODE_SIZE, DECODE_SIZE))  # JPEG only: decode at 1/2, 1/4 or 1/8 scale when that is enough
+            # JPEG only: decode at 1/2, 1/4 or 1/8 scale when that is enough
+            image.draft("RGB", (DECODE_SIZE, DECODE_SIZE))
             if image.width * image.height > MAX_IMAGE_PIXELS:
                 raise UserError(f"{name}: {image.width}x{image.height} pixels, more than a photo of a digit needs "
                                 f"(at most {MAX_IMAGE_PIXELS // 10**6} megapixels); scale it down")
@@ -562,7 +571,8 @@ def fit_in_box(image, box=20):
     scale = box / max(height, width)
     size = (max(1, round(height * scale)), max(1, round(width * scale)))
     tensor = torch.from_numpy(np.ascontiguousarray(image))[None, None]  # [1, 1, H, W]
-    return F.interpolate(tensor, size=size, mode="bilinear", antialias=True, align_corners=False)[0, 0].clamp_(0, 1).numpy()
+    return F.interpolate(tensor, size=size, mode="bilinear", antialias=True,
+                         align_corners=False)[0, 0].clamp_(0, 1).numpy()
 
 def centre_by_mass(image, size=IMAGE_SIZE):
     """Paste into a size x size black field with the centre of mass at the field's centre."""
@@ -660,7 +670,8 @@ def cuda_device(index, request, local_rank):
     """torch.device("cuda", index), made current, after checking that it exists and that torch has kernels for it."""
     count = torch.cuda.device_count()
     if index >= count:
-        where = f"torchrun's LOCAL_RANK is {local_rank}" if local_rank is not None else f"{request} asks for GPU {index}"
+        where = (f"torchrun's LOCAL_RANK is {local_rank}" if local_rank is not None
+                 else f"{request} asks for GPU {index}")
         raise UserError(f"{where}, but this machine shows {count} CUDA GPU(s) (0..{count - 1}); "
                         "start fewer processes, or check CUDA_VISIBLE_DEVICES")
     device = torch.device("cuda", index)
@@ -687,7 +698,8 @@ def cuda_build_runs_on(capability, architectures):
         kind, major, minor, variant = match[1], int(match[2]), int(match[3]), match[4]
         if kind == "compute" and (major, minor) <= tuple(capability):
             return True
-        if kind == "sm" and major == capability[0] and (minor == capability[1] or (variant != "a" and minor <= capability[1])):
+        same_major = kind == "sm" and major == capability[0]
+        if same_major and (minor == capability[1] or (variant != "a" and minor <= capability[1])):
             return True
     return False
 
@@ -697,11 +709,14 @@ def add_device_arguments(parser, training=False):
     parser = parser.add_argument_group("device")
     if training:
         parser.add_argument("--use-deterministic-algorithms", action="store_true",
-                            help="repeat bit for bit on a GPU as well as on a CPU, somewhat slower (README, GPUs and Macs)")
+                            help="repeat bit for bit on a GPU as well as on a CPU, somewhat slower "
+                                 "(README, GPUs and Macs)")
     parser.add_argument("--device", default="auto",
-                        help="auto (CUDA, else Apple MPS, else CPU), cpu, cuda, cuda:1, mps; under torchrun a rank takes cuda:LOCAL_RANK")
+                        help="auto (CUDA, else Apple MPS, else CPU), cpu, cuda, cuda:1, mps; under torchrun a rank "
+                             "takes cuda:LOCAL_RANK")
     parser.add_argument("--precision", choices=["auto", *PRECISION_DTYPES], default="auto",
-                        help="auto: bf16 on a bf16-capable CPU or GPU, fp16 with a gradient scaler on older GPUs, fp32 elsewhere")
+                        help="auto: bf16 on a bf16-capable CPU or GPU, fp16 with a gradient scaler on older GPUs, "
+                             "fp32 elsewhere")
 
 def pick_precision(requested, device):
     """'auto' -> bf16 on a bf16-capable CPU or GPU, fp16 on older GPUs (with a gradient scaler), else fp32.
@@ -812,7 +827,8 @@ def check_release_digest(path):
     digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()
     if digest != manifest.get("sha256"):
         raise UserError(f"{path}: its SHA-256 is not the one in {RELEASE_MANIFEST.name} (the file was changed or cut "
-                        "short); restore it with `git checkout -- weights/`, or copy weights/ again from the repository")
+                        "short); restore it with `git checkout -- weights/`, or copy weights/ again from the "
+                        "repository")
 
 def load_checkpoint(path):
     """A model checkpoint, read safely and checked field by field."""
@@ -1001,7 +1017,8 @@ def write_json(path, obj):
 
 def library_versions():
     import torchvision
-    return {"python": platform.python_version(), "torch": str(torch.__version__), "torchvision": str(torchvision.__version__)}
+    return {"python": platform.python_version(), "torch": str(torch.__version__),
+            "torchvision": str(torchvision.__version__)}
 
 
 # ----------------------------------------------------------------------------- command line

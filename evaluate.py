@@ -61,7 +61,8 @@ def compute_metrics(labels, predicted, probs=None, top=10):
         "images": int(len(labels)),
         "accuracy": float((labels == predicted).mean()),
         "errors": int((labels != predicted).sum()),
-        "per_class": classification_report(labels, predicted, labels=DIGITS, digits=4, output_dict=True, zero_division=0),
+        "per_class": classification_report(labels, predicted, labels=DIGITS, digits=4, output_dict=True,
+                                           zero_division=0),
         "top_confusions": [{"true": t, "predicted": p, "count": n} for n, t, p in off_diagonal[:top]],
         "confusion_matrix": matrix.tolist(),
     }
@@ -82,7 +83,7 @@ def print_metrics(metrics, labels, predicted, unfair=""):
 # ----------------------------------------------------------------------------- figures
 
 def marked(title, unfair):
-    """A figure's title, with a second line saying it is not a fair score when `unfair` (say_trained_on's mark) says so."""
+    """A figure's title, and a second line saying it is not a fair score when `unfair` (say_trained_on's mark) is."""
     return f"{title}\n{unfair.strip(' ()')}" if unfair else title
 
 
@@ -127,7 +128,8 @@ def plot_misclassified(images, labels, predicted, confidence, path, max_errors, 
         ax.imshow(images[i], cmap="gray_r", vmin=0, vmax=255)
         ax.set_title(f"true {labels[i]} pred {predicted[i]}\n{confidence[i]:.2f}", fontsize=8)
     total = int((labels != predicted).sum())
-    title = f"Misclassified: {len(wrong)} of {total} errors, most confident first" if total else "No misclassified images"
+    title = (f"Misclassified: {len(wrong)} of {total} errors, most confident first" if total
+             else "No misclassified images")
     figure.suptitle(marked(title, unfair), fontsize=11)
     figure.tight_layout()
     save_figure(figure, path)
@@ -148,7 +150,8 @@ def plot_curves(histories, path):
     # so the first training epochs may fall below it.
     lowest = min(h["val_accuracy"] for history in histories.values() for h in history)
     acc_ax.set_ylim(max(0.0, lowest - 0.25 * (1 - lowest)), 1.0)
-    for ax, title in ((loss_ax, "Loss (with label smoothing)"), (acc_ax, "Accuracy (from the lowest validation value)")):
+    for ax, title in ((loss_ax, "Loss (with label smoothing)"),
+                      (acc_ax, "Accuracy (from the lowest validation value)")):
         ax.set_title(title)
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
@@ -190,14 +193,17 @@ def evaluate_models(args, out):
     print_metrics(metrics, labels, predicted, unfair)
 
     plot_confusion_matrix(metrics["confusion_matrix"], metrics["accuracy"], out / "confusion_matrix.png", unfair)
-    plot_misclassified(images.numpy(), labels, predicted, confidence, out / "misclassified.png", args.max_errors, unfair)
+    plot_misclassified(images.numpy(), labels, predicted, confidence, out / "misclassified.png", args.max_errors,
+                       unfair)
     if histories:
         plot_curves(histories, out / "curves.png")
     else:
         print("no history JSON beside the checkpoints: curves.png not written")
     write_predictions(out / "predictions.csv", labels, predicted, confidence)
-    write_json(out / "metrics.json", {"weights": [str(path) for path in reader.paths], "tta_variants": len(reader.variants),
-                                      "data": str(source), "fair_score": not unfair, "trained_on": trained_on, **metrics})
+    write_json(out / "metrics.json", {"weights": [str(path) for path in reader.paths],
+                                      "tta_variants": len(reader.variants),
+                                      "data": str(source), "fair_score": not unfair, "trained_on": trained_on,
+                                      **metrics})
 
 
 def main(argv=None):
@@ -210,7 +216,8 @@ def main(argv=None):
     if args.submission:
         inputs["--submission"] = [args.submission]
     else:
-        inputs.update({"--weights": checkpoint_files(args.weights), "--test-csv": [args.test_csv] if args.data == "csv" else []})
+        inputs.update({"--weights": checkpoint_files(args.weights),
+                       "--test-csv": [args.test_csv] if args.data == "csv" else []})
     check_outputs({"--out": [out / name for name in REPORT_FILES]}, inputs)
     if args.submission:
         score_submission(args, out)
@@ -223,7 +230,8 @@ def parse_args(argv=None):
     parser = Parser(__doc__)
     inputs = parser.add_argument_group("data")
     add_data_arguments(inputs, default="mnist", split="test")
-    inputs.add_argument("--submission", help="score this submission file (ImageId,Label) against --labels; no model needed")
+    inputs.add_argument("--submission",
+                        help="score this submission file (ImageId,Label) against --labels; no model needed")
     add_reader_arguments(parser, tta=1, weights=f"{PIPELINE_A_CHECKPOINT} when it is here, else the released model")
     report = parser.add_argument_group("files")
     report.add_argument("--out", help="report folder (default: reports/<weights or submission name>/)")

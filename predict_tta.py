@@ -154,7 +154,7 @@ class DigitReader:
         return probs.argmax(1), probs
 
     def digits(self, source, invert="auto", name=None):
-        """MNIST-like uint8 [N, 28, 28] on the CPU: a photo preprocessed (named `name` in messages), or digits checked."""
+        """MNIST-like uint8 [N, 28, 28] on the CPU: a photo preprocessed (`name` in messages), or digits checked."""
         from PIL import Image
         if isinstance(source, (str, Path, Image.Image)):
             return preprocess_image(source, invert, name)[None]
@@ -182,7 +182,8 @@ def mnist_like(digits):
         raise UserError(f"cannot read digits from a {type(digits).__name__}: give a path, a PIL image, "
                         "or a uint8 array or tensor of [28, 28] or [N, 28, 28]")
     if digits.dtype != torch.uint8:
-        raise UserError(f"digits must be uint8 0..255 (white on black, as MNIST), not {str(digits.dtype).replace('torch.', '')}")
+        raise UserError("digits must be uint8 0..255 (white on black, as MNIST), not "
+                        f"{str(digits.dtype).replace('torch.', '')}")
     if digits.shape == (IMAGE_SIZE, IMAGE_SIZE):
         digits = digits[None]
     if digits.dim() != 3 or tuple(digits.shape[1:]) != (IMAGE_SIZE, IMAGE_SIZE) or len(digits) == 0:
@@ -228,7 +229,7 @@ def predict_submission(args, reader):
         print(f"accuracy {1 - errors / len(labels):.4f} ({errors} errors in {len(labels)} images){unfair}")
 
 
-# ----------------------------------------------------------------------------- the command line and own images (--images)
+# ----------------------------------------------------------------------------- main, and own images (--images)
 
 def main(argv=None):
     args = parse_args(argv)
@@ -251,7 +252,8 @@ def parse_args(argv=None):
     inputs = parser.add_argument_group("data")
     add_data_arguments(inputs, default="csv", split="test")
     images = parser.add_argument_group("own images")
-    images.add_argument("--images", nargs="+", help="predict these image files and folders of them (PNG, JPEG, BMP, ...) instead")
+    images.add_argument("--images", nargs="+",
+                        help="predict these image files and folders of them (PNG, JPEG, BMP, ...) instead")
     images.add_argument("--invert", choices=["auto", "yes", "no"], default="auto",
                         help="with --images: make the ink white on black; auto inverts when the border is light")
     images.add_argument("--show-preprocessed", help="with --images: save the 28x28 images the model saw to this folder")
@@ -260,7 +262,8 @@ def parse_args(argv=None):
     files = parser.add_argument_group("files")
     files.add_argument("--out", help="CSV to write (default: submission.csv; with --images, only written when given)")
     files.add_argument("--save-probs", help="also save the averaged probabilities [N, 10] to this .npy file")
-    files.add_argument("--export", help="write the --weights ensemble as one ONNX graph to this file instead, checked in "
+    files.add_argument("--export",
+                       help="write the --weights ensemble as one ONNX graph to this file instead, checked in "
                                         "onnxruntime first (needs pip install -r requirements-export.txt)")
     add_device_arguments(parser)
     page = parser.add_argument_group("draw-a-digit page")
@@ -370,14 +373,16 @@ def find_checkpoints(paths):
                             "writes CNN_budget_3m.pth")
         candidates = [(p, load_checkpoint(p)) for p in checkpoint_files([path])]
         if path.is_dir() and not candidates:
-            raise UserError(f"{path}: no complete checkpoint (*.pth) in this folder; train first or pass --weights FILE")
+            raise UserError(f"{path}: no complete checkpoint (*.pth) in this folder; train first or pass "
+                            "--weights FILE")
         for candidate, checkpoint in candidates:
             if is_complete(checkpoint):
                 found.append((candidate, checkpoint))
             else:
                 print(f"skipping {candidate}: {UNFINISHED}")
     if not found:
-        raise UserError(f"no complete checkpoint in {' '.join(map(str, paths))}: {UNFINISHED}, or pass another --weights")
+        raise UserError(f"no complete checkpoint in {' '.join(map(str, paths))}: {UNFINISHED}, or pass another "
+                        "--weights")
     return found
 
 
@@ -422,7 +427,8 @@ def check_paths(args):
     inputs = {"--weights": checkpoint_files(args.weights), "--images": args.images or []}
     if args.images is None and args.data == "csv":
         inputs.update({"--test-csv": [args.test_csv], "--labels": [args.labels]})
-    check_outputs({"--out": [args.out] if args.out else [], "--save-probs": [args.save_probs] if args.save_probs else [],
+    check_outputs({"--out": [args.out] if args.out else [],
+                   "--save-probs": [args.save_probs] if args.save_probs else [],
                    "--export": [args.export] if args.export else []}, inputs)
     if args.show_preprocessed:
         check_output_folder("--show-preprocessed", args.show_preprocessed)
@@ -448,7 +454,8 @@ class EnsembleGraph(nn.Module):
 
     def forward(self, digits):
         x = digits.unsqueeze(1).float() / 255                                         # [N, 1, 28, 28] in 0..1
-        probs = [torch.softmax(model((x - mean) / std), 1) for model, (mean, std) in zip(self.models, self.normalizations, strict=True)]
+        pairs = zip(self.models, self.normalizations, strict=True)
+        probs = [torch.softmax(model((x - mean) / std), 1) for model, (mean, std) in pairs]
         return torch.stack(probs).mean(0)                                             # [N, 10]
 
 
@@ -470,7 +477,8 @@ def parity_digits(data_dir):
     if all(find_idx_file(raw, stem) for stem in MNIST_FILES["test"]):
         return load_mnist(data_dir, "test")[0][:PARITY_DIGITS], "MNIST test digits"
     generator = torch.Generator().manual_seed(0)
-    return torch.randint(0, 256, (PARITY_DIGITS, IMAGE_SIZE, IMAGE_SIZE), dtype=torch.uint8, generator=generator), "random digits"
+    digits = torch.randint(0, 256, (PARITY_DIGITS, IMAGE_SIZE, IMAGE_SIZE), dtype=torch.uint8, generator=generator)
+    return digits, "random digits"
 
 
 def export_onnx(reader, path, data_dir):
@@ -486,14 +494,17 @@ def export_onnx(reader, path, data_dir):
     with atomic_path(path) as tmp:
         with contextlib.redirect_stdout(io.StringIO()):  # torch.onnx reports its progress on stdout
             torch.onnx.export(graph, (digits[:2],), str(tmp), input_names=["digits"], output_names=["probabilities"],
-                              dynamic_shapes={"digits": {0: torch.export.Dim("batch")}}, dynamo=True, external_data=False)
+                              dynamic_shapes={"digits": {0: torch.export.Dim("batch")}}, dynamo=True,
+                              external_data=False)
         session = onnxruntime.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
         probs = torch.from_numpy(session.run(None, {"digits": digits.numpy()})[0])
         difference = (probs - expected).abs().max().item()
         labels_differ = int((probs.argmax(1) != expected.argmax(1)).sum())
         if labels_differ or difference > PARITY_TOLERANCE:
-            raise UserError(f"the exported graph disagrees with PyTorch on {len(digits)} {source} ({labels_differ} labels "
-                            f"differ, largest probability difference {difference:.2e}, allowed {PARITY_TOLERANCE:.0e}); "
+            raise UserError(f"the exported graph disagrees with PyTorch on {len(digits)} {source} ({labels_differ} "
+                            "labels "
+                            f"differ, largest probability difference {difference:.2e}, allowed "
+                            f"{PARITY_TOLERANCE:.0e}); "
                             f"{path} was not written")
     print(f"wrote {path}: {len(reader.ensemble)} model(s), uint8 digits [N, 28, 28] -> probabilities [N, 10]; "
           f"onnxruntime matches PyTorch fp32 on {len(digits)} {source} (all labels, largest probability difference "
@@ -553,7 +564,8 @@ def demo_page(gr, predict, title):
                 # any file type: what is not an image gets read_greyscale's message, as with --images
                 photo = gr.File(label="or upload a photo of one", type="filepath", elem_id="photo")
             with gr.Column(min_width=CANVAS_SIZE):
-                seen = gr.Image(label="What the model saw (28x28)", format="png", interactive=False, buttons=["download"],
+                seen = gr.Image(label="What the model saw (28x28)", format="png", interactive=False,
+                                buttons=["download"],
                                 height=CANVAS_SIZE, elem_id="seen")
                 message = gr.Markdown(elem_id="message")
             with gr.Column(min_width=CANVAS_SIZE):
@@ -567,7 +579,8 @@ def demo_page(gr, predict, title):
                 return gr.skip(), gr.skip(), gr.skip()
             return page_answer(predict, value["composite"], "the drawing")
 
-        canvas.input(read_drawing, canvas, outputs, api_name="drawing", trigger_mode="always_last", show_progress="hidden")
+        canvas.input(read_drawing, canvas, outputs, api_name="drawing", trigger_mode="always_last",
+                     show_progress="hidden")
         def read_photo(path):
             if path is None:  # the API called without a file
                 return None, None, "**no photo: upload an image file of a digit**"
@@ -582,7 +595,8 @@ def check_can_serve(host, port):
     try:
         socket.create_server((host, port)).close()
     except OSError as error:  # the port is taken, or the address is not one of this machine's
-        raise UserError(f"cannot serve on {host}:{port}: {error.strerror or error}; pick another --port or --host") from None
+        raise UserError(f"cannot serve on {host}:{port}: {error.strerror or error}; "
+                        "pick another --port or --host") from None
 
 
 def serve_demo(args):

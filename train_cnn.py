@@ -138,7 +138,8 @@ def train_one_epoch(model, images, labels, training, settings):
     for index in batches:
         if len(index) < 2:  # BatchNorm cannot train on a single image
             continue
-        x = prepare_batch(images[index], settings["normalization"], augmentation, training.generators["augment"])  # [B, 1, 28, 28]
+        # [B, 1, 28, 28]
+        x = prepare_batch(images[index], settings["normalization"], augmentation, training.generators["augment"])
         y = labels[index]
         with autocast(device, settings["precision"]):
             logits = model(x)                                                      # [B, 10]
@@ -344,7 +345,8 @@ def train_and_validate(model, data_sets, training, run, epoch):
     lr = scheduler.base_lrs[0] * max(scheduler.lr_lambdas[0](step) for step in range(first_step, scheduler.last_epoch))
     val_loss, val_acc = loss_and_accuracy(evaluated, *val_set, training.criterion, settings["normalization"],
                                           settings["precision"])
-    record = {"epoch": epoch, "train_loss": train_loss, "train_accuracy": train_acc, "val_loss": val_loss, "val_accuracy": val_acc,
+    record = {"epoch": epoch, "train_loss": train_loss, "train_accuracy": train_acc, "val_loss": val_loss,
+              "val_accuracy": val_acc,
               "lr": lr, "seconds": time.perf_counter() - start, "images_per_second": seen / train_seconds}
     if training.ema is not None:  # what the EMA gains: the same epoch's plain weights
         record["raw_val_loss"], record["raw_val_accuracy"] = loss_and_accuracy(
@@ -446,13 +448,14 @@ def resolve_training_arguments(args, recipe):
         raise UserError("--budget plans the number of steps itself; give --budget or --epochs, not both")
     if args.schedule not in (None, *BUDGET_SCHEDULES):
         raise UserError(f"--schedule {args.schedule} does not end at zero on a planned step; "
-                        f"with --budget use {' or '.join(BUDGET_SCHEDULES)} (the default is {BUDGET_RECIPE['schedule']})")
+                        f"with --budget use {' or '.join(BUDGET_SCHEDULES)} "
+                        f"(the default is {BUDGET_RECIPE['schedule']})")
     args.schedule = args.schedule or BUDGET_RECIPE["schedule"]
     return args
 
 
 def load_splits(args, device):
-    """(train, val, test) as (uint8 images [N, 28, 28], int64 labels [N]) pairs on the device, and the data's fingerprint.
+    """(train, val, test) as (uint8 images [N, 28, 28], int64 labels [N]) on the device, and the data's fingerprint.
 
     MNIST brings its own test set; a CSV gives up a stratified --val-fraction of its rows as the test set. With
     --no-test-report the test set is None: MNIST's test files are not read, and a CSV's test rows are still held
@@ -479,7 +482,8 @@ def main(argv=None):
     device = pick_device(args.device)
     precision = pick_precision(args.precision, device)
     checkpoint = Path(args.checkpoint)
-    check_outputs({"--checkpoint": [checkpoint, history_path(checkpoint), resume_path(checkpoint), plan_path(checkpoint)]},
+    check_outputs({"--checkpoint": [checkpoint, history_path(checkpoint), resume_path(checkpoint),
+                                    plan_path(checkpoint)]},
                   {"--train-csv": [args.train_csv] if args.data == "csv" else []})
     with checkpoint_lock(checkpoint):
         train_and_report(args, device, precision, checkpoint)
@@ -491,7 +495,8 @@ def train_and_report(args, device, precision, checkpoint):
         raise UserError(f"{checkpoint} holds a {existing['arch']} model, not pipeline A's vgg; "
                         "pass another --checkpoint or --retrain")
     train_set, val_set, test_set, fingerprint = load_splits(args, device)
-    settings, flags = training_settings(args, {"arch": "vgg", "data": fingerprint, "split": {"val_fraction": args.val_fraction},
+    settings, flags = training_settings(args, {"arch": "vgg", "data": fingerprint,
+                                               "split": {"val_fraction": args.val_fraction},
                                                "monitor": "val_loss", "precision": precision})
     run = Run(checkpoint, settings, flags, seed=args.seed, retrain=args.retrain)
     tested = "no test set (--no-test-report)" if test_set is None else f"{len(test_set[0])} test images"
@@ -668,7 +673,8 @@ def checkpoint_dict(model, record, settings, trained_on):
 
     trained_on: the record of the training images (training_record), validation images not counted.
     """
-    return {"model_state": model.state_dict(), "arch": settings["arch"], "normalization": dict(settings["normalization"]),
+    return {"model_state": model.state_dict(), "arch": settings["arch"],
+            "normalization": dict(settings["normalization"]),
             "precision": settings["precision"], "epoch": record["epoch"],
             "metrics": {"val_loss": record["val_loss"], "val_accuracy": record["val_accuracy"]},
             "settings": settings, "versions": library_versions(), "complete": False, "trained_on": trained_on}
@@ -741,8 +747,10 @@ def check_resume_device(path, state, device):
     """A resume file carries generator states of its device type, which no other type can take; one line if so."""
     saved = state.get("device", "cpu")  # resume files that name no device were written on a CPU
     if saved != device.type:
-        raise UserError(f"{path} was written by a run on {saved}, this run is on {device.type}: random generator states "
-                        f"do not carry across device types; resume with --device {saved}, or pass --retrain to start again")
+        raise UserError(f"{path} was written by a run on {saved}, this run is on {device.type}: random generator "
+                        "states "
+                        f"do not carry across device types; resume with --device {saved}, or pass --retrain to start "
+                        "again")
 
 
 def set_rng_state(generators, state, device):
@@ -764,7 +772,8 @@ def new_model(arch, device, seed):
 # Training to a time budget: with --budget a run measures its own speed on its first steps (after a warm-up, on this
 # machine, at this precision), then fixes its number of optimizer steps so that training and its validation passes
 # end within the budget, and its schedule reaches zero on that planned step. The plan becomes part of the run's
-# settings, kept in <stem>.plan.json beside the checkpoint, so a rerun or a resume on any machine finishes the same plan.
+# settings, kept in <stem>.plan.json beside the checkpoint, so a rerun or a resume on any machine finishes the same
+# plan.
 
 
 PLAN_KEYS = ("planned_steps", "epochs")
@@ -847,9 +856,11 @@ def measure_speed(run, device, train_set, val_set):
         rounds.append((time.perf_counter() - start) / MEASURED_STEPS)
     step = min(rounds)
     val_images, val_labels = val_set[0][:1024], val_set[1][:1024]
-    loss_and_accuracy(model, val_images[:64], val_labels[:64], training.criterion, settings["normalization"], settings["precision"])
+    loss_and_accuracy(model, val_images[:64], val_labels[:64], training.criterion, settings["normalization"],
+                      settings["precision"])
     start = time.perf_counter()
-    loss_and_accuracy(model, val_images, val_labels, training.criterion, settings["normalization"], settings["precision"])
+    loss_and_accuracy(model, val_images, val_labels, training.criterion, settings["normalization"],
+                      settings["precision"])
     per_image = (time.perf_counter() - start) / len(val_images)
     start = time.perf_counter()
     torch.save({"model": model.state_dict(), "optimizer": training.optimizer.state_dict()}, io.BytesIO())
@@ -879,13 +890,14 @@ def plan_steps(seconds, jobs):
 
 
 def budget_error(budget, spent, needed):
-    return UserError(f"--budget {format_duration(budget)} is too short for this run: measuring its speed took {spent:.0f}s "
+    return UserError(f"--budget {format_duration(budget)} is too short for this run: measuring its speed took "
+                     f"{spent:.0f}s "
                      f"and one step with one validation pass needs {needed:.1f}s more; give at least "
                      f"{format_duration(math.ceil(1.5 * (spent + needed)))}")
 
 
 def fix_plan(run, per_epoch, planned_steps, speed):
-    """Record the plan (`per_epoch` steps an epoch) in the run's settings and its plan file; one line saying what it is."""
+    """Record the plan (`per_epoch` steps an epoch) in the run's settings and its plan file, and say it in one line."""
     run.settings.update(planned_steps=planned_steps, epochs=math.ceil(planned_steps / per_epoch))
     write_json(plan_path(run.checkpoint), {"settings": run.settings, "measured": speed})
     images_per_second = run.settings["batch_size"] / speed["step_seconds"]

@@ -94,7 +94,8 @@ def fold_indices(labels, n_folds, seed):
     from sklearn.model_selection import StratifiedKFold
     splitter = StratifiedKFold(n_splits=n_folds, shuffle=True, random_state=seed)
     try:
-        return [(torch.from_numpy(tr), torch.from_numpy(va)) for tr, va in splitter.split(np.zeros(len(labels)), labels.numpy())]
+        return [(torch.from_numpy(tr), torch.from_numpy(va)) for tr, va in splitter.split(np.zeros(len(labels)),
+                                                                                          labels.numpy())]
     except ValueError as error:
         raise UserError(f"cannot split {len(labels)} images into {n_folds} stratified folds ({error})") from None
 
@@ -126,7 +127,8 @@ def run_job(kfold, arch, fold, run, finished):
     else:
         model, normalization = train_new_model(run, kfold.device, *job_sets(kfold, fold), start)
     probs = torch.softmax(predict_logits(model, val_set[0], normalization, kfold.precision), 1).cpu()  # [N_val, 10]
-    write_numpy(oof_path(kfold.args.out, arch, fold), {"indices": val_idx.numpy(), "labels": kfold.labels[val_idx].numpy(),
+    write_numpy(oof_path(kfold.args.out, arch, fold), {"indices": val_idx.numpy(),
+                                                       "labels": kfold.labels[val_idx].numpy(),
                                                        "probs": probs.numpy()})
     accuracy = (probs.argmax(1) == kfold.labels[val_idx]).float().mean()
     run.log(f"done in {time.perf_counter() - start:.0f}s, val accuracy {accuracy:.4f}")
@@ -161,7 +163,8 @@ def summarize(args, labels):
     everywhere = covered == len(args.archs)
     summary = {"n_folds": args.n_folds, "seed": args.seed, "architectures": table}
     if everywhere.any():
-        summary["ensemble_out_of_fold"] = (ensemble_sum[everywhere].argmax(1) == labels[everywhere]).float().mean().item()
+        correct = ensemble_sum[everywhere].argmax(1) == labels[everywhere]
+        summary["ensemble_out_of_fold"] = correct.float().mean().item()
         summary["ensemble_images"] = int(everywhere.sum())
     write_json(Path(args.out) / "summary.json", summary)
     print_summary(summary, args.n_folds)
@@ -270,13 +273,15 @@ def job_run(kfold, arch, fold, fingerprint):
     """The Run of one (arch, fold) job: its checkpoint, settings (the job seed recorded) and log prefix."""
     args = kfold.args
     seed = job_seed(args.seed, arch, fold)
-    settings, flags = training_settings(args, {"arch": arch, "data": fingerprint, "split": {"n_folds": args.n_folds, "fold": fold},
+    settings, flags = training_settings(args, {"arch": arch, "data": fingerprint, "split": {"n_folds": args.n_folds,
+                                                                                            "fold": fold},
                                                "monitor": "val_accuracy", "precision": kfold.precision})
     settings["job_seed"] = seed  # after --seed, from which it follows: a changed --seed is named as such
     return Run(job_checkpoint(args.out, arch, fold), settings, flags, seed=seed, retrain=args.retrain,
                log=lambda line: kfold.log(f"[{arch} fold {fold}] {line}"),
                # checkpoints written before the job seed was recorded were made with this seed
-               added_settings={"job_seed": lambda saved: job_seed(saved["seed"], saved["arch"], saved["split"]["fold"])})
+               added_settings={"job_seed": lambda saved: job_seed(saved["seed"], saved["arch"],
+                                                                  saved["split"]["fold"])})
 
 
 def job_checkpoint(out, arch, fold):

@@ -104,7 +104,8 @@ def measure_training(arch, precision, batch_size, device, images_count, data_dir
     model = train_cnn.new_model(arch, device, seed=0)
     settings = {"batch_size": batch_size, "precision": precision, "augmentation": "light", "optimizer": "adam",
                 "lr": 1e-3, "schedule": "step", "lr_step": 10**6, "lr_gamma": 1.0, "label_smoothing": 0.1,
-                "ema_decay": 0.999, "normalization": data.NORMALIZATION}  # a constant rate, stepped every step as in training
+                # a constant rate, stepped every step as in training
+                "ema_decay": 0.999, "normalization": data.NORMALIZATION}
     training = train_cnn.make_training(model, settings, train_cnn.steps_per_epoch(images_count, batch_size), seed=0)
     criterion, generators = training.criterion, training.generators
 
@@ -128,7 +129,8 @@ def measure_training(arch, precision, batch_size, device, images_count, data_dir
         ceiling_seconds += time_steps(step, steps, device)
         ceiling_steps += steps
     augmentation = measure_augmentation(train_images, batch_size, generators["augment"])
-    return {"images_per_second": images_count / ours_seconds, "train_only_images_per_second": images_count / train_seconds,
+    return {"images_per_second": images_count / ours_seconds,
+            "train_only_images_per_second": images_count / train_seconds,
             "ceiling_images_per_second": ceiling_steps * batch_size / ceiling_seconds,
             "augmentation_share": augmentation / ours_seconds}
 
@@ -179,7 +181,8 @@ def measure_inference(archs, precision, device, images_count, data_dir, folds):
     plain = [(new_model("vgg", device).eval(), data.NORMALIZATION, "vgg")]
     ensemble = [(new_model(arch, device).eval(), data.NORMALIZATION, arch) for arch in archs for _ in range(folds)]
     results = {}
-    for name, models, variants in (("plain", plain, data.TTA_VARIANTS[:1]), ("tta_ensemble", ensemble, data.TTA_VARIANTS)):
+    for name, models, variants in (("plain", plain, data.TTA_VARIANTS[:1]), ("tta_ensemble", ensemble,
+                                                                             data.TTA_VARIANTS)):
         ensemble_probabilities(models, images[:256], variants, precision, seed=0)  # warm-up
         start = time.perf_counter()
         ensemble_probabilities(models, images, variants, precision, seed=0)
@@ -275,7 +278,8 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--images", type=int, default=12_800, help="training images in our measured epoch")
     p.add_argument("--rounds", type=int, default=4, help="our epoch and the ceiling alternate this many times")
-    p.add_argument("--notebook-images", type=int, default=1_280, help="training images per notebook-style measurement (after 2 warm-up batches)")
+    p.add_argument("--notebook-images", type=int, default=1_280,
+                   help="training images per notebook-style measurement (after 2 warm-up batches)")
     p.add_argument("--inference-images", type=int, default=1_024)
     p.add_argument("--ensemble-folds", type=int, default=5, help="models per architecture in the TTA ensemble")
     p.add_argument("--device", default="auto")

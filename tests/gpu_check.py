@@ -66,7 +66,7 @@ class Check:
         return ["--limit", str(value)] if value else []
 
     def script(self, *command, timeout=120):
-        """Run a project script with this interpreter in the work folder; its output goes to the log. (stdout, seconds)"""
+        """Run a project script with this interpreter in the work folder, its output to the log: (stdout, seconds)."""
         command = [sys.executable, *map(str, command)]
         self.log(f"$ {' '.join(command)}")
         start = time.perf_counter()
@@ -122,7 +122,8 @@ def bench_stage(check):
     result = {"precision": precision, "images": images, "batch_size": batch}
     for arch in ("vgg", "resnet", "widecnn"):
         measured = bench.measure_training(arch, precision, batch, check.device, images, check.args.data_dir, rounds=2)
-        result[arch] = {"ours": round(measured["images_per_second"]), "ceiling": round(measured["ceiling_images_per_second"])}
+        result[arch] = {"ours": round(measured["images_per_second"]),
+                        "ceiling": round(measured["ceiling_images_per_second"])}
     return result
 
 
@@ -170,14 +171,16 @@ def sync_stage(check):
     result = {"sync_debug_mode": device.type == "cuda", "images": count}
     try:
         for precision in dict.fromkeys([data.pick_precision("auto", device), "fp16"]):
-            settings = {"batch_size": 128, "precision": precision, "augmentation": "strong", "optimizer": "adam", "lr": 1e-3,
+            settings = {"batch_size": 128, "precision": precision, "augmentation": "strong", "optimizer": "adam",
+                        "lr": 1e-3,
                         "schedule": "warmup-cosine", "warmup_epochs": 0.3, "epochs": 1, "label_smoothing": 0.1,
                         "ema_decay": 0.999, "normalization": data.NORMALIZATION}
             model = train_cnn.new_model("vgg", device, 0)
             training = train_cnn.make_training(model, settings, train_cnn.steps_per_epoch(count, 128), seed=0)
             result[f"epoch_{precision}_sync_warnings"] = counter.count(
-                lambda: train_cnn.train_one_epoch(model, images, labels, training, settings))  # noqa: B023 (called at once)
-        ensemble = [(model.eval(), data.NORMALIZATION, "vgg"), (train_cnn.new_model("widecnn", device, 1).eval(), data.NORMALIZATION, "widecnn")]
+                lambda: train_cnn.train_one_epoch(model, images, labels, training, settings))  # noqa: B023
+        ensemble = [(model.eval(), data.NORMALIZATION, "vgg"), (train_cnn.new_model("widecnn", device, 1).eval(),
+                                                                data.NORMALIZATION, "widecnn")]
         result["tta_sync_warnings"] = counter.count(lambda: predict_tta.ensemble_probabilities(
             ensemble, images[:2048], data.TTA_VARIANTS, data.pick_precision("auto", device), seed=0))
     finally:
@@ -220,7 +223,8 @@ def pipeline_b_stage(check):
         ROOT / "predict_tta.py", "--weights", "models", "--test-csv", "test.csv", "--labels", "test_labels.csv",
         "--out", "submission.csv", "--device", check.args.device)
     return {"val_accuracy": {arch: float(value) for arch, value in accuracies.items()},
-            "train_seconds": round(train_seconds, 1), "tta_test_accuracy": float(re.search(r"accuracy (\S+)", stdout)[1]),
+            "train_seconds": round(train_seconds, 1), "tta_test_accuracy": float(re.search(r"accuracy (\S+)",
+                                                                                           stdout)[1]),
             "predict": re.search(r"predicted in .*", stdout)[0], "predict_seconds": round(predict_seconds, 1)}
 
 
@@ -242,7 +246,8 @@ def weights_equal(first, second):
 
 def deterministic_stage(check):
     for name in ("deterministic_1", "deterministic_2"):
-        check.script(ROOT / "train_cnn.py", "--data-dir", check.args.data_dir, "--epochs", "1", "--device", check.args.device,
+        check.script(ROOT / "train_cnn.py", "--data-dir", check.args.data_dir, "--epochs", "1", "--device",
+                     check.args.device,
                      "--use-deterministic-algorithms", "--retrain", "--checkpoint", f"{name}.pth", *check.limit(12_000))
     return {"bit_for_bit": weights_equal(check.work / "deterministic_1.pth", check.work / "deterministic_2.pth")}
 
@@ -259,7 +264,8 @@ def resume_stage(check):
         time.sleep(0.01)
     process.send_signal(signal.SIGKILL)
     process.wait()
-    killed_after = data.read_checkpoint_file(resume_file, train_cnn.RESUME_KEYS)["progress"]["epoch"] if resume_file.exists() else None
+    killed_after = (data.read_checkpoint_file(resume_file, train_cnn.RESUME_KEYS)["progress"]["epoch"]
+                    if resume_file.exists() else None)
     stdout, _ = check.script(*command[1:], "--checkpoint", "resumed.pth")
     return {"killed_after_epoch": killed_after, "resumed": "resuming resumed.pth" in stdout,
             "matches_uninterrupted": weights_equal(check.work / "straight.pth", check.work / "resumed.pth")}
@@ -272,11 +278,14 @@ STAGE_FUNCTIONS = {"device": device_stage, "bench": bench_stage, "sync": sync_st
 
 def parse_args(argv=None):
     p = data.Parser(__doc__)
-    p.add_argument("--data-dir", default=data.DEFAULT_DATA_DIR, help="folder holding MNIST/raw/*.gz (env MNIST_DATA_DIR)")
+    p.add_argument("--data-dir", default=data.DEFAULT_DATA_DIR,
+                   help="folder holding MNIST/raw/*.gz (env MNIST_DATA_DIR)")
     p.add_argument("--device", default="auto", help="auto, cuda, cuda:N (or cpu, to test this script)")
     p.add_argument("--out", default="gpu-check", help="folder for gpu_check.json, gpu_check.log and the runs' files")
-    p.add_argument("--limit", type=data.positive_int, help="at most this many images per run (a quick check of the logic)")
-    p.add_argument("--time-limit", type=float, default=230, help="seconds; stages not begun by then are reported as not run")
+    p.add_argument("--limit", type=data.positive_int,
+                   help="at most this many images per run (a quick check of the logic)")
+    p.add_argument("--time-limit", type=float, default=230,
+                   help="seconds; stages not begun by then are reported as not run")
     args = p.parse_args(argv)
     args.data_dir = str(Path(args.data_dir).resolve())
     return args

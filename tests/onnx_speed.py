@@ -66,7 +66,8 @@ def main():
     print(f"| model | PyTorch fp32 ms / img/s | onnxruntime fp32 ms / img/s | PyTorch {auto} ms / img/s |")
     print("|---|---:|---:|---:|")
     with tempfile.TemporaryDirectory() as folder:
-        for name, archs in (("one vgg", ["vgg"]), ("10 models (5 resnet + 5 widecnn)", ["resnet"] * 5 + ["widecnn"] * 5)):
+        for name, archs in (("one vgg", ["vgg"]), ("10 models (5 resnet + 5 widecnn)",
+                                                   ["resnet"] * 5 + ["widecnn"] * 5)):
             paths = random_checkpoints(folder, archs)
             cells = []
             for precision in ("fp32", "onnx", auto):
@@ -75,7 +76,7 @@ def main():
                     with contextlib.redirect_stdout(io.StringIO()):  # its "wrote ..." line
                         predict_tta.export_onnx(predict_tta.DigitReader(paths, "cpu", "fp32"), graph, args.data_dir)
                     session = onnxruntime.InferenceSession(str(graph), providers=["CPUExecutionProvider"])
-                    predict = lambda d: session.run(None, {"digits": d.numpy()})[0]  # noqa: E731, B023 (measured at once)
+                    predict = lambda d: session.run(None, {"digits": d.numpy()})[0]  # noqa: E731, B023
                 else:
                     predict = predict_tta.DigitReader(paths, "cpu", precision).probabilities
                 milliseconds, throughput = measure(predict, digits, args.repeats)

@@ -70,7 +70,8 @@ def main():
                                          for path in paths]))
     n = args.count
     print(f"photos in {folder}")
-    print(f"predict_tta.py --images: {through_images.sum()} of {n}; the same digits given directly: {correct(images)} of {n}; "
+    print(f"predict_tta.py --images: {through_images.sum()} of {n}; the same digits given directly: {correct(images)} "
+          f"of {n}; "
           f"photos only resized to 28x28: {correct(resized)} of {n}, and inverted: {correct(255 - resized)} of {n}")
 
 

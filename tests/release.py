@@ -26,7 +26,7 @@ KEPT_IN_FP32 = ("running_mean", "running_var")  # BatchNorm's statistics: small,
 
 
 def half_precision(checkpoint):
-    """The checkpoint with its floating-point weights in fp16, BatchNorm's statistics and everything else as they are."""
+    """The checkpoint with its floating-point weights in fp16; BatchNorm's statistics and the rest as they are."""
     state = {name: tensor.half() if tensor.is_floating_point() and not name.endswith(KEPT_IN_FP32) else tensor
              for name, tensor in checkpoint["model_state"].items()}
     return {**checkpoint, "model_state": state}
@@ -48,7 +48,8 @@ def main():
     p.add_argument("--command", required=True, help="the command that trained it")
     p.add_argument("--commit", required=True, help="the commit it was trained at")
     p.add_argument("--training-seconds", type=float, required=True, help="what its training took ('training took')")
-    p.add_argument("--remark", default="", help="anything a reader of the figures should know (e.g. other work beside it)")
+    p.add_argument("--remark", default="",
+                   help="anything a reader of the figures should know (e.g. other work beside it)")
     args = p.parse_args()
 
     checkpoint = data.load_checkpoint(args.checkpoint)
@@ -95,7 +96,8 @@ def main():
         "note": "committed only here, replaced only when the recipe improves; every version stays in git's history",
     }
     data.write_json(data.RELEASE_MANIFEST, manifest)
-    print(f"wrote {target} ({manifest['bytes'] / 1e6:.1f} MB, sha256 {manifest['sha256'][:16]}...), MNIST test accuracy "
+    print(f"wrote {target} ({manifest['bytes'] / 1e6:.1f} MB, sha256 {manifest['sha256'][:16]}...), MNIST test "
+          "accuracy "
           f"{accuracy:.4f}, and {data.RELEASE_MANIFEST}")
 
 

@@ -18,12 +18,13 @@ from predict_tta import DigitReader
 
 
 def require_onnx():
-    """Skip without onnx, onnxscript and onnxruntime; under CI=true fail instead, so CI cannot pass without these tests."""
+    """Skip without onnx, onnxscript and onnxruntime; under CI=true fail, so CI cannot pass without these tests."""
     try:
         import onnx, onnxruntime, onnxscript  # noqa: F401, E401
     except ImportError as error:
         if os.environ.get("CI") == "true":
-            pytest.fail(f"CI=true and the export tests' packages are missing ({error}): pip install -r requirements-export.txt")
+            pytest.fail(f"CI=true and the export tests' packages are missing ({error}): pip install -r "
+                        "requirements-export.txt")
         pytest.skip(f"ONNX packages missing ({error}): pip install -r requirements-export.txt")
         raise
 
@@ -66,8 +67,10 @@ def test_the_reader_gives_what_images_and_the_csv_prediction_give(small_vgg, pho
 
 def test_the_reader_refuses_what_is_not_mnist_like_in_one_line(small_vgg):
     reader = DigitReader([small_vgg], device="cpu")
-    for bad, message in ((np.zeros((28, 28), np.float32), r"digits must be uint8 0..255 \(white on black, as MNIST\), not float32"),
-                         (torch.zeros(3, 28, dtype=torch.uint8), r"digits must be shaped \[28, 28\] or \[N, 28, 28\], not \[3, 28\]"),
+    for bad, message in ((np.zeros((28, 28), np.float32),
+                          r"digits must be uint8 0..255 \(white on black, as MNIST\), not float32"),
+                         (torch.zeros(3, 28, dtype=torch.uint8),
+                          r"digits must be shaped \[28, 28\] or \[N, 28, 28\], not \[3, 28\]"),
                          (np.zeros((0, 28, 28), np.uint8), r"not \[0, 28, 28\]"),
                          ([[0] * 28] * 28, "cannot read digits from a list")):
         with pytest.raises(UserError, match=message):
@@ -103,7 +106,8 @@ def test_export_writes_a_graph_that_onnxruntime_runs_as_pytorch_does(small_vgg, 
     weights = [small_vgg] if models == 1 else small_ensemble(tmp_path, small_vgg)
     result = run_script("predict_tta.py", "--weights", *weights, "--export", "digits.onnx", "--data-dir", mnist_dir,
                         cwd=tmp_path)
-    assert f"wrote digits.onnx: {models} model(s)" in result.stdout and "on 1000 MNIST test digits (all labels" in result.stdout
+    assert f"wrote digits.onnx: {models} model(s)" in result.stdout
+    assert "on 1000 MNIST test digits (all labels" in result.stdout
     difference = float(re.search(r"largest probability difference (\S+)\)", result.stdout)[1])
     assert difference <= predict_tta.PARITY_TOLERANCE
     session = onnxruntime.InferenceSession(str(tmp_path / "digits.onnx"), providers=["CPUExecutionProvider"])
@@ -121,15 +125,18 @@ def test_an_export_that_disagrees_with_pytorch_is_refused_and_nothing_written(sm
     monkeypatch.setattr(predict_tta.EnsembleGraph, "forward", lambda self, digits: forward(self, digits // 2))
     result = run_script("predict_tta.py", "--weights", small_vgg, "--export", "digits.onnx", "--data-dir", "absent",
                         cwd=tmp_path, check=False)
-    assert_user_error(result, "the exported graph disagrees with PyTorch on 1000 random digits", "digits.onnx was not written")
+    assert_user_error(result, "the exported graph disagrees with PyTorch on 1000 random digits",
+                      "digits.onnx was not written")
     assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
 def test_export_without_the_onnx_packages_says_how_to_install_them(small_vgg, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "onnxruntime", None)
     result = run_script("predict_tta.py", "--weights", small_vgg, "--export", "digits.onnx", cwd=tmp_path, check=False)
-    assert_user_error(result, "--export needs onnx, onnxscript and onnxruntime", "pip install -r requirements-export.txt")
+    assert_user_error(result, "--export needs onnx, onnxscript and onnxruntime",
+                      "pip install -r requirements-export.txt")
     result = run_script("predict_tta.py", "--weights", small_vgg, "--export", small_vgg, cwd=tmp_path, check=False)
     assert_user_error(result, "--export would overwrite an input")
-    result = run_script("predict_tta.py", "--weights", small_vgg, "--export", "x.onnx", "--tta", "2", cwd=tmp_path, check=False)
+    result = run_script("predict_tta.py", "--weights", small_vgg, "--export", "x.onnx", "--tta", "2", cwd=tmp_path,
+                        check=False)
     assert_user_error(result, "--export writes the model as a graph; it takes no --tta")

@@ -84,7 +84,8 @@ def test_a_budget_run_trains_its_planned_steps_into_its_own_checkpoint(tmp_path,
     settings = checkpoint["settings"]
     # 180 training images in batches of 16: 12 steps an epoch (the last batch of 4 included)
     step, epoch = 0.05, 2 * 20 * 1e-4 + 0.05
-    assert settings["budget"] == 2.0 and 1 <= settings["planned_steps"] <= train_cnn.plan_steps(2.0, [(12, step, epoch, 0)])
+    assert settings["budget"] == 2.0 and 1 <= settings["planned_steps"] <= train_cnn.plan_steps(2.0, [(12, step, epoch,
+                                                                                                       0)])
     planned = settings["planned_steps"]
     assert settings["epochs"] == math.ceil(planned / 12) and settings["schedule"] == "warmup-linear"
     assert f"budget 2s: {planned} steps = {planned / 12:.2f} epochs, at 320 img/s measured (fp32)" in result.stdout
@@ -129,11 +130,13 @@ def test_a_resumed_budget_run_keeps_its_plan_on_another_machine(tmp_path, monkey
 
 def test_kfold_measures_each_architecture_once_and_records_each_jobs_plan(tmp_path, fixed_speed):
     synthetic_mnist(tmp_path / "mnist", n_train=120, n_test=10)
-    args = ["--data", "mnist", "--data-dir", "mnist", "--n-folds", "2", "--archs", "vgg", "widecnn", "--batch-size", "16",
+    args = ["--data", "mnist", "--data-dir", "mnist", "--n-folds", "2", "--archs", "vgg", "widecnn", "--batch-size",
+            "16",
             "--precision", "fp32", "--budget", "2s"]
     result = run_script("train_kfold.py", *args, cwd=tmp_path)
     assert sorted(fixed_speed) == ["vgg", "widecnn"]  # once per architecture, not per job
-    plans = [data.load_checkpoint(path)["settings"]["planned_steps"] for path in sorted((tmp_path / "models").glob("*.pth"))]
+    paths = sorted((tmp_path / "models").glob("*.pth"))
+    plans = [data.load_checkpoint(path)["settings"]["planned_steps"] for path in paths]
     assert len(plans) == 4 and len(set(plans)) == 1 and plans[0] >= 1  # the same steps for every job
     jobs = [(4, 0.05, 2 * 60 * 1e-4 + 0.05, 60 * 1e-4)] * 4  # 60 training images a job: 4 steps an epoch
     assert plans[0] <= train_cnn.plan_steps(2.0, jobs)
@@ -144,7 +147,8 @@ def test_kfold_measures_each_architecture_once_and_records_each_jobs_plan(tmp_pa
 
 @pytest.mark.parametrize("flags, message", [
     (["--budget", "10m", "--epochs", "3"], "give --budget or --epochs, not both"),
-    (["--budget", "10m", "--schedule", "step"], "--schedule step does not end at zero on a planned step; with --budget use warmup-linear or warmup-cosine"),
+    (["--budget", "10m", "--schedule", "step"],
+     "--schedule step does not end at zero on a planned step; with --budget use warmup-linear or warmup-cosine"),
     (["--budget", "10m", "--schedule", "cosine"], "--schedule cosine does not end at zero"),
 ])
 def test_budget_flag_conflicts_are_one_line(tmp_path, flags, message):
@@ -156,7 +160,8 @@ def test_budget_flag_conflicts_are_one_line(tmp_path, flags, message):
 def test_a_malformed_budget_is_a_flag_error(tmp_path):
     result = run_script("train_cnn.py", "--budget", "10 minutes", cwd=tmp_path, check=False)
     assert result.returncode == 2
-    assert result.stderr.splitlines()[-1].endswith("argument --budget: must be a duration such as 90s, 10m, 2h or 1h30m, got 10 minutes")
+    assert result.stderr.splitlines()[-1].endswith("argument --budget: must be a duration such as 90s, 10m, 2h or "
+                                                   "1h30m, got 10 minutes")
 
 
 def test_a_budget_too_short_for_one_step_and_one_validation_is_one_line(tmp_path, monkeypatch, fixed_speed):
@@ -166,5 +171,6 @@ def test_a_budget_too_short_for_one_step_and_one_validation_is_one_line(tmp_path
         result = run_script("train_cnn.py", *TINY, "--budget", "5s", cwd=tmp_path, check=False)
     finally:
         SPEED["step_seconds"] /= 200
-    assert_user_error(result, "--budget 5s is too short for this run", "one step with one validation pass needs 10.", "give at least")
+    assert_user_error(result, "--budget 5s is too short for this run", "one step with one validation pass needs 10.",
+                      "give at least")
     assert not (tmp_path / "CNN_budget_5s.pth").exists()

@@ -72,7 +72,8 @@ def test_a_corrupt_deflate_stream_is_a_clear_error(tmp_path):
     root = synthetic_mnist(tmp_path, n_train=30)
     path = root / "MNIST" / "raw" / "train-images-idx3-ubyte.gz"
     raw = bytearray(path.read_bytes())
-    raw[20:60] = bytes(40)                                  # inside the deflate stream, past the gzip header: zlib.error
+    # inside the deflate stream, past the gzip header: zlib.error
+    raw[20:60] = bytes(40)
     path.write_bytes(bytes(raw))
     with pytest.raises(UserError, match="train-images-idx3-ubyte.gz: cannot read"):
         data.load_mnist(root)
@@ -80,7 +81,8 @@ def test_a_corrupt_deflate_stream_is_a_clear_error(tmp_path):
 
 def test_missing_files_fall_back_to_torchvision_download(tmp_path, monkeypatch):
     calls = []
-    monkeypatch.setattr(data, "download_mnist", lambda root, split: calls.append((root, split)) or synthetic_mnist(root))
+    monkeypatch.setattr(data, "download_mnist", lambda root,
+                        split: calls.append((root, split)) or synthetic_mnist(root))
     images, _ = data.load_mnist(tmp_path, "train")
     assert calls == [(tmp_path, "train")] and len(images) == 40
 
@@ -427,7 +429,8 @@ def test_corrupt_and_foreign_checkpoints_are_user_errors(tmp_path):
     with pytest.raises(UserError, match="junk.pth: not a readable checkpoint"):
         data.load_checkpoint(tmp_path / "junk.pth")
     torch.save({"weights": torch.zeros(3)}, tmp_path / "other.pth")
-    with pytest.raises(UserError, match="other.pth: not a checkpoint of this project .it needs model_state, arch, normalization"):
+    with pytest.raises(UserError,
+                       match="other.pth: not a checkpoint of this project .it needs model_state, arch, normalization"):
         data.load_checkpoint(tmp_path / "other.pth")
     with pytest.raises(UserError, match="absent.pth: no such checkpoint"):
         data.load_checkpoint(tmp_path / "absent.pth")

@@ -72,7 +72,8 @@ def test_report_of_a_constant_predictor_matches_the_hand_computation(tmp_path, c
 
     predictions = pd.read_csv(report / "predictions.csv")
     assert list(predictions.columns) == ["index", "true", "predicted", "confidence"]
-    assert (predictions["predicted"] == 3).all() and predictions["confidence"].to_numpy() == pytest.approx(p_constant, rel=1e-4)
+    assert (predictions["predicted"] == 3).all() and predictions["confidence"].to_numpy() == pytest.approx(p_constant,
+                                                                                                           rel=1e-4)
     assert predictions["true"].tolist() == [i % 10 for i in range(30)]
 
     for name, min_width in (("confusion_matrix.png", 600), ("misclassified.png", 800), ("curves.png", 1000)):
@@ -121,7 +122,8 @@ def test_submission_scoring(tmp_path):
     result = run_script("evaluate.py", "--submission", "submission.csv", "--labels", "labels.csv", cwd=tmp_path)
     assert "accuracy 0.9000" in result.stdout and "errors 2 of 20" in result.stdout
     metrics = json.loads((tmp_path / "reports" / "submission" / "metrics.json").read_text())
-    assert metrics["errors"] == 2 and {(c["true"], c["predicted"]) for c in metrics["top_confusions"]} == {(4, 9), (9, 4)}
+    assert metrics["errors"] == 2 and {(c["true"],
+                                        c["predicted"]) for c in metrics["top_confusions"]} == {(4, 9), (9, 4)}
     assert (tmp_path / "reports" / "submission" / "confusion_matrix.png").is_file()
 
 
@@ -145,7 +147,8 @@ def test_evaluate_user_errors(tmp_path, constant_checkpoint, labelled_csv):
     assert_user_error(run_script("evaluate.py", "--weights", "missing.pth", "--test-csv", labelled_csv, cwd=tmp_path,
                                  check=False), "missing.pth: no such checkpoint")
     (tmp_path / "empty").mkdir()
-    assert_user_error(run_script("evaluate.py", "--weights", "empty", "--test-csv", labelled_csv, cwd=tmp_path, check=False),
+    assert_user_error(run_script("evaluate.py", "--weights", "empty", "--test-csv", labelled_csv, cwd=tmp_path,
+                                 check=False),
                       "empty: no complete checkpoint")
     checkpoint = data.load_checkpoint(constant_checkpoint)
     checkpoint["arch"] = "lenet"
@@ -170,9 +173,11 @@ def test_evaluates_the_trained_model_on_mnist(tmp_path, small_vgg, mnist_dir):
 
 
 @pytest.mark.parametrize("history", ['[{"epoch": 1, "train_loss"', '{"epoch": 1}', '[{"epoch": 1, "val_loss": "x"}]'])
-def test_a_broken_history_stops_the_report_before_anything_is_written(tmp_path, constant_checkpoint, labelled_csv, history):
+def test_a_broken_history_stops_the_report_before_anything_is_written(tmp_path, constant_checkpoint, labelled_csv,
+                                                                      history):
     report = tmp_path / "report"
-    run_script("evaluate.py", "--weights", constant_checkpoint, "--test-csv", labelled_csv, "--out", report, cwd=tmp_path)
+    run_script("evaluate.py", "--weights", constant_checkpoint, "--test-csv", labelled_csv, "--out", report,
+               cwd=tmp_path)
     before = {p.name: p.read_bytes() for p in report.iterdir()}
     (tmp_path / "constant.history.json").write_text(history)
     result = run_script("evaluate.py", "--weights", constant_checkpoint, "--test-csv", labelled_csv, "--out", report,

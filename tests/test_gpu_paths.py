@@ -30,7 +30,8 @@ CUDA12_BUILD = ["sm_50", "sm_60", "sm_70", "sm_75", "sm_80", "sm_86", "sm_90"]
 
 
 class FakeCuda:
-    """torch.cuda as a machine with `count` GPUs of one kind shows it; set_device rejects an unindexed device, as torch does."""
+    """torch.cuda as a machine with `count` GPUs of one kind shows it; set_device refuses an unindexed device, as
+    torch does."""
 
     def __init__(self, monkeypatch, name="Tesla T4", count=1, arch_list=CURRENT_BUILD):
         self.name, self.capability, self.count, self.current, self.set_calls = name, GPUS[name], count, 0, []
@@ -95,7 +96,9 @@ def test_cuda_devices_are_indexed_and_made_current(monkeypatch):
 
 def test_an_explicit_index_under_torchrun_and_a_rank_past_the_gpus_are_one_line(monkeypatch):
     FakeCuda(monkeypatch, "Tesla T4", count=2)
-    with pytest.raises(UserError, match=r"--device cuda:1 under torchrun would put every rank on that one GPU; pass --device cuda"):
+    with pytest.raises(UserError,
+                       match=r"--device cuda:1 under torchrun would put every rank on that one GPU; "
+                             r"pass --device cuda"):
         data.pick_device("cuda:1", local_rank=0)
     with pytest.raises(UserError, match=r"torchrun's LOCAL_RANK is 2, but this machine shows 2 CUDA GPU\(s\) \(0..1\)"):
         data.pick_device("cuda", local_rank=2)
@@ -122,7 +125,8 @@ def test_which_builds_run_on_which_gpu(capability, architectures, runs):
 
 def test_a_gpu_the_build_has_no_kernels_for_is_refused_before_any_work(monkeypatch, tmp_path):
     FakeCuda(monkeypatch, "Tesla P100-PCIE-16GB")
-    result = run_script("train_cnn.py", "--device", "cuda", "--data-dir", tmp_path / "absent", cwd=tmp_path, check=False)
+    result = run_script("train_cnn.py", "--device", "cuda", "--data-dir", tmp_path / "absent", cwd=tmp_path,
+                        check=False)
     assert_user_error(result, "--device cuda: this PyTorch build has no GPU kernels for Tesla P100-PCIE-16GB "
                               "(compute capability 6.0; it carries sm_75", "use --device cpu")
     assert list(tmp_path.iterdir()) == []  # nothing read, nothing written
@@ -150,7 +154,8 @@ def test_the_resume_state_holds_only_the_runs_own_gpu(monkeypatch):
     states = {0: torch.tensor([0], dtype=torch.uint8), 1: torch.tensor([1], dtype=torch.uint8)}
     restored = {}
     monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device="cuda": states[torch.device(device).index])
-    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device="cuda": restored.update({torch.device(device).index: state}))
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state,
+                        device="cuda": restored.update({torch.device(device).index: state}))
     monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: pytest.fail("every GPU's state was saved"))
     generators = train_cnn.make_generators(0, torch.device("cpu"))  # the generators' own states are the CPU's here
     saved = train_cnn.rng_state(generators, torch.device("cuda", 1))
@@ -268,7 +273,8 @@ class HostReadGuard:
 
     READS = [(torch.Tensor, "item"), (torch.Tensor, "__bool__"), (torch.Tensor, "tolist"), (torch.Tensor, "cpu"),
              (torch.Tensor, "numpy"), (torch.linalg, "inv"), (torch.linalg, "solve")]
-    PROJECT = {str(ROOT / name) for name in ("data.py", "train_cnn.py", "train_kfold.py", "predict_tta.py", "models.py")}
+    PROJECT = {str(ROOT / name) for name in ("data.py", "train_cnn.py", "train_kfold.py", "predict_tta.py",
+                                             "models.py")}
 
     def __init__(self, monkeypatch, also_watch=()):
         self.in_loop, self.batches = False, 0
@@ -302,12 +308,14 @@ class HostReadGuard:
 
 
 def run_epoch(precision="fp32", augmentation="strong", seed=0):
-    """One training epoch of a vgg with the EMA, on 96 synthetic images: ((loss, accuracy, finite), EMA weights, images)."""
+    """One training epoch of a vgg with the EMA, on 96 synthetic images: ((loss, accuracy, finite), EMA weights,
+    images)."""
     generator = torch.Generator().manual_seed(seed)
     images = torch.randint(0, 256, (96, 28, 28), dtype=torch.uint8, generator=generator)
     labels = torch.arange(96) % 10
     model = train_cnn.new_model("vgg", torch.device("cpu"), seed)
-    settings = {"batch_size": 16, "precision": precision, "augmentation": augmentation, "normalization": data.NORMALIZATION,
+    settings = {"batch_size": 16, "precision": precision, "augmentation": augmentation,
+                "normalization": data.NORMALIZATION,
                 "optimizer": "adam", "lr": 1e-3, "schedule": "warmup-cosine", "warmup_epochs": 0.3, "epochs": 1,
                 "label_smoothing": 0.1, "ema_decay": 0.99}
     training = train_cnn.make_training(model, settings, train_cnn.steps_per_epoch(96, 16), seed)
@@ -329,7 +337,8 @@ def test_an_epoch_and_the_tta_loop_make_no_host_reads_and_compute_what_they_did(
     run_epoch(precision="fp16", augmentation="light")  # the gradient scaler's step: fused, on the device
 
     # validation, and the TTA loop of a two-model ensemble over every variant
-    models = [(train_cnn.new_model(arch, torch.device("cpu"), 0).eval(), data.NORMALIZATION, arch) for arch in ("vgg", "widecnn")]
+    models = [(train_cnn.new_model(arch, torch.device("cpu"), 0).eval(), data.NORMALIZATION,
+               arch) for arch in ("vgg", "widecnn")]
     guard.in_loop = True
     logits = train_cnn.predict_logits(models[0][0], images, data.NORMALIZATION, "fp32")
     guard.in_loop = False
@@ -362,11 +371,13 @@ def test_the_gpu_check_runs_every_stage_and_reports_each(tmp_path, mnist_dir):
     assert result.stdout.splitlines()[-1] == f"wrote {out / 'gpu_check.json'}: 8 of 8 stages ok"
     report = json.loads((out / "gpu_check.json").read_text())
     stages = report["stages"]
-    assert list(stages) == ["device", "bench", "sync", "pipeline_a", "pipeline_b", "torchrun", "deterministic", "resume"]
+    assert list(stages) == ["device", "bench", "sync", "pipeline_a", "pipeline_b", "torchrun", "deterministic",
+                            "resume"]
     assert all(stage["ok"] and stage["seconds"] >= 0 for stage in stages.values()), stages
     assert stages["device"]["device"] == "cpu" and stages["device"]["precision_auto"] in ("bf16", "fp32")
     assert stages["device"]["torch"] == str(torch.__version__)
-    assert all(stages["bench"][arch]["ours"] > 0 and stages["bench"][arch]["ceiling"] > 0 for arch in ("vgg", "resnet", "widecnn"))
+    assert all(stages["bench"][arch]["ours"] > 0 and stages["bench"][arch]["ceiling"] > 0 for arch in ("vgg", "resnet",
+                                                                                                       "widecnn"))
     sync = stages["sync"]
     assert sync["sync_debug_mode"] is False and sync["sync_warnings"] == 0 and sync["tta_sync_warnings"] == 0
     assert "epoch_fp16_sync_warnings" in sync and sync["sync_messages"] == []
@@ -374,9 +385,11 @@ def test_the_gpu_check_runs_every_stage_and_reports_each(tmp_path, mnist_dir):
     assert all(0 <= stages["pipeline_a"][p]["test_accuracy"] <= 1 for p in ("auto", "fp16"))
     assert set(stages["pipeline_b"]["val_accuracy"]) == {"resnet", "widecnn"}
     assert 0 <= stages["pipeline_b"]["tta_test_accuracy"] <= 1
-    assert stages["torchrun"]["device_line"].startswith("device cpu") and "jobs vgg/0" in stages["torchrun"]["device_line"]
+    device_line = stages["torchrun"]["device_line"]
+    assert device_line.startswith("device cpu") and "jobs vgg/0" in device_line
     assert stages["deterministic"]["bit_for_bit"] is True
-    assert stages["resume"] == {**stages["resume"], "killed_after_epoch": 1, "resumed": True, "matches_uninterrupted": True}
+    assert stages["resume"] == {**stages["resume"], "killed_after_epoch": 1, "resumed": True,
+                                "matches_uninterrupted": True}
     log = (out / "gpu_check.log").read_text()
     assert log.count("$ ") >= 10 and "resuming resumed.pth after epoch 1" in log
 
@@ -386,4 +399,5 @@ def test_a_gpu_check_cut_short_still_reports_every_stage(tmp_path, mnist_dir):
                              "--data-dir", mnist_dir, "--out", tmp_path], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     stages = json.loads((tmp_path / "gpu_check.json").read_text())["stages"]
-    assert len(stages) == 8 and all(s == {"ok": False, "error": "not run: the time limit was reached"} for s in stages.values())
+    assert len(stages) == 8 and all(s == {"ok": False,
+                                          "error": "not run: the time limit was reached"} for s in stages.values())

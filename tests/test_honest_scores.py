@@ -61,7 +61,8 @@ def test_the_reader_without_weights_uses_the_released_model_from_any_folder(tmp_
     assert reader.trained_on(mnist[0][0][:6000]) == {"images": expected, "of": 6000, "models": 1, "unrecorded": 0}
 
 
-def test_pipeline_a_model_in_the_working_folder_comes_first_and_an_unfinished_one_is_skipped(tmp_path, small_vgg, photo):
+def test_pipeline_a_model_in_the_working_folder_comes_first_and_an_unfinished_one_is_skipped(tmp_path, small_vgg,
+                                                                                             photo):
     shutil.copy(small_vgg, tmp_path / "CNN_best_model.pth")
     used = run_script("predict_tta.py", "--images", photo, cwd=tmp_path)
     assert used.stdout.startswith("using CNN_best_model.pth (pipeline A's model in this folder")
@@ -78,7 +79,8 @@ def test_an_unfinished_checkpoint_is_skipped_with_the_same_line_as_a_file_or_in_
     shutil.copy(small_vgg, tmp_path / "models" / "done.pth")
     folder = run_script("predict_tta.py", "--weights", "models", "--images", photo, cwd=tmp_path)
     assert f"skipping models/running.pth: {predict_tta.UNFINISHED}" in folder.stdout and f"{photo}: 7 " in folder.stdout
-    alone = run_script("predict_tta.py", "--weights", "models/running.pth", "--images", photo, cwd=tmp_path, check=False)
+    alone = run_script("predict_tta.py", "--weights", "models/running.pth", "--images", photo, cwd=tmp_path,
+                       check=False)
     assert alone.stdout.strip() == f"skipping models/running.pth: {predict_tta.UNFINISHED}"
     assert_user_error(alone, "no complete checkpoint in models/running.pth", "rerun its training command")
 
@@ -86,8 +88,10 @@ def test_an_unfinished_checkpoint_is_skipped_with_the_same_line_as_a_file_or_in_
 def test_a_copy_of_the_scripts_without_weights_says_where_the_file_goes(tmp_path, monkeypatch, photo):
     monkeypatch.setattr(predict_tta, "RELEASED_MODEL", tmp_path / "weights" / "vgg_mnist.pth")
     for script in ("predict_tta.py", "evaluate.py"):
-        result = run_script(script, *(["--images", photo] if script == "predict_tta.py" else []), cwd=tmp_path, check=False)
-        assert_user_error(result, "vgg_mnist.pth is missing", "copy the repository's weights/ folder beside predict_tta.py")
+        result = run_script(script, *(["--images", photo] if script == "predict_tta.py" else []), cwd=tmp_path,
+                            check=False)
+        assert_user_error(result, "vgg_mnist.pth is missing",
+                          "copy the repository's weights/ folder beside predict_tta.py")
 
 
 @pytest.mark.parametrize("damage", ["changed", "truncated"])

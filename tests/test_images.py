@@ -38,7 +38,8 @@ def test_each_step_does_its_job():
     assert white_on_black[0, 0] == pytest.approx(0.1) and white_on_black[15, 22] == pytest.approx(0.9)
     assert data.ink_on_black(light, "no")[0, 0] == pytest.approx(0.9)
     assert data.ink_on_black(1 - light, "yes")[0, 0] == pytest.approx(0.9)  # "yes" inverts even a dark border
-    clean = data.remove_background(white_on_black + np.random.default_rng(0).normal(0, 0.03, light.shape).astype(np.float32))
+    noise = np.random.default_rng(0).normal(0, 0.03, light.shape).astype(np.float32)
+    clean = data.remove_background(white_on_black + noise)
     assert clean[0:8].max() == 0 and clean[15, 22] > 0.8         # texture gone, ink kept
     digit = data.crop_to_ink(clean, "bar.png")
     assert digit.shape == (20, 6)
@@ -96,7 +97,8 @@ def test_bad_files_are_reported_and_the_others_still_predicted(photos, small_vgg
 def test_image_options_need_images(tmp_path):
     result = run_script("predict_tta.py", "--show-preprocessed", "x", cwd=tmp_path, check=False)
     assert result.returncode == 2 and "--invert and --show-preprocessed go with --images" in result.stderr
-    assert_user_error(run_script("predict_tta.py", "--weights", "nowhere.pth", "--images", ".", cwd=tmp_path, check=False),
+    assert_user_error(run_script("predict_tta.py", "--weights", "nowhere.pth", "--images", ".", cwd=tmp_path,
+                                 check=False),
                       "nowhere.pth: no such checkpoint")
 
 
@@ -105,7 +107,8 @@ def test_a_pil_image_is_preprocessed_as_its_file_and_named_in_messages(tmp_path)
     rgba[16:48, 28:36] = (0, 0, 0, 255)
     drawing = Image.fromarray(rgba, mode="RGBA")
     drawing.save(tmp_path / "drawing.png")
-    assert np.array_equal(data.preprocess_image(drawing, name="the drawing"), data.preprocess_image(tmp_path / "drawing.png"))
+    assert np.array_equal(data.preprocess_image(drawing, name="the drawing"),
+                          data.preprocess_image(tmp_path / "drawing.png"))
     with pytest.raises(data.UserError, match="^the drawing: no digit found"):
         data.preprocess_image(Image.new("RGBA", (64, 64)), name="the drawing")
     with pytest.raises(data.UserError, match="^the photo: 8000x7000 pixels"):

@@ -25,7 +25,8 @@ def kaggle_dir(tmp_path_factory, mnist_dir):
     images, labels = data.load_mnist(mnist_dir, "test")
     data.write_images_csv(folder / "train.csv", images[:400], labels[:400])
     data.write_images_csv(folder / "test.csv", images[400:700])
-    pd.DataFrame({"ImageId": np.arange(1, 301), "Label": labels[400:700].numpy()}).to_csv(folder / "test_labels.csv", index=False)
+    pd.DataFrame({"ImageId": np.arange(1, 301), "Label": labels[400:700].numpy()}).to_csv(folder / "test_labels.csv",
+                                                                                          index=False)
     return folder
 
 
@@ -62,7 +63,8 @@ def test_each_fold_records_its_own_training_images_and_an_ensemble_counts_them(t
     models = [folder / "models" / f"resnet_fold{fold}.pth" for fold in (0, 1)]
     for path, (train_index, _) in zip(models, folds, strict=True):
         record = data.load_checkpoint(path)["trained_on"]
-        assert len(record) == len(train_index) and torch.equal(record, data.image_hashes(images[train_index]).sort().values)
+        assert len(record) == len(train_index)
+        assert torch.equal(record, data.image_hashes(images[train_index]).sort().values)
     reader = DigitReader(models, "cpu")
     fold0_validation = folds[0][1]  # fold 1 trained on these, fold 0 did not
     assert reader.trained_on(images[fold0_validation]) == {"images": len(fold0_validation), "of": len(fold0_validation),
@@ -106,7 +108,8 @@ def test_a_finished_folder_written_before_job_seeds_were_recorded_is_skipped(tra
 
 @pytest.mark.parametrize("changed, message", [
     (["--seed", "7"], "models/resnet_fold0.pth was trained with --seed 42, this run has 7"),
-    (["--n-folds", "3"], "models/resnet_fold0.pth was trained with split {'n_folds': 2, 'fold': 0}, this run has {'n_folds': 3"),
+    (["--n-folds", "3"],
+     "models/resnet_fold0.pth was trained with split {'n_folds': 2, 'fold': 0}, this run has {'n_folds': 3"),
     (["--limit", "300"], "models/resnet_fold0.pth was trained with data '400 images"),
 ])
 def test_complete_jobs_of_other_settings_are_not_skipped_silently(trained, changed, message):
@@ -162,7 +165,8 @@ def test_predict_user_errors(trained, tmp_path):
     (tmp_path / "labels.csv").write_text("ImageId,Label\n" + "".join(f"{i},1\n" for i in range(1, 300)))
     assert_user_error(run_script("predict_tta.py", "--test-csv", folder / "test.csv", "--weights", folder / "models",
                                  "--labels", "labels.csv", cwd=tmp_path, check=False), "labels.csv: 299 rows, expected")
-    assert_user_error(run_script("predict_tta.py", "--tta", "5", cwd=tmp_path, check=False), "--tta must be between 1 and 4")
+    assert_user_error(run_script("predict_tta.py", "--tta", "5", cwd=tmp_path, check=False),
+                      "--tta must be between 1 and 4")
     assert not (tmp_path / "submission.csv").exists()
 
 
@@ -189,7 +193,8 @@ def test_killed_kfold_resumes_the_interrupted_fold_and_skips_finished_ones(kaggl
 
 def test_torchrun_two_cpu_ranks_share_the_jobs(kaggle_dir, tmp_path):
     result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(ROOT / "train_kfold.py"),
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         str(ROOT / "train_kfold.py"),
          "--train-csv", str(kaggle_dir / "train.csv"), *TINY, "--out", str(tmp_path / "models"), "--device", "cpu"],
         capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -55,11 +55,13 @@ def test_pipeline_b_commands(workspace):
                            "--labels", "data/digit-recognizer/test_labels.csv", cwd=workspace)
     assert "2 models x 4 TTA variants" in predicted.stdout and "accuracy" in predicted.stdout
     # python evaluate.py --weights models --tta 4 ; --test-csv labelled.csv ; --test-csv with --labels ; --submission
-    ensemble = run_script("evaluate.py", "--weights", "models", "--tta", "4", "--test-csv", "labelled.csv", cwd=workspace)
+    ensemble = run_script("evaluate.py", "--weights", "models", "--tta", "4", "--test-csv", "labelled.csv",
+                          cwd=workspace)
     by_labels = run_script("evaluate.py", "--weights", "models", "--tta", "4", "--test-csv",
                            "data/digit-recognizer/test.csv", "--labels", "data/digit-recognizer/test_labels.csv",
                            "--out", "reports/by_labels", cwd=workspace)
-    scored = run_script("evaluate.py", "--submission", "submission.csv", "--labels", "data/digit-recognizer/test_labels.csv",
+    scored = run_script("evaluate.py", "--submission", "submission.csv", "--labels",
+                        "data/digit-recognizer/test_labels.csv",
                         cwd=workspace)
     accuracy = {r.stdout.split("accuracy ")[1].split()[0] for r in (ensemble, by_labels, scored)}
     assert len(accuracy) == 1  # the same predictions, read three ways
@@ -71,12 +73,14 @@ def test_pipeline_b_commands(workspace):
 def test_budget_commands(workspace, mnist_dir):
     # python train_kfold.py --data mnist --archs vgg --n-folds 10 --optimizer adam --augmentation light --budget 105m
     # (one fold of 300 digits, in 20 s; the speed is measured, so the plan is this machine's)
-    ensemble = run_script("train_kfold.py", "--data", "mnist", "--data-dir", mnist_dir, "--limit", "300", "--archs", "vgg",
+    ensemble = run_script("train_kfold.py", "--data", "mnist", "--data-dir", mnist_dir, "--limit", "300", "--archs",
+                          "vgg",
                           "--n-folds", "10", "--folds", "0", "--optimizer", "adam", "--augmentation", "light",
                           "--batch-size", "32", "--budget", "20s", "--out", "budget_models", cwd=workspace)
     assert "[vgg fold 0] budget 20s:" in ensemble.stdout and "training took" in ensemble.stdout
     settings = data.load_checkpoint(workspace / "budget_models" / "vgg_fold0.pth")["settings"]
-    assert settings["schedule"] == "warmup-linear" and settings["augmentation"] == "light" and settings["planned_steps"] >= 1
+    assert settings["schedule"] == "warmup-linear" and settings["augmentation"] == "light"
+    assert settings["planned_steps"] >= 1
 
 
 @pytest.mark.parametrize("target, script", [("train", "train_cnn.py"), ("kfold", "train_kfold.py"),
@@ -92,7 +96,8 @@ def test_make_passes_budget_to_the_training_script(target, script):
 def test_export_and_image_commands(workspace, tmp_path, small_vgg):
     # python data.py export-kaggle --data-dir data --out data/digit-recognizer
     synthetic_mnist(tmp_path / "data", n_train=30, n_test=20)
-    exported = run_script("data.py", "export-kaggle", "--data-dir", "data", "--out", "data/digit-recognizer", cwd=tmp_path)
+    exported = run_script("data.py", "export-kaggle", "--data-dir", "data", "--out", "data/digit-recognizer",
+                          cwd=tmp_path)
     assert "train.csv (30 rows)" in exported.stdout
     # python predict_tta.py --weights CNN_best_model.pth --images photo.jpg my_digits/ --show-preprocessed seen/
     images, _ = data.load_csv(workspace / "labelled.csv", labelled=True)

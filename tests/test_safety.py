@@ -108,7 +108,8 @@ def test_an_output_that_is_an_input_is_refused_before_any_work(tmp_path):
         ("train_kfold.py", ["--train-csv", "summary.json", "--out", "."], "--out would overwrite an input"),
         ("predict_tta.py", ["--test-csv", "test.csv", "--weights", "m.pth", "--out", "test.csv"],
          "--out would overwrite an input (test.csv is --test-csv test.csv)"),
-        ("predict_tta.py", ["--test-csv", "test.csv", "--weights", "m.pth", "--out", "m.pth"], "(m.pth is --weights m.pth)"),
+        ("predict_tta.py", ["--test-csv", "test.csv", "--weights", "m.pth", "--out", "m.pth"],
+         "(m.pth is --weights m.pth)"),
         ("predict_tta.py", ["--test-csv", "test.csv", "--weights", ".", "--save-probs", "m.pth"], "--save-probs would"),
         ("evaluate.py", ["--weights", "m.pth", "--test-csv", "predictions.csv", "--out", "."],
          "--out would overwrite an input (predictions.csv is --test-csv predictions.csv)"),
@@ -128,7 +129,8 @@ def test_a_folder_as_an_output_file_is_refused_before_any_work(tmp_path):
     for script, args in (("train_cnn.py", ["--data-dir", "mnist", "--checkpoint", "folder"]),
                          ("predict_tta.py", ["--test-csv", "test.csv", "--weights", "m.pth", "--out", "folder"]),
                          ("predict_tta.py", ["--test-csv", "test.csv", "--weights", "m.pth", "--save-probs", "folder"]),
-                         ("predict_tta.py", ["--weights", "m.pth", "--images", "test.csv", "--show-preprocessed", "test.csv"])):
+                         ("predict_tta.py", ["--weights", "m.pth", "--images", "test.csv", "--show-preprocessed",
+                                             "test.csv"])):
         result = run_script(script, *args, cwd=tmp_path, check=False)
         assert_user_error(result, "folder" if "folder" in args else "test.csv")
         assert "predicted" not in result.stdout and "epoch" not in result.stdout
@@ -168,7 +170,8 @@ def test_a_second_run_on_a_checkpoint_in_use_stops_at_once_and_leaves_the_first_
         for extra in ([], ["--retrain"]):
             second = subprocess.run(args + extra, cwd=tmp_path, capture_output=True, text=True, timeout=120)
             assert second.returncode == 2 and second.stderr.count("\n") == 1, second.stderr
-            assert "CNN_best_model.pth is in use by another training run (it holds CNN_best_model.lock)" in second.stderr
+            in_use = "CNN_best_model.pth is in use by another training run (it holds CNN_best_model.lock)"
+            assert in_use in second.stderr
             assert (tmp_path / "CNN_best_model.resume.pth").exists()  # --retrain did not delete the first run's state
         assert first.poll() is None
     finally:
@@ -257,7 +260,8 @@ def png_header(width, height):
     """A PNG that announces width x height pixels but holds no pixel data: PIL reads the size without decoding."""
     def chunk(kind, body):
         return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)) + chunk(b"IEND", b"")
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0,
+                                                             0)) + chunk(b"IEND", b"")
 
 
 def test_huge_images_are_refused_from_their_header(tmp_path):
@@ -308,7 +312,8 @@ def test_a_fifo_and_a_huge_image_are_skipped_the_others_predicted_and_names_kept
     assert result.returncode == 2
     errors = result.stderr.splitlines()
     assert errors[0] == f"error: {folder / 'pipe.png'}: not a regular file, skipped"
-    assert errors[1].startswith(f"error: {folder / 'zbomb.png'}: 10000x10000 pixels, more than a photo of a digit needs")
+    assert errors[1].startswith(f"error: {folder / 'zbomb.png'}: 10000x10000 pixels, "
+                                "more than a photo of a digit needs")
     assert errors[2] == "error: 2 of the inputs could not be predicted (each named above)" and len(errors) == 3
     assert sorted(p.name for p in (tmp_path / "seen").iterdir()) == [
         "digit.jpeg_28x28.png", "digit.jpg_28x28.png", "digit.png_28x28.png"]

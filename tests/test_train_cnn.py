@@ -11,6 +11,7 @@ import torch
 from conftest import ROOT, assert_user_error, run_script, synthetic_mnist
 
 import data
+import train_cnn
 
 SMOKE = ["--limit", "600", "--batch-size", "64"]
 
@@ -28,7 +29,8 @@ def test_one_epoch_writes_checkpoint_and_history_and_beats_chance(tmp_path, mnis
     assert {"torch", "torchvision", "python"} <= set(checkpoint["versions"])
     history = json.loads((tmp_path / "CNN_best_model.history.json").read_text())
     assert len(history) == 1
-    assert {"train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr", "seconds", "images_per_second"} <= set(history[0])
+    assert {"train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr", "seconds",
+            "images_per_second"} <= set(history[0])
     test_accuracy = float(result.stdout.split("test loss")[1].split("accuracy")[1].split()[0])
     assert test_accuracy > 0.3  # chance is 0.1
     assert not (tmp_path / "CNN_best_model.resume.pth").exists()
@@ -78,7 +80,8 @@ def test_killed_run_resumes_where_it_stopped_and_matches_an_uninterrupted_run(tm
     assert history_losses(folder) == history_losses(tmp_path / "straight")
     resumed_checkpoint = data.load_checkpoint(folder / "CNN_best_model.pth")
     assert resumed_checkpoint["complete"] is True
-    assert torch.equal(resumed_checkpoint["trained_on"], data.load_checkpoint(tmp_path / "straight" / "CNN_best_model.pth")["trained_on"])
+    assert torch.equal(resumed_checkpoint["trained_on"],
+                       data.load_checkpoint(tmp_path / "straight" / "CNN_best_model.pth")["trained_on"])
     assert not resume_file.exists()
 
 
@@ -148,7 +151,8 @@ def test_checkpoint_of_another_architecture_is_refused(tmp_path, mnist_dir):
 @pytest.mark.parametrize("script, flag", [("train_cnn.py", "--epochs"), ("train_kfold.py", "--epochs"),
                                           ("predict_tta.py", "--tta"), ("evaluate.py", "--max-errors")])
 def test_a_bad_flag_is_a_short_usage_line_and_the_error(tmp_path, script, flag):
-    result = subprocess.run([sys.executable, str(ROOT / script), flag, "-1"], cwd=tmp_path, capture_output=True, text=True)
+    result = subprocess.run([sys.executable, str(ROOT / script), flag, "-1"], cwd=tmp_path, capture_output=True,
+                            text=True)
     assert result.returncode == 2 and not list(tmp_path.iterdir())
     assert result.stderr.splitlines() == [f"usage: {script} [options]; see --help",
                                           f"{script}: error: argument {flag}: must be a positive integer, got -1"]
@@ -161,3 +165,22 @@ def test_help_of_the_training_scripts_is_in_argument_groups(tmp_path):
         assert result.returncode == 0
         headings = [line[:-1] for line in result.stdout.splitlines() if line.endswith(":") and not line.startswith(" ")]
         assert headings == ["options", *groups], headings
+
+
+def test_a_model_finished_before_the_recipe_table_is_reused_by_its_command(tmp_path, mnist_dir):
+    """The released model was trained at the commit before RECIPE and the help groups (its manifest names it): today's
+    code makes the same settings of its command, so the finished model is reused, not retrained, and a resume file of
+    that run, which records the same settings, is resumed on the machine that wrote it."""
+    manifest = json.loads(data.RELEASE_MANIFEST.read_text())
+    argv = manifest["command"].split()[2:]  # after "python train_cnn.py"
+    argv[argv.index("--data-dir") + 1] = str(mnist_dir)
+    saved = data.load_checkpoint(data.RELEASED_MODEL)["settings"]
+    args = train_cnn.parse_args(argv)
+    settings, _ = train_cnn.training_settings(args, {"arch": "vgg", "data": saved["data"], "monitor": "val_loss",
+                                                     "split": {"val_fraction": args.val_fraction},
+                                                     "precision": saved["precision"]})
+    assert settings == saved
+    shutil.copy(data.RELEASED_MODEL, tmp_path / "CNN_best_model.pth")
+    result = run_script("train_cnn.py", *argv, cwd=tmp_path)
+    assert "using CNN_best_model.pth (epoch 30)" in result.stdout and "train loss" not in result.stdout
+    assert result.stdout.splitlines()[-1].startswith("test loss") and "accuracy 0.997" in result.stdout

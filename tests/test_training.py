@@ -150,7 +150,8 @@ def test_a_diverging_run_stops_and_marks_nothing_complete(tmp_path):
     result = run_script("train_cnn.py", "--data-dir", "mnist", "--epochs", "2", "--batch-size", "16", "--lr", "1e30",
                         cwd=tmp_path, check=False)
     assert_user_error(result, "training diverged in epoch 1", "NaN or Inf", "(try a lower --lr)")
-    assert not (tmp_path / "CNN_best_model.pth").exists() or not data.load_checkpoint(tmp_path / "CNN_best_model.pth")["complete"]
+    checkpoint = tmp_path / "CNN_best_model.pth"
+    assert not checkpoint.exists() or not data.load_checkpoint(checkpoint)["complete"]
 
 
 def interrupt_after_first_epoch(monkeypatch):
@@ -176,7 +177,8 @@ def test_a_run_resumed_with_other_settings_is_refused_naming_the_setting(tmp_pat
         assert_user_error(run_script("train_cnn.py", *args, *changed, cwd=tmp_path, check=False),
                           "CNN_best_model.resume.pth " + message, "--retrain")
     # more epochs and more patience are fine under the step schedule: the run continues
-    resumed = run_script("train_cnn.py", "--data-dir", "mnist", "--epochs", "4", "--patience", "9", "--batch-size", "16",
+    resumed = run_script("train_cnn.py", "--data-dir", "mnist", "--epochs", "4", "--patience", "9", "--batch-size",
+                         "16",
                          cwd=tmp_path)
     assert "resuming CNN_best_model.pth after epoch 1" in resumed.stdout and "epoch   4" in resumed.stdout
     # a finished run is not reused for other settings either
@@ -186,7 +188,8 @@ def test_a_run_resumed_with_other_settings_is_refused_naming_the_setting(tmp_pat
 
 def test_a_checkpoint_without_settings_is_refused_with_advice_to_retrain(tmp_path):
     synthetic_mnist(tmp_path / "mnist", n_train=200, n_test=20)
-    checkpoint = {"model_state": build_model("vgg").state_dict(), "arch": "vgg", "normalization": dict(data.NORMALIZATION),
+    checkpoint = {"model_state": build_model("vgg").state_dict(), "arch": "vgg",
+                  "normalization": dict(data.NORMALIZATION),
                   "epoch": 3, "complete": True}
     data.save_checkpoint(tmp_path / "CNN_best_model.pth", checkpoint)
     result = run_script("train_cnn.py", "--data-dir", "mnist", cwd=tmp_path, check=False)
