@@ -38,8 +38,10 @@ $(DEMO_VENV): requirements-demo.txt $(VENV)
 	.venv/bin/pip install --quiet -r requirements-demo.txt
 	touch $@
 
+# One test process per core (pytest-xdist), each file on one, with one thread each: the suite is mostly process
+# starts and small runs, which one core does as fast as two.
 test: $(VENV)
-	$(PYTHON) -m pytest -q tests
+	OMP_NUM_THREADS=1 $(PYTHON) -m pytest -q -n auto --dist loadfile tests
 
 TRAIN := $(PYTHON) train_cnn.py --data-dir $(DATA_DIR) $(LENGTH_FLAGS) --device $(DEVICE) $(ARGS)
 

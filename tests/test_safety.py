@@ -162,7 +162,7 @@ def wait_for(path, process, seconds=300):
 
 
 def test_a_second_run_on_a_checkpoint_in_use_stops_at_once_and_leaves_the_first_alone(tmp_path):
-    synthetic_mnist(tmp_path / "mnist", n_train=2000, n_test=20)
+    synthetic_mnist(tmp_path / "mnist", n_train=500, n_test=20)  # short epochs; 50 of them outlast the second runs
     args = [sys.executable, str(ROOT / "train_cnn.py"), "--data-dir", "mnist", "--epochs", "50", "--batch-size", "16"]
     first = subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
