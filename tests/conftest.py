@@ -103,8 +103,19 @@ def assert_user_error(result, *fragments):
 
 @pytest.fixture(scope="session")
 def small_vgg(tmp_path_factory, mnist_dir):
-    """A vgg trained briefly on 3,000 real MNIST images (about 97% accurate), with its history JSON."""
-    folder = tmp_path_factory.mktemp("small_vgg")
-    run_script("train_cnn.py", "--data-dir", mnist_dir, "--limit", "3000", "--epochs", "2", "--batch-size", "32",
-               cwd=folder)
-    return folder / "CNN_best_model.pth"
+    """A vgg trained briefly on 3,000 real MNIST images (about 97% accurate), with its history JSON; read only.
+
+    Trained once for the whole run: under pytest-xdist the workers share the session's base folder, and the first
+    to get there trains it while the others wait on a lock (the pattern pytest-xdist documents).
+    """
+    from filelock import FileLock
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    folder = shared / "small_vgg"
+    with FileLock(str(shared / "small_vgg.lock")):
+        checkpoint = folder / "CNN_best_model.pth"
+        if not (checkpoint.exists() and data.is_complete(data.load_checkpoint(checkpoint))):
+            folder.mkdir(exist_ok=True)
+            run_script("train_cnn.py", "--data-dir", mnist_dir, "--limit", "3000", "--epochs", "2", "--batch-size",
+                       "32", cwd=folder)
+    return checkpoint
