@@ -81,7 +81,8 @@ def main():
         "bytes": target.stat().st_size,
         "arch": "vgg",
         "mnist_test_accuracy": round(accuracy, 4),
-        "accuracy_read": "once, at --precision fp32 with no TTA, after training (never used to choose anything)",
+        "accuracy_read": "at --precision fp32 with no TTA after training, beside the run's own report (see remark); "
+                         "neither chose anything",
         "command": args.command,
         "commit": args.commit,
         "machine": machine(),
