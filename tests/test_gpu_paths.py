@@ -365,8 +365,10 @@ def test_the_guard_catches_a_host_read_in_the_loop(monkeypatch):
 
 def test_the_gpu_check_runs_every_stage_and_reports_each(tmp_path, mnist_dir):
     out = tmp_path / "check"
+    # the check's own time limit is a GPU session's; a slow CPU beside another test process may need more
     result = subprocess.run([sys.executable, ROOT / "tests" / "gpu_check.py", "--device", "cpu", "--limit", "120",
-                             "--data-dir", mnist_dir, "--out", out], capture_output=True, text=True, cwd=tmp_path)
+                             "--time-limit", "600", "--data-dir", mnist_dir, "--out", out],
+                            capture_output=True, text=True, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines()[-1] == f"wrote {out / 'gpu_check.json'}: 8 of 8 stages ok"
     report = json.loads((out / "gpu_check.json").read_text())
