@@ -264,7 +264,7 @@ def parse_args(argv=None):
     files.add_argument("--save-probs", help="also save the averaged probabilities [N, 10] to this .npy file")
     files.add_argument("--export",
                        help="write the --weights ensemble as one ONNX graph to this file instead, checked in "
-                                        "onnxruntime first (needs pip install -r requirements-export.txt)")
+                            "onnxruntime first (needs pip install -r requirements-export.txt)")
     add_device_arguments(parser)
     page = parser.add_argument_group("draw-a-digit page")
     page.add_argument("--demo", action="store_true",
@@ -409,8 +409,6 @@ def default_weights():
 # --demo serves one drawing or photo at a time: options about files and batches have nothing to act on
 NOT_WITH_DEMO = ("--images", "--invert", "--show-preprocessed", "--data", "--data-dir", "--test-csv", "--labels",
                  "--out", "--save-probs", "--batch-size")
-
-
 # --export writes a graph of the models alone: prediction's options have nothing to act on
 NOT_WITH_EXPORT = ("--images", "--invert", "--show-preprocessed", "--test-csv", "--labels", "--out", "--save-probs",
                    "--demo", "--tta")

@@ -509,7 +509,7 @@ def train_and_report(args, device, precision, checkpoint):
     else:
         started = time.perf_counter()
         if needs_plan(run):
-            plan_budget([(run, lambda: (train_set, val_set), 0)], device, started)
+            plan_budget([(run, (len(train_set[0]), len(val_set[0])), lambda: (train_set, val_set), 0)], device, started)
         model, normalization = train_new_model(run, device, train_set, val_set, started)
     if test_set is None:
         print(f"test set not read (--no-test-report); {checkpoint} is the model chosen by validation")
@@ -812,25 +812,25 @@ def adopt_saved_plan(run, existing):
 def plan_budget(jobs, device, started):
     """Fix the plan of every job so that all of them end within their --budget since `started` (perf_counter).
 
-    jobs: [(run, data_sets, images predicted after training)], data_sets a function giving (train_set, val_set) on
-    the device. Each architecture is measured once, on its first job, and every job gets the same number of steps,
-    so the budget is shared by their measured cost (pipeline A: one job; train_kfold.py: a rank's unplanned jobs).
+    jobs: [(run, (train images, validation images), data_sets, images predicted after training)], data_sets a
+    function giving (train_set, val_set) on the device, called only for the job an architecture is measured on. Each
+    architecture is measured once, on its first job, and every job gets the same number of steps, so the budget is
+    shared by their measured cost (pipeline A: one job; train_kfold.py: a rank's unplanned jobs).
     """
     budget = jobs[0][0].settings["budget"]
     speeds, costs = {}, []
-    for run, data_sets, after_images in jobs:
-        train_set, val_set = data_sets()
+    for run, (train_count, val_count), data_sets, after_images in jobs:
         arch = run.settings["arch"]
         if arch not in speeds:
-            speeds[arch] = measure_speed(run, device, train_set, val_set)
-        step, epoch = measured_costs(speeds[arch], len(val_set[0]), run.settings)
-        costs.append((steps_per_epoch(len(train_set[0]), run.settings["batch_size"]), step, epoch,
+            speeds[arch] = measure_speed(run, device, *data_sets())
+        step, epoch = measured_costs(speeds[arch], val_count, run.settings)
+        costs.append((steps_per_epoch(train_count, run.settings["batch_size"]), step, epoch,
                       after_images * speeds[arch]["val_image_seconds"]))
     spent = time.perf_counter() - started
     planned = plan_steps(budget - spent, costs)
     if planned < 1:
         raise budget_error(budget, spent, sum(step + epoch + after for _, step, epoch, after in costs))
-    for (run, _, _), (per_epoch, *_) in zip(jobs, costs, strict=True):
+    for (run, *_), (per_epoch, *_) in zip(jobs, costs, strict=True):
         fix_plan(run, per_epoch, planned, speeds[run.settings["arch"]])
 
 

@@ -107,6 +107,12 @@ def job_sets(kfold, fold):
             subset_on_device(kfold.images, kfold.labels, val_idx, kfold.device))
 
 
+def job_sizes(kfold, fold):
+    """(training images, validation images) of a fold's job, from its indices alone."""
+    train_idx, val_idx = kfold.splits[fold]
+    return len(train_idx), len(val_idx)
+
+
 def job_seed(seed, arch, fold):
     """The seed of an (arch, fold) job's model and generators: distinct per job, from the architecture's name."""
     return seed + 100 * fold + ARCH_NUMBERS[arch]
@@ -236,9 +242,12 @@ def main(argv=None):
             adopt_saved_plan(runs[job], existing[job])
         finished = {job: finished_checkpoint(runs[job], existing[job]) for job in mine}
         unplanned = [job for job in mine if needs_plan(runs[job]) and finished[job] is None]
-        if unplanned:  # each with its fold's validation images predicted after training
-            plan_budget([(runs[job], functools.partial(job_sets, kfold, job[1]), len(kfold.splits[job[1]][1]))
-                         for job in unplanned], device, started)
+        if unplanned:
+            budget_jobs = []
+            for arch, fold in unplanned:  # each predicts its fold's validation images after training (out of fold)
+                sizes = job_sizes(kfold, fold)
+                budget_jobs.append((runs[(arch, fold)], sizes, functools.partial(job_sets, kfold, fold), sizes[1]))
+            plan_budget(budget_jobs, device, started)
         for job in mine:
             run_job(kfold, *job, runs[job], finished[job])
         if args.budget:

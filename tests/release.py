@@ -52,13 +52,14 @@ def main():
                    help="anything a reader of the figures should know (e.g. other work beside it)")
     args = p.parse_args()
 
+    target = data.RELEASED_MODEL
+    candidate = target.with_name("candidate.pth")
+    data.check_outputs({"weights/": [target, candidate, data.RELEASE_MANIFEST]}, {"--checkpoint": [args.checkpoint]})
     checkpoint = data.load_checkpoint(args.checkpoint)
     if not data.is_complete(checkpoint) or checkpoint["arch"] != "vgg" or "trained_on" not in checkpoint:
         sys.exit(f"{args.checkpoint}: not a finished vgg checkpoint with a record of its training images")
     images, labels = data.load_mnist(args.data_dir, "test")
-    target = data.RELEASED_MODEL
     target.parent.mkdir(exist_ok=True)
-    candidate = target.with_name("candidate.pth")
     data.save_checkpoint(candidate, half_precision(checkpoint))
     try:
         full = DigitReader(args.checkpoint, "cpu", "fp32").probabilities(images)
@@ -103,4 +104,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    data.run_cli(main)
