@@ -10,6 +10,7 @@ import contextlib
 import glob
 import gzip
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -554,16 +555,21 @@ def ink_on_black(grey, invert="auto"):
 def remove_background(image):
     """Stretch contrast from the paper's level to the darkest ink, then drop what is fainter than the threshold."""
     paper = np.median(border_pixels(image))
-    stretched = np.clip((image - paper) / max(image.max() - paper, 1e-6), 0, 1)
-    return np.clip((stretched - INK_THRESHOLD) / (1 - INK_THRESHOLD), 0, 1)
+    return above_threshold(np.clip((image - paper) / max(image.max() - paper, 1e-6), 0, 1))
 
 def crop_to_ink(image, name):
     """The bounding box of the ink; an image without enough ink is an error named after the image."""
+    top, bottom, left, right = ink_box(image, name)
+    return image[top:bottom, left:right]
+
+
+def ink_box(image, name):
+    """(top, bottom, left, right) of the ink, the ends exclusive; too little ink is an error named after the image."""
     ink = image > 0
     if ink.sum() < MIN_INK_PIXELS:
         raise UserError(f"{name}: no digit found (the image is blank or has too little contrast)")
     rows, columns = np.flatnonzero(ink.any(1)), np.flatnonzero(ink.any(0))
-    return image[rows[0]:rows[-1] + 1, columns[0]:columns[-1] + 1]
+    return rows[0], rows[-1] + 1, columns[0], columns[-1] + 1
 
 def fit_in_box(image, box=20):
     """Resize so the longer side is `box` pixels, keeping the aspect ratio (antialiased when shrinking)."""
@@ -592,10 +598,311 @@ def preprocess_image(source, invert="auto", name=None):
     Messages call the image `name` (default: the path), e.g. "the drawing" for the demo page's canvas.
     """
     name = source if name is None else name
-    grey = read_greyscale(source, name)
-    digit = crop_to_ink(remove_background(ink_on_black(grey, invert)), name)
-    field = centre_by_mass(fit_in_box(digit))
+    return mnist_digit(crop_to_ink(remove_background(ink_on_black(read_greyscale(source, name), invert)), name))
+
+
+def mnist_digit(ink):
+    """The ink of one digit, cropped to it (float [h, w] 0..1) -> uint8 [28, 28] fitted in 20x20 and centred by mass."""
+    field = centre_by_mass(fit_in_box(ink))
     return torch.from_numpy(np.round(field * 255).astype(np.uint8))
+
+
+# ----------------------------------------------------------------------------- the digits of a number in a photo
+
+# The usual recipe: threshold the page once, label the ink's connected components, join the pieces of one digit,
+# drop specks and ruled lines, split digits that touch, order them left to right and line by line, then give each
+# digit MNIST's preprocessing on its own. Lengths are in units of the writing's height, measured from the page.
+
+MAX_DIGITS = 64            # more digit-sized marks than this is not a number
+FAINT_INK = 0.12           # smoothed ink above this joins the pieces of a digit (below INK_THRESHOLD)
+SPECK = 0.15               # components smaller than this many heights squared are specks of dirt or noise
+RULED_LINE = 2.0           # a horizontal run of ink this many heights long is a ruled line (no digit stroke is)
+JOIN_GAP = 0.15            # pieces of one digit: over each other, at most this far apart, together a digit tall
+JOIN_HEIGHT = 1.3
+SMALL, NEAR, JOIN_WIDTH = 0.5, 0.3, 1.2   # fragments: under half a height tall, joined within 0.3 heights
+SPLIT_ASPECT = 0.6         # marks this wide for their height may hold touching digits
+CUT_CANDIDATES = 16        # cuts tried across the middle 60% of a mark's width,
+CUT_SLANTS = (-0.27, 0, 0.27)  # each upright and slanted 15 degrees either way
+# A logistic model of "this mark holds two digits" from best_cut's features (bias first), fitted on numbers of MNIST
+# training digits: python tests/number_photos.py --fit-split --data-dir ../shared/data
+SPLIT_WEIGHTS = (-3.924, 7.682, -0.372, 0.234, -1.564, 1.610, 0.155, 4.374)
+
+
+@dataclass
+class FoundDigits:
+    """The digits of a photo in reading order: images uint8 [N, 28, 28], MNIST-like; for each its box
+    (left, top, right, bottom; the ends exclusive, in the photo's pixels) and its line (0 first)."""
+    images: torch.Tensor
+    boxes: list
+    lines: list
+
+
+def find_digits(source, classify, invert="auto", name=None):
+    """A photo or drawing of a number (a path or PIL image) -> FoundDigits, left to right, line by line.
+
+    `classify` (uint8 digits [M, 28, 28] -> probabilities [M, 10]) helps decide which marks hold touching digits
+    and where to cut them. A photo in which one mark is found, with no ruled line removed, gives exactly
+    preprocess_image's digit: one digit alone reads as --images reads it. No digit, or more than MAX_DIGITS, is one
+    line (UserError).
+    """
+    grey, ink, ruled, marks = find_marks(source, invert, name)
+    if len(marks) == 1 and not ruled:
+        alone = remove_background(grey)                                  # preprocess_image's path from here
+        top, bottom, left, right = ink_box(alone, name)
+        return FoundDigits(mnist_digit(alone[top:bottom, left:right])[None], [(left, top, right, bottom)], [0])
+    rows = [split_touching(row, ink, classify) for row in reading_lines(marks)]
+    digits = [(k, mark) for k, row in enumerate(rows) for mark in row]
+    images = torch.stack([mnist_digit(mark.ink(ink)) for _, mark in digits])
+    return FoundDigits(images, [mark.box_ltrb for _, mark in digits], [k for k, _ in digits])
+
+
+def find_marks(source, invert="auto", name=None):
+    """(white-on-black grey [H, W], the ink 0..1 less ruled lines, whether a ruled line was removed, the marks: one
+    per digit, or per group of touching digits) for a photo; no digit or more than MAX_DIGITS is a UserError."""
+    from scipy import ndimage
+    name = source if name is None else name
+    grey = ink_on_black(read_greyscale(source, name), invert)
+    stretched = even_out_lighting(grey)                                  # float [H, W] 0..1
+    ink = above_threshold(stretched)                                     # 0 where paper
+    ink_box(ink, name)                                                   # too little ink: "no digit found"
+    # A digit's pieces stay one component where faint ink joins them: the smoothed ink above a lower threshold,
+    # where it holds ink above the threshold.
+    faint = ndimage.gaussian_filter(stretched, 1.0) > FAINT_INK
+    labels, _ = ndimage.label(faint, np.ones((3, 3)))
+    mask = np.isin(labels, np.unique(labels[ink > 0]))
+    height = writing_height(ndimage.label(mask, np.ones((3, 3)))[0])
+    lines = long_runs(mask, RULED_LINE * height)
+    if lines.any():
+        mask = remove_lines(mask, lines)
+        ink = np.where(mask, ink, 0)
+    labels, _ = ndimage.label(mask, np.ones((3, 3)))
+    pieces = [Mark(labels[box] == k + 1, box) for k, box in enumerate(ndimage.find_objects(labels))]
+    pieces = [piece.trimmed(ink) for piece in pieces if piece.ink_area(ink) >= (SPECK * height) ** 2]
+    marks = join_pieces(pieces, height)
+    if not marks:
+        raise UserError(f"{name}: no digit found (the image is blank or has too little contrast)")
+    if len(marks) > MAX_DIGITS:
+        raise UserError(f"{name}: {len(marks)} digit-sized marks, more than a number has (at most {MAX_DIGITS}): "
+                        "not a number")
+    return grey, ink, bool(lines.any()), marks
+
+
+def even_out_lighting(grey):
+    """White ink on black [H, W] -> the ink stretched to 0..1 above the paper's level, which is fitted as a smooth
+    surface over the whole page (so a lighting gradient is followed) and subtracted."""
+    height, width = grey.shape
+    small = F.interpolate(torch.from_numpy(grey)[None, None], size=(min(height, 64), min(width, 64)),
+                          mode="area")[0, 0].numpy()                      # [h, w] <= 64x64
+    paper = small <= np.median(small)                                    # the paper, first guess: the darker half
+    for _ in range(3):
+        coefficients = np.linalg.lstsq(quadratic_terms(*small.shape)[paper], small[paper], rcond=None)[0]
+        residual = small - quadratic_terms(*small.shape) @ coefficients
+        paper = residual <= 0.15 * max(residual.max(), 1e-6)
+    lifted = np.clip(grey - quadratic_terms(height, width) @ coefficients, 0, None)
+    return (lifted / max(lifted.max(), 1e-6)).astype(np.float32)
+
+
+def quadratic_terms(height, width):
+    """float [height, width, 6]: 1, x, y, x^2, xy, y^2 over the page, x and y from 0 to 1."""
+    ys, xs = np.mgrid[0:1:height * 1j, 0:1:width * 1j]
+    return np.stack([np.ones_like(xs), xs, ys, xs * xs, xs * ys, ys * ys], -1)
+
+
+def above_threshold(stretched):
+    """remove_background's threshold: what is fainter than INK_THRESHOLD is paper, the rest is stretched to 0..1."""
+    return np.clip((stretched - INK_THRESHOLD) / (1 - INK_THRESHOLD), 0, 1)
+
+
+def writing_height(labels):
+    """The height of the writing in pixels: the 75th percentile of the large components' heights (a fifth of the
+    largest's area or more): a digit in pieces (a 5's bar, a broken stroke) brings lower heights with it."""
+    from scipy import ndimage
+    boxes = ndimage.find_objects(labels)
+    areas = np.bincount(labels.ravel())[1:]
+    large = areas >= 0.2 * areas.max()
+    return float(np.percentile([box[0].stop - box[0].start for box, big in zip(boxes, large, strict=True) if big], 75))
+
+
+def long_runs(mask, length):
+    """bool [H, W]: the pixels of horizontal runs of ink at least `length` long (gaps of one or two pixels bridged)."""
+    from scipy import ndimage
+    bridged = ndimage.binary_closing(mask, np.ones((1, 5)))
+    edges = np.diff(np.pad(bridged, ((0, 0), (1, 1))).astype(np.int8), axis=1)
+    starts, ends = np.argwhere(edges == 1), np.argwhere(edges == -1)   # row by row, in the same order
+    runs = np.zeros_like(mask)
+    for (row, start), (_, end) in zip(starts, ends, strict=True):
+        if end - start >= length:
+            runs[row, start:end] = True
+    return runs & mask
+
+
+def remove_lines(mask, lines):
+    """The ink less its ruled lines, except where a digit's stroke crosses one (ink just above and just below)."""
+    from scipy import ndimage
+    thickness = max(1, int(np.ceil(lines.sum() / max(lines.any(0).sum(), 1))))  # pixels per column of line
+    rest = mask & ~lines
+    crossings = ndimage.binary_closing(rest, np.ones((thickness + 3, 1))) & lines
+    return rest | crossings
+
+
+class Mark:
+    """Some of a photo's ink: its own pixels (bool, inside its box) and where that box lies (rows, columns slices)."""
+
+    def __init__(self, pixels, box):
+        self.pixels, self.box = pixels, box
+        self.top, self.bottom = box[0].start, box[0].stop
+        self.left, self.right = box[1].start, box[1].stop
+        self.area = int(pixels.sum())
+
+    @property
+    def height(self):
+        return self.bottom - self.top
+
+    @property
+    def width(self):
+        return self.right - self.left
+
+    @property
+    def box_ltrb(self):
+        return (int(self.left), int(self.top), int(self.right), int(self.bottom))
+
+    def ink(self, ink):
+        """The page's ink inside this mark's pixels: float [h, w]."""
+        return np.where(self.pixels, ink[self.box], 0)
+
+    def ink_area(self, ink):
+        return int((self.ink(ink) > 0).sum())
+
+    def trimmed(self, ink):
+        """This mark with its pixels and box cut down to where it has ink above the threshold."""
+        pixels = self.pixels & (ink[self.box] > 0)
+        rows, cols = np.flatnonzero(pixels.any(1)), np.flatnonzero(pixels.any(0))
+        box = (slice(self.top + rows[0], self.top + rows[-1] + 1), slice(self.left + cols[0], self.left + cols[-1] + 1))
+        return Mark(pixels[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1], box)
+
+    def joined(self, other):
+        top, left = min(self.top, other.top), min(self.left, other.left)
+        bottom, right = max(self.bottom, other.bottom), max(self.right, other.right)
+        pixels = np.zeros((bottom - top, right - left), dtype=bool)
+        for mark in (self, other):
+            pixels[mark.top - top:mark.bottom - top, mark.left - left:mark.right - left] |= mark.pixels
+        return Mark(pixels, (slice(top, bottom), slice(left, right)))
+
+    def cut(self, column, slant):
+        """(left part, right part) of this mark cut along a line through `column` at mid-height, leaning right by
+        `slant` px per px upwards; None for a part without pixels."""
+        ys, xs = np.mgrid[0:self.height, 0:self.width]
+        left = xs < column + slant * (self.height / 2 - ys)
+        return self.part(self.pixels & left), self.part(self.pixels & ~left)
+
+    def part(self, pixels):
+        if not pixels.any():
+            return None
+        rows, cols = np.flatnonzero(pixels.any(1)), np.flatnonzero(pixels.any(0))
+        box = (slice(self.top + rows[0], self.top + rows[-1] + 1), slice(self.left + cols[0], self.left + cols[-1] + 1))
+        return Mark(pixels[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1], box)
+
+
+def join_pieces(pieces, height):
+    """Marks, one per digit: pieces over each other (a 5's bar, a 4 in two strokes, a broken stroke) are joined when
+    they overlap sideways by half the narrower one, lie at most JOIN_GAP heights apart and make at most JOIN_HEIGHT
+    heights together."""
+    marks = sorted(pieces, key=lambda mark: mark.left)
+    joined = True
+    while joined:
+        joined = False
+        for i, j in itertools.combinations(range(len(marks)), 2):
+            a, b = marks[i], marks[j]
+            overlap = min(a.right, b.right) - max(a.left, b.left)
+            gap = max(a.top, b.top) - min(a.bottom, b.bottom)
+            tall = max(a.bottom, b.bottom) - min(a.top, b.top)
+            if overlap >= 0.5 * min(a.width, b.width) and gap <= JOIN_GAP * height and tall <= JOIN_HEIGHT * height:
+                marks[i] = a.joined(b)
+                del marks[j]
+                joined = True
+                break
+    return join_fragments(marks, height)
+
+
+def join_fragments(marks, height):
+    """Marks less than SMALL heights tall (a bar, a tail, a broken stroke's end) joined to the nearest mark when it is
+    at most NEAR heights away and the two are at most a digit wide and JOIN_HEIGHT tall together; the rest dropped."""
+    whole = [m for m in marks if m.height >= SMALL * height]
+    for fragment in sorted((m for m in marks if m.height < SMALL * height), key=lambda m: -m.area):
+        near = [(box_distance(m, fragment), k) for k, m in enumerate(whole)
+                if box_distance(m, fragment) <= NEAR * height]
+        for _, k in sorted(near):
+            joined = whole[k].joined(fragment)
+            if joined.width <= JOIN_WIDTH * height and joined.height <= JOIN_HEIGHT * height:
+                whole[k] = joined
+                break
+    return sorted(whole, key=lambda mark: mark.left)
+
+
+def box_distance(a, b):
+    """The distance between two marks' boxes, 0 where they overlap."""
+    return math.hypot(max(0, a.left - b.right, b.left - a.right), max(0, a.top - b.bottom, b.top - a.bottom))
+
+
+def reading_lines(marks):
+    """The marks in lines of writing, top line first, each left to right: a mark belongs to the line above when it
+    overlaps that line's rows by a quarter of its own height."""
+    lines = []
+    for mark in sorted(marks, key=lambda m: (m.top + m.bottom) / 2):
+        if lines and mark.top < lines[-1]["bottom"] - 0.25 * mark.height:
+            lines[-1]["marks"].append(mark)
+            lines[-1]["bottom"] = max(lines[-1]["bottom"], mark.bottom)
+        else:
+            lines.append({"marks": [mark], "bottom": mark.bottom})
+    return [sorted(line["marks"], key=lambda m: (m.left + m.right) / 2) for line in lines]
+
+
+def split_touching(marks, ink, classify):
+    """A line's marks, with those that hold touching digits cut into them (split_mark), each judged against the
+    typical height of the line's other marks (its own when it is alone)."""
+    heights = np.array([mark.height for mark in marks])
+    return [digit for k, mark in enumerate(marks)
+            for digit in split_mark(mark, ink, classify, np.median(np.delete(heights, k)) if len(marks) > 1
+                                    else mark.height)]
+
+
+def split_mark(mark, ink, classify, height):
+    """[mark], or its digits when it holds touching ones: cut at its best cut (best_cut) when SPLIT_WEIGHTS' logistic
+    model of the cut's features says the mark holds two digits, then each part is tried again."""
+    features, pair = best_cut(mark, ink, classify, height)
+    if pair is None or np.dot(SPLIT_WEIGHTS[1:], features) + SPLIT_WEIGHTS[0] <= 0:
+        return [mark]
+    return [digit for part in pair for digit in split_mark(part, ink, classify, height)]
+
+
+def best_cut(mark, ink, classify, height):
+    """(features float [7], (left part, right part)) of the cut of a mark at least SPLIT_ASPECT as wide as it is tall
+    whose two parts the model is surest of: of CUT_CANDIDATES places across its middle 60%, each upright and slanted
+    (CUT_SLANTS). (None, None) for a narrower mark. The features: the mark's width for the line's `height` and for
+    its own, and, as log-odds, how sure the model is of the whole, by how much over its second choice, of both parts
+    together, and of the less sure part; the smaller part's height for the line's."""
+    if mark.width < SPLIT_ASPECT * mark.height:
+        return None, None
+    pairs = [pair for column in np.linspace(0.2, 0.8, CUT_CANDIDATES) * mark.width for slant in CUT_SLANTS
+             if None not in (pair := mark.cut(column, slant))]
+    if not pairs:
+        return None, None
+    images = torch.stack([mnist_digit(mark.ink(ink))] + [mnist_digit(part.ink(ink)) for pair in pairs for part in pair])
+    probs = np.asarray(classify(images), dtype=np.float64).clip(1e-6, 1 - 1e-6)   # [1 + 2 * len(pairs), 10]
+    top = probs.max(1)
+    together = top[1::2] * top[2::2]
+    best = int(np.argmax(together))
+    first, second = np.sort(probs[0])[-1], np.sort(probs[0])[-2]
+    pair = pairs[best]
+    less_sure = min(top[1 + 2 * best], top[2 + 2 * best])
+    features = np.array([np.log(mark.width / height), np.log(mark.width / mark.height), logit(first),
+                         np.log(first / second), logit(together[best]), logit(less_sure),
+                         min(part.height for part in pair) / height])
+    return features, pair
+
+
+def logit(p):
+    return float(np.log(p / (1 - p)))
 
 
 def find_images(paths):

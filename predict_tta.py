@@ -20,6 +20,7 @@ import socket
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +34,7 @@ from data import (  # the story: batches, TTA, the checkpoint's model, the submi
     TTA_VARIANTS,
     autocast,
     batch_indices,
+    find_digits,
     image_hashes,
     load_data,
     model_from_checkpoint,
@@ -41,6 +43,7 @@ from data import (  # the story: batches, TTA, the checkpoint's model, the submi
     pick_precision,
     preprocess_image,
     progress_bar,
+    read_greyscale,
     to_unit_float,
     trained_on_mask,
     write_submission,
@@ -153,6 +156,16 @@ class DigitReader:
         probs = self.probabilities(self.digits(source, invert))
         return probs.argmax(1), probs
 
+    def read_number(self, source, invert="auto", name=None):
+        """A photo or drawing of a whole number (path or PIL image) -> Number: its digits found (find_digits), left to
+        right and line by line, each read as one digit."""
+        found = find_digits(source, self.probabilities, invert, name)
+        probs = self.probabilities(found.images)
+        labels = probs.argmax(1)
+        words = ["".join(str(int(labels[i])) for i, line in enumerate(found.lines) if line == k)
+                 for k in range(found.lines[-1] + 1)]
+        return Number(" ".join(words), labels, probs, found.boxes, found.lines, found.images)
+
     def digits(self, source, invert="auto", name=None):
         """MNIST-like uint8 [N, 28, 28] on the CPU: a photo preprocessed (`name` in messages), or digits checked."""
         from PIL import Image
@@ -172,6 +185,19 @@ class DigitReader:
         seen = trained_on_mask(image_hashes(mnist_like(digits)), self.records)      # bool [models, N]
         return {"images": int(seen.any(0).sum()), "of": seen.shape[1], "models": int(seen.any(1).sum()),
                 "unrecorded": sum(record is None for record in self.records)}
+
+
+@dataclass
+class Number:
+    """What DigitReader.read_number found: the text ("4096"; lines apart by a space: "12 40"), and for each digit, in
+    reading order, its label (int64 [N]), probabilities (float32 [N, 10]), box in the photo's pixels (left, top,
+    right, bottom; the ends exclusive), line (0 first) and the uint8 [28, 28] image the model saw ([N, 28, 28])."""
+    text: str
+    labels: torch.Tensor
+    probabilities: torch.Tensor
+    boxes: list
+    lines: list
+    images: torch.Tensor
 
 
 def mnist_like(digits):
@@ -242,6 +268,8 @@ def main(argv=None):
     if args.export:
         import_onnx()  # before the models load: without the packages, that is the one line
         return export_onnx(reader_for(args), args.export, args.data_dir)
+    if args.images and args.number:
+        return predict_numbers(args, reader_for(args))
     if args.images:
         return predict_images(args, reader_for(args))
     return predict_submission(args, reader_for(args))
@@ -256,7 +284,11 @@ def parse_args(argv=None):
                         help="predict these image files and folders of them (PNG, JPEG, BMP, ...) instead")
     images.add_argument("--invert", choices=["auto", "yes", "no"], default="auto",
                         help="with --images: make the ink white on black; auto inverts when the border is light")
-    images.add_argument("--show-preprocessed", help="with --images: save the 28x28 images the model saw to this folder")
+    images.add_argument("--number", action="store_true",
+                        help="with --images: read each image as a whole number, its digits left to right and line by "
+                             "line (a second line after a space)")
+    images.add_argument("--show-preprocessed", help="with --images: save the 28x28 images the model saw to this folder "
+                                                    "(with --number, each digit and the photo with numbered boxes)")
     add_reader_arguments(parser, tta=len(TTA_VARIANTS), weights="models/ for a CSV or --export; for --images and "
                          f"--demo {PIPELINE_A_CHECKPOINT} when it is here, else the released model")
     files = parser.add_argument_group("files")
@@ -281,8 +313,8 @@ def parse_args(argv=None):
     if not args.demo and (extra := changed_options(parser, args, ("--host", "--port"))):
         raise UserError(f"{' and '.join(extra)} go with --demo")
     args = resolve_data_arguments(args)
-    if args.images is None and (args.invert != "auto" or args.show_preprocessed):
-        parser.error("--invert and --show-preprocessed go with --images")
+    if args.images is None and (args.invert != "auto" or args.show_preprocessed or args.number):
+        parser.error("--invert, --number and --show-preprocessed go with --images")
     if args.images is None and args.out is None and not args.demo and not args.export:
         args.out = "submission.csv"
     if args.weights is None and args.images is None and not args.demo:
@@ -336,6 +368,71 @@ def predict_images(args, reader):
         print(f"error: {problem}", file=sys.stderr)
     if problems:
         raise UserError(f"{len(problems)} of the inputs could not be predicted (each named above)")
+
+
+def predict_numbers(args, reader):
+    """--images --number: read each image as a whole number, one line each; a bad file is one line on stderr."""
+    files, problems = find_images(args.images)
+    read = []                                                                     # [(path, Number)]
+    for path in files:
+        try:
+            read.append((path, reader.read_number(path, args.invert)))
+        except UserError as error:
+            problems.append(str(error))
+    if read:
+        say_trained_on(reader.trained_on(torch.cat([number.images for _, number in read])), len(reader.ensemble))
+        for path, number in read:
+            sure = " ".join(f"{p:.2f}" for p in number.probabilities.max(1).values.tolist())
+            print(f"{path}: {number.text}  ({sure})")
+        if args.out:
+            frame = pd.concat([number_rows(path, number) for path, number in read], ignore_index=True)
+            write_frame(args.out, frame)
+            print(f"wrote {args.out} ({len(frame)} rows, one per digit)")
+        if args.show_preprocessed:
+            save_number_images(Path(args.show_preprocessed), read, args.invert)
+    for problem in problems:
+        print(f"error: {problem}", file=sys.stderr)
+    if problems:
+        raise UserError(f"{len(problems)} of the inputs could not be read (each named above)")
+
+
+def number_rows(path, number):
+    """One row per digit: file, line and position (from 1), box (left, top, right, bottom), label, probabilities."""
+    positions = [number.lines[:k].count(line) + 1 for k, line in enumerate(number.lines)]
+    frame = pd.DataFrame(number.probabilities.numpy().round(6), columns=[f"p{d}" for d in range(10)])
+    boxes = np.array(number.boxes, dtype=np.int64).reshape(-1, 4)
+    columns = {"path": str(path), "line": np.array(number.lines) + 1, "position": positions,
+               "left": boxes[:, 0], "top": boxes[:, 1], "right": boxes[:, 2], "bottom": boxes[:, 3],
+               "label": number.labels.numpy(), "probability": number.probabilities.max(1).values.numpy().round(6)}
+    for k, (column, values) in enumerate(columns.items()):
+        frame.insert(k, column, values)
+    return frame
+
+
+def save_number_images(folder, read, invert):
+    """For each image: its digits as the model saw them (NAME_digitK_28x28.png, K from 1 in reading order) and the
+    photo with the numbered boxes drawn (NAME_boxes.png)."""
+    from PIL import Image
+    names = [name.removesuffix("_28x28.png") for name in preprocessed_names([path for path, _ in read])]
+    for name, (path, number) in zip(names, read, strict=True):
+        for k, image in enumerate(number.images, 1):
+            with atomic_path(folder / f"{name}_digit{k}_28x28.png") as tmp:
+                Image.fromarray(image.numpy()).save(tmp, format="PNG")
+        with atomic_path(folder / f"{name}_boxes.png") as tmp:
+            boxed_photo(path, number).save(tmp, format="PNG")
+    print(f"wrote the digits and boxes of {len(read)} images to {folder}/")
+
+
+def boxed_photo(source, number):
+    """The photo as it was read (upright, grey) with each digit's box drawn and numbered in reading order."""
+    from PIL import Image, ImageDraw
+    photo = Image.fromarray(np.round(read_greyscale(source) * 255).astype(np.uint8)).convert("RGB")
+    draw = ImageDraw.Draw(photo)
+    width = max(1, round(max(photo.size) / 300))
+    for k, (left, top, right, bottom) in enumerate(number.boxes, 1):
+        draw.rectangle([left, top, right - 1, bottom - 1], outline=(220, 30, 30), width=width)
+        draw.text((left, max(0, top - 12)), f"{k}: {int(number.labels[k - 1])}", fill=(220, 30, 30))
+    return photo
 
 
 def preprocessed_names(paths):
@@ -407,11 +504,11 @@ def default_weights():
 
 
 # --demo serves one drawing or photo at a time: options about files and batches have nothing to act on
-NOT_WITH_DEMO = ("--images", "--invert", "--show-preprocessed", "--data", "--data-dir", "--test-csv", "--labels",
-                 "--out", "--save-probs", "--batch-size")
+NOT_WITH_DEMO = ("--images", "--number", "--invert", "--show-preprocessed", "--data", "--data-dir", "--test-csv",
+                 "--labels", "--out", "--save-probs", "--batch-size")
 # --export writes a graph of the models alone: prediction's options have nothing to act on
-NOT_WITH_EXPORT = ("--images", "--invert", "--show-preprocessed", "--test-csv", "--labels", "--out", "--save-probs",
-                   "--demo", "--tta")
+NOT_WITH_EXPORT = ("--images", "--number", "--invert", "--show-preprocessed", "--test-csv", "--labels", "--out",
+                   "--save-probs", "--demo", "--tta")
 
 
 def changed_options(parser, args, flags):
@@ -512,10 +609,10 @@ def export_onnx(reader, path, data_dir):
 # ----------------------------------------------------------------------------- the draw-a-digit page (--demo)
 
 DEMO_HOST, DEMO_PORT = "127.0.0.1", 7860
-CANVAS_SIZE = 280  # pixels a side; the brush is a tenth of that wide, as MNIST's strokes are of its 28 pixels
+CANVAS_SIZE = (840, 280)  # pixels; room for a number. The brush is a tenth of the height wide, as MNIST's strokes are
 MAX_UPLOAD = "50mb"  # refused before it is stored; a phone's photo of a digit is a few MB
-# The 28x28 input is shown 8x enlarged with every pixel a sharp square, so a thin or off-centre digit is plain to see.
-PAGE_CSS = "#seen img { width: 224px; height: 224px; object-fit: contain; image-rendering: pixelated; }"
+# The 28x28 inputs are shown 8x enlarged with every pixel a sharp square, so a thin or off-centre digit is plain to see.
+PAGE_CSS = "#seen img { width: 100%; height: 224px; object-fit: contain; image-rendering: pixelated; }"
 
 
 def import_gradio(folder):
@@ -531,58 +628,68 @@ def import_gradio(folder):
     return gradio
 
 
-def predict_one(reader, source, name):
-    """(probabilities [10], the uint8 [28, 28] image the model saw) for one image file or PIL image."""
-    digit = reader.digits(source, name=name)       # uint8 [1, 28, 28]
-    return reader.probabilities(digit)[0], digit[0]
-
-
-def page_answer(predict, source, name):
-    """The page's outputs for one image: (digit -> probability, the 28x28 image, message); bad input is the message."""
+def page_answer(reader, source, name):
+    """The page's outputs for one drawing or photo, read as a number: (the reading: one digit's ten probabilities,
+    or the number with how sure the model is of all its digits; the 28x28 digits the model saw, side by side; the
+    picture with the boxes; each digit's reading as a table; a message). Bad input is the message alone."""
     try:
-        probs, digit = predict(source, name)
+        number = reader.read_number(source, name=name)
     except UserError as error:
-        return None, None, f"**{error}**"
-    return {str(d): float(p) for d, p in enumerate(probs)}, digit.numpy(), ""
+        return None, None, None, "", f"**{error}**"
+    sure = number.probabilities.max(1).values
+    if len(number.labels) == 1:
+        reading = {str(d): float(p) for d, p in enumerate(number.probabilities[0])}
+    else:
+        reading = {number.text: float(sure.prod())}
+    rows = enumerate(zip(number.labels, sure, strict=True), 1)
+    table = "| digit | reads | sure |\n|---|---|---|\n" + "".join(f"| {k} | {int(d)} | {float(p):.2f} |\n"
+                                                              for k, (d, p) in rows)
+    seen = torch.cat(list(number.images), dim=1).numpy()                          # [28, 28 N]
+    return reading, seen, np.asarray(boxed_photo(source, number)), table, ""
 
 
 def demo_page(gr, predict, title):
-    """The page: a canvas and a photo upload in; the ten probabilities, the 28x28 input and any message out."""
+    """The page: a canvas and a photo upload in; the number read, the 28x28 inputs, the boxes, each digit's reading
+    and any message out. predict(source, name) gives page_answer's outputs."""
     from PIL import Image
-    brush = gr.Brush(default_size=CANVAS_SIZE // 20, colors=["#000000"], color_mode="fixed")  # a radius
+    width, height = CANVAS_SIZE
+    brush = gr.Brush(default_size=height // 20, colors=["#000000"], color_mode="fixed")  # a radius
     # With white paper to draw on, the canvas opens with the brush in hand (empty, it asks for a tool first).
-    paper = {"background": Image.new("RGB", (CANVAS_SIZE, CANVAS_SIZE), "white"), "layers": [], "composite": None}
-    with gr.Blocks(title="Draw a digit", analytics_enabled=False) as page:
-        gr.Markdown(f"## Draw a digit\n{title}. Draw with the mouse, a finger or a pen, or upload a photo of a digit.")
+    paper = {"background": Image.new("RGB", CANVAS_SIZE, "white"), "layers": [], "composite": None}
+    with gr.Blocks(title="Draw a number", analytics_enabled=False) as page:
+        gr.Markdown(f"## Draw a number\n{title}. Draw digits with the mouse, a finger or a pen, left to right, or "
+                    "upload a photo of some.")
+        canvas = gr.Sketchpad(paper, label="Draw a number", type="pil", canvas_size=CANVAS_SIZE, brush=brush,
+                              layers=False, elem_id="canvas")
         with gr.Row():
-            with gr.Column(min_width=CANVAS_SIZE):
-                canvas = gr.Sketchpad(paper, label="Draw a digit", type="pil", canvas_size=(CANVAS_SIZE, CANVAS_SIZE),
-                                      brush=brush, layers=False, elem_id="canvas")
-                clear = gr.ClearButton(value="Clear", elem_id="clear")
-                # any file type: what is not an image gets read_greyscale's message, as with --images
-                photo = gr.File(label="or upload a photo of one", type="filepath", elem_id="photo")
-            with gr.Column(min_width=CANVAS_SIZE):
-                seen = gr.Image(label="What the model saw (28x28)", format="png", interactive=False,
-                                buttons=["download"],
-                                height=CANVAS_SIZE, elem_id="seen")
+            clear = gr.ClearButton(value="Clear", elem_id="clear")
+            # any file type: what is not an image gets read_greyscale's message, as with --images
+            photo = gr.File(label="or upload a photo", type="filepath", elem_id="photo")
+        with gr.Row():
+            with gr.Column(min_width=height):
+                probabilities = gr.Label(num_top_classes=10, label="Read as", elem_id="probabilities")
                 message = gr.Markdown(elem_id="message")
-            with gr.Column(min_width=CANVAS_SIZE):
-                probabilities = gr.Label(num_top_classes=10, label="Predicted digit and probabilities",
-                                         elem_id="probabilities")
-        outputs = [probabilities, seen, message]
+            with gr.Column(min_width=height):
+                seen = gr.Image(label="What the model saw (28x28 each)", format="png", interactive=False,
+                                buttons=["download"], height=height, elem_id="seen")
+            with gr.Column(min_width=height):
+                boxes = gr.Image(label="Where it found the digits", format="png", interactive=False, height=height,
+                                 elem_id="boxes")
+                readings = gr.Markdown(elem_id="readings")
+        outputs = [probabilities, seen, boxes, readings, message]
         clear.add([canvas, photo, *outputs])
 
         def read_drawing(value):
             if value is None or value["composite"] is None:  # a stroke has begun; its end sends the picture
-                return gr.skip(), gr.skip(), gr.skip()
-            return page_answer(predict, value["composite"], "the drawing")
+                return (gr.skip(),) * len(outputs)
+            return predict(value["composite"], "the drawing")
 
         canvas.input(read_drawing, canvas, outputs, api_name="drawing", trigger_mode="always_last",
                      show_progress="hidden")
         def read_photo(path):
             if path is None:  # the API called without a file
-                return None, None, "**no photo: upload an image file of a digit**"
-            return page_answer(predict, path, Path(path).name)
+                return None, None, None, "", "**no photo: upload an image file of a number or a digit**"
+            return predict(path, Path(path).name)
 
         photo.upload(read_photo, photo, outputs, api_name="photo")
     return page
@@ -603,7 +710,7 @@ def serve_demo(args):
         gr = import_gradio(folder)  # before the models load: without Gradio, that is the one line
         reader = reader_for(args)
         title = f"{len(reader.ensemble)} model(s) x {len(reader.variants)} TTA variant(s)"
-        predict = functools.partial(predict_one, reader)
+        predict = functools.partial(page_answer, reader)
         page = demo_page(gr, predict, title)
         check_can_serve(args.host, args.port)
         _, url, _ = page.launch(server_name=args.host, server_port=args.port, share=False, run_history=False,

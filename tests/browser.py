@@ -122,15 +122,17 @@ def open_page(driver, url, timeout=60):
     WebDriverWait(driver, timeout).until(lambda d: d.find_elements(By.CSS_SELECTOR, "#canvas canvas"))
 
 
-def draw(driver, strokes, steps=10):
-    """Draw the strokes on the page's canvas: press, move segment by segment in small steps, release."""
+def draw(driver, strokes, at=0.5, steps=10, paper=3):
+    """Draw one digit's strokes on the page's canvas, centred `at` that fraction of the paper's width (the paper is
+    `paper` times as wide as tall): press, move segment by segment in small steps, release."""
     from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.by import By
     canvas = driver.find_elements(By.CSS_SELECTOR, "#canvas canvas")[-1]
-    # The canvas element is larger than the square of paper at its centre: scale to a square well inside it.
-    side = 0.75 * min(canvas.size["width"], canvas.size["height"])
+    # The canvas element can be larger than the paper at its centre: the paper fits it, the digit a square well inside.
+    height = min(canvas.size["width"] / paper, canvas.size["height"])
+    side, shift = 0.75 * height, (at - 0.5) * paper * height
     for stroke in strokes:
-        points = [(round((x - 0.5) * side), round((y - 0.5) * side)) for x, y in stroke]  # offsets from the centre
+        points = [(round(shift + (x - 0.5) * side), round((y - 0.5) * side)) for x, y in stroke]  # from the centre
         actions = ActionChains(driver).move_to_element_with_offset(canvas, *points[0]).click_and_hold()
         for (x0, y0), (x1, y1) in itertools.pairwise(points):
             previous = (x0, y0)
@@ -142,7 +144,7 @@ def draw(driver, strokes, steps=10):
 
 
 def wait_for_answer(driver, timeout=60):
-    """(predicted digit, the shown 28x28 image's natural size, its size on the page) once the page shows an answer."""
+    """(what the page read, the shown 28x28 images' natural size, their size on the page) once it shows an answer."""
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 

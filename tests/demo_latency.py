@@ -24,15 +24,18 @@ from PIL import Image, ImageDraw  # noqa: E402
 import data  # noqa: E402
 from browser import STROKES  # noqa: E402
 from models import build_model  # noqa: E402
-from predict_tta import CANVAS_SIZE, DigitReader, predict_one  # noqa: E402
+from predict_tta import CANVAS_SIZE, DigitReader, page_answer  # noqa: E402
 
 
 def drawing(strokes, size=CANVAS_SIZE):
-    """The strokes drawn as the page's canvas gives them: black, a tenth of the canvas wide, on white, RGBA."""
-    image = Image.new("RGBA", (size, size), "white")
+    """The strokes drawn in the middle of the page's canvas as it gives them: black, a tenth of the canvas's height
+    wide, on white, RGBA."""
+    width, height = size
+    image = Image.new("RGBA", size, "white")
     pen = ImageDraw.Draw(image)
     for stroke in strokes:
-        pen.line([(x * size, y * size) for x, y in stroke], fill="black", width=size // 10, joint="curve")
+        pen.line([((width - height) / 2 + x * height, y * height) for x, y in stroke], fill="black",
+                 width=height // 10, joint="curve")
     return image
 
 
@@ -49,11 +52,11 @@ def random_checkpoints(folder, archs):
 
 
 def median_ms(image, reader, repeats):
-    """Median wall time of predict_one on `image`, in ms, after 3 warm-up predictions."""
+    """Median wall time of the page's answer to `image`, in ms, after 3 warm-up predictions."""
     times = []
     for _ in range(repeats + 3):
         start = time.perf_counter()
-        predict_one(reader, image, "the drawing")
+        page_answer(reader, image, "the drawing")
         times.append(time.perf_counter() - start)
     return 1000 * statistics.median(times[3:])
 
@@ -75,8 +78,9 @@ def main():
                                  ("10 models x 4 TTA", ensemble_paths, 4)):
             reader = DigitReader(paths, device, precision, tta=tta)
             ms = median_ms(image, reader, args.repeats)
-            probs, _ = predict_one(reader, image, "the drawing")
-            print(f"{name:<20} {ms:7.1f} ms median per prediction (answer {probs.argmax()}, {probs.max():.2f})")
+            number = reader.read_number(image, name="the drawing")
+            print(f"{name:<20} {ms:7.1f} ms median per answer (read {number.text}, "
+                  f"{number.probabilities.max():.2f})")
         start = time.perf_counter()
         for _ in range(args.repeats):
             data.preprocess_image(image, name="the drawing")

@@ -84,6 +84,7 @@ def client(server, tmp_path_factory):
 
 def test_drawn_digits_are_read_in_the_browser(server, tmp_path):
     require(browser=True)
+    from selenium.common.exceptions import TimeoutException
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
     with chromium(tmp_path) as driver:
@@ -96,6 +97,23 @@ def test_drawn_digits_are_read_in_the_browser(server, tmp_path):
             assert driver.find_element(By.ID, "message").text == ""
             driver.find_element(By.ID, "clear").click()
             WebDriverWait(driver, 30).until(lambda d: not d.find_elements(By.CSS_SELECTOR, "#seen img"))
+        # a number, on a fresh page: two digits side by side are read left to right, each boxed and listed
+        open_page(driver, server[0])
+        draw(driver, STROKES["7"], at=0.62)
+        draw(driver, STROKES["1"], at=0.38)
+        def read(driver):
+            return [e.text.strip() for e in driver.find_elements(By.CSS_SELECTOR, "#probabilities .output-class")]
+        try:
+            WebDriverWait(driver, 60, poll_frequency=0.2).until(lambda d: read(d) == ["17"])
+        except TimeoutException:
+            driver.save_screenshot(str(tmp_path / "number.png"))
+            raise AssertionError(f"the page read {read(driver)}, not 17 (see {tmp_path / 'number.png'})") from None
+        natural = driver.execute_script("const i = document.querySelector('#seen img'); "
+                                        "return [i.naturalWidth, i.naturalHeight]")
+        assert natural == [56, 28]                                      # the two 28x28 digits, side by side
+        rows = driver.find_elements(By.CSS_SELECTOR, "#readings tbody tr")
+        assert [row.text.split()[:2] for row in rows] == [["1", "1"], ["2", "7"]]
+        assert driver.find_elements(By.CSS_SELECTOR, "#boxes img")
 
 
 @pytest.fixture(scope="module")
@@ -113,8 +131,9 @@ def digit_files(tmp_path_factory, mnist_dir):
 def test_the_page_answers_as_predict_tta_images_does(client, small_vgg, digit_files, tmp_path):
     from gradio_client import handle_file
     for path in digit_files:
-        label, seen, message = client.predict(handle_file(path), api_name="/photo")
-        assert message == "" and Image.open(seen).size == (28, 28)
+        label, seen, boxes, readings, message = client.predict(handle_file(path), api_name="/photo")
+        assert message == "" and Image.open(seen).size == (28, 28) and len(readings.strip().splitlines()) == 3
+        assert Image.open(boxes).size == Image.open(path).size
         # --images one file at a time: a TTA variant's random shifts depend on an image's place in its batch
         run_script("predict_tta.py", "--weights", small_vgg, "--images", path, "--out", "expected.csv", cwd=tmp_path)
         expected = pd.read_csv(tmp_path / "expected.csv").iloc[0]
@@ -129,7 +148,7 @@ def test_the_page_answers_as_the_python_reader_does(client, small_vgg, digit_fil
     from predict_tta import DigitReader
     reader = DigitReader(small_vgg, device="cpu", tta=4)  # the page's default TTA
     for path in digit_files[:5]:
-        label, _, _ = client.predict(handle_file(path), api_name="/photo")
+        label, *_ = client.predict(handle_file(path), api_name="/photo")
         labels, probs = reader.predict(path)
         assert label["label"] == str(labels[0].item()), path.name
         confidences = {c["label"]: c["confidence"] for c in label["confidences"]}
@@ -147,7 +166,8 @@ def test_each_endpoint_called_with_nothing_answers_without_a_server_error(server
         with urllib.request.urlopen(request, timeout=60) as response:
             assert response.status == 200, endpoint
             answers[endpoint] = json.loads(response.read())["data"]
-    assert not answers["photo"][0] and answers["photo"][2] == "**no photo: upload an image file of a digit**"
+    assert not answers["photo"][0]
+    assert answers["photo"][4] == "**no photo: upload an image file of a number or a digit**"
     assert "Traceback" not in (server[1] / "demo.log").read_text()
 
 
@@ -171,12 +191,12 @@ def test_bad_input_gets_a_message_and_the_server_keeps_serving(client, digit_fil
         "notes": client.predict(handle_file(tmp_path / "notes.png"), api_name="/photo"),
         "text": client.predict(handle_file(tmp_path / "notes.txt"), api_name="/photo"),
     }
-    for name, (label, seen, _) in answers.items():
-        assert not label and seen is None, name
-    assert answers["blank"][2].startswith("**the drawing: no digit found")
-    assert answers["speck"][2].startswith("**the drawing: no digit found")
-    assert answers["huge"][2].startswith("**huge.png: 8000x7000 pixels, more than a photo of a digit needs")
-    assert answers["notes"][2].startswith("**notes.png: not a readable image")
-    assert answers["text"][2].startswith("**notes.txt: not a readable image")
-    label, seen, message = client.predict(drawing(digit_files[0]), api_name="/drawing")
+    for name, (label, seen, boxes, _, _) in answers.items():
+        assert not label and seen is None and boxes is None, name
+    assert answers["blank"][4].startswith("**the drawing: no digit found")
+    assert answers["speck"][4].startswith("**the drawing: no digit found")
+    assert answers["huge"][4].startswith("**huge.png: 8000x7000 pixels, more than a photo of a digit needs")
+    assert answers["notes"][4].startswith("**notes.png: not a readable image")
+    assert answers["text"][4].startswith("**notes.txt: not a readable image")
+    label, *_, message = client.predict(drawing(digit_files[0]), api_name="/drawing")
     assert label["label"] and message == ""                   # and the next good input is read as usual

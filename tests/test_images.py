@@ -95,8 +95,9 @@ def test_bad_files_are_reported_and_the_others_still_predicted(photos, small_vgg
 
 
 def test_image_options_need_images(tmp_path):
-    result = run_script("predict_tta.py", "--show-preprocessed", "x", cwd=tmp_path, check=False)
-    assert result.returncode == 2 and "--invert and --show-preprocessed go with --images" in result.stderr
+    for option in (["--show-preprocessed", "x"], ["--number"]):
+        result = run_script("predict_tta.py", *option, cwd=tmp_path, check=False)
+        assert result.returncode == 2 and "--invert, --number and --show-preprocessed go with --images" in result.stderr
     assert_user_error(run_script("predict_tta.py", "--weights", "nowhere.pth", "--images", ".", cwd=tmp_path,
                                  check=False),
                       "nowhere.pth: no such checkpoint")
