@@ -3,13 +3,13 @@
     python predict_tta.py --test-csv data/digit-recognizer/test.csv               # every complete model in models/
     python predict_tta.py --weights CNN_best_model.pth --data mnist --no-tta      # one model on MNIST's test set
     python predict_tta.py --images photo.jpg my_digits/       # people's own images, with the released model
-    python predict_tta.py --demo                              # draw a digit in the browser (requirements-demo.txt)
+    python predict_tta.py --demo                              # draw a number in the browser (requirements-demo.txt)
     python predict_tta.py --weights models --export digits.onnx  # one ONNX graph (requirements-export.txt)
 
 Each checkpoint brings its own architecture and normalization. The same inputs, seed and batch size give the same
 submission: each TTA variant draws its random shifts from its own seeded generator. In this file: TTA over the
 ensemble, `DigitReader` (the Python entry point everything predicts through), the submission, then main and own
-images; below one banner, finding the checkpoints, checking paths, the ONNX export and the draw-a-digit page.
+images; below one banner, finding the checkpoints, checking paths, the ONNX export and the draw-a-number page.
 """
 import contextlib
 import copy
@@ -298,9 +298,9 @@ def parse_args(argv=None):
                        help="write the --weights ensemble as one ONNX graph to this file instead, checked in "
                             "onnxruntime first (needs pip install -r requirements-export.txt)")
     add_device_arguments(parser)
-    page = parser.add_argument_group("draw-a-digit page")
+    page = parser.add_argument_group("draw-a-number page")
     page.add_argument("--demo", action="store_true",
-                      help="serve a page to draw a digit on (or upload a photo) and watch the model read it "
+                      help="serve a page to draw a number on (or upload a photo) and watch the model read it "
                            "(needs pip install -r requirements-demo.txt)")
     page.add_argument("--host", default=DEMO_HOST,
                       help="with --demo: the address to serve on; 0.0.0.0 exposes the model to everyone on the network")
@@ -453,7 +453,7 @@ def save_preprocessed(folder, paths, images):
 
 # ============================================================================= machinery
 # Below: finding the checkpoints (the released model when none is named), checking options and paths before any
-# work, the ONNX export, and the draw-a-digit page; all of them read through DigitReader.
+# work, the ONNX export, and the draw-a-number page; all of them read through DigitReader.
 
 
 def find_checkpoints(paths):
@@ -606,7 +606,7 @@ def export_onnx(reader, path, data_dir):
           f"{difference:.1e})")
 
 
-# ----------------------------------------------------------------------------- the draw-a-digit page (--demo)
+# ----------------------------------------------------------------------------- the draw-a-number page (--demo)
 
 DEMO_HOST, DEMO_PORT = "127.0.0.1", 7860
 CANVAS_SIZE = (840, 280)  # pixels; room for a number. The brush is a tenth of the height wide, as MNIST's strokes are
@@ -716,7 +716,7 @@ def serve_demo(args):
         _, url, _ = page.launch(server_name=args.host, server_port=args.port, share=False, run_history=False,
                                 enable_monitoring=False, mcp_server=False, max_file_size=MAX_UPLOAD, css=PAGE_CSS,
                                 quiet=True, prevent_thread_lock=True)
-        print(f"draw a digit at {url} (Ctrl-C to stop)")
+        print(f"draw a number at {url} (Ctrl-C to stop)")
         page.block_thread()
 
 

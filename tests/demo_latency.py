@@ -1,4 +1,4 @@
-"""Latency of the draw-a-digit page: median milliseconds per prediction of one drawn digit, measured in-process.
+"""Latency of the draw-a-number page: median milliseconds per prediction of one drawn digit, measured in-process.
 
 A prediction is what the page does with a finished stroke: preprocess the canvas (a 280x280 RGBA image, like
 the page's) and run the ensemble with its TTA variants. Two configurations: one vgg (--weights, or random

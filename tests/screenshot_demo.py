@@ -1,4 +1,4 @@
-"""The README's screenshot: start the draw-a-digit page, draw a digit in headless Chromium, save the answered page.
+"""The README's screenshot: start the draw-a-number page, draw a digit in headless Chromium, save the answered page.
 
 Not collected by pytest (its name does not start with test_). Needs requirements-demo.txt, chromium and
 chromium-driver. The server and the browser keep their files in a temporary folder; only --out is written.

@@ -1,4 +1,4 @@
-"""predict_tta.py --demo: the draw-a-digit page, in a real browser and through its API."""
+"""predict_tta.py --demo: the draw-a-number page, in a real browser and through its API."""
 import os
 import socket
 import sys
