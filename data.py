@@ -693,10 +693,11 @@ def even_out_lighting(grey):
     height, width = grey.shape
     small = F.interpolate(torch.from_numpy(grey)[None, None], size=(min(height, 64), min(width, 64)),
                           mode="area")[0, 0].numpy()                      # [h, w] <= 64x64
+    terms = quadratic_terms(*small.shape)
     paper = small <= np.median(small)                                    # the paper, first guess: the darker half
     for _ in range(3):
-        coefficients = np.linalg.lstsq(quadratic_terms(*small.shape)[paper], small[paper], rcond=None)[0]
-        residual = small - quadratic_terms(*small.shape) @ coefficients
+        coefficients = np.linalg.lstsq(terms[paper], small[paper], rcond=None)[0]
+        residual = small - terms @ coefficients
         paper = residual <= 0.15 * max(residual.max(), 1e-6)
     lifted = np.clip(grey - quadratic_terms(height, width) @ coefficients, 0, None)
     return (lifted / max(lifted.max(), 1e-6)).astype(np.float32)
@@ -775,10 +776,7 @@ class Mark:
 
     def trimmed(self, ink):
         """This mark with its pixels and box cut down to where it has ink above the threshold."""
-        pixels = self.pixels & (ink[self.box] > 0)
-        rows, cols = np.flatnonzero(pixels.any(1)), np.flatnonzero(pixels.any(0))
-        box = (slice(self.top + rows[0], self.top + rows[-1] + 1), slice(self.left + cols[0], self.left + cols[-1] + 1))
-        return Mark(pixels[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1], box)
+        return self.part(self.pixels & (ink[self.box] > 0))
 
     def joined(self, other):
         top, left = min(self.top, other.top), min(self.left, other.left)
@@ -796,6 +794,7 @@ class Mark:
         return self.part(self.pixels & left), self.part(self.pixels & ~left)
 
     def part(self, pixels):
+        """The mark made of these of its pixels (bool, its box's shape), its box cut down to them; None for none."""
         if not pixels.any():
             return None
         rows, cols = np.flatnonzero(pixels.any(1)), np.flatnonzero(pixels.any(0))
@@ -829,8 +828,7 @@ def join_fragments(marks, height):
     at most NEAR heights away and the two are at most a digit wide and JOIN_HEIGHT tall together; the rest dropped."""
     whole = [m for m in marks if m.height >= SMALL * height]
     for fragment in sorted((m for m in marks if m.height < SMALL * height), key=lambda m: -m.area):
-        near = [(box_distance(m, fragment), k) for k, m in enumerate(whole)
-                if box_distance(m, fragment) <= NEAR * height]
+        near = [(distance, k) for k, m in enumerate(whole) if (distance := box_distance(m, fragment)) <= NEAR * height]
         for _, k in sorted(near):
             joined = whole[k].joined(fragment)
             if joined.width <= JOIN_WIDTH * height and joined.height <= JOIN_HEIGHT * height:
@@ -892,7 +890,7 @@ def best_cut(mark, ink, classify, height):
     top = probs.max(1)
     together = top[1::2] * top[2::2]
     best = int(np.argmax(together))
-    first, second = np.sort(probs[0])[-1], np.sort(probs[0])[-2]
+    second, first = np.sort(probs[0])[-2:]
     pair = pairs[best]
     less_sure = min(top[1 + 2 * best], top[2 + 2 * best])
     features = np.array([np.log(mark.width / height), np.log(mark.width / mark.height), logit(first),
