@@ -623,9 +623,11 @@ SMALL, NEAR, JOIN_WIDTH = 0.5, 0.3, 1.2   # fragments: under half a height tall,
 SPLIT_ASPECT = 0.6         # marks this wide for their height may hold touching digits
 CUT_CANDIDATES = 16        # cuts tried across the middle 60% of a mark's width,
 CUT_SLANTS = (-0.27, 0, 0.27)  # each upright and slanted 15 degrees either way
-# A logistic model of "this mark holds two digits" from best_cut's features (bias first), fitted on numbers of MNIST
-# training digits: python tests/number_photos.py --fit-split --data-dir ../shared/data
-SPLIT_WEIGHTS = (-3.924, 7.682, -0.372, 0.234, -1.564, 1.610, 0.155, 4.374)
+# Two logistic models fitted on numbers of MNIST training digits (python tests/number_photos.py --fit-split
+# --data-dir ../shared/data): which cut of a mark is right, from cut_candidates' features, and whether the mark holds
+# two digits, from split_features at that cut (bias first; its threshold chosen on other training numbers).
+CUT_WEIGHTS = (0.252, 0.393, 0.350, 0.292, -7.236, -0.309, 0.023, 0.616, -1.265, 1.470)
+SPLIT_WEIGHTS = (-8.078, 7.221, -0.266, 0.550, -1.983, -0.951, -0.140, 4.299, 0.247, 1.128)
 
 
 @dataclass
@@ -874,33 +876,53 @@ def split_mark(mark, ink, classify, height):
 
 
 def best_cut(mark, ink, classify, height):
-    """(features float [7], (left part, right part)) of the cut of a mark at least SPLIT_ASPECT as wide as it is tall
-    whose two parts the model is surest of: of CUT_CANDIDATES places across its middle 60%, each upright and slanted
-    (CUT_SLANTS). (None, None) for a narrower mark. The features: the mark's width for the line's `height` and for
-    its own, and, as log-odds, how sure the model is of the whole, by how much over its second choice, of both parts
-    together, and of the less sure part; the smaller part's height for the line's."""
+    """(split_features float [9], (left part, right part)) of the cut CUT_WEIGHTS' model ranks first among
+    cut_candidates; (None, None) when there is none."""
+    found = cut_candidates(mark, ink, classify, height)
+    if found is None:
+        return None, None
+    pairs, whole, parts, features = found
+    best = int(np.argmax(features @ np.asarray(CUT_WEIGHTS)))
+    return split_features(mark, height, whole, parts[best], pairs[best]), pairs[best]
+
+
+def cut_candidates(mark, ink, classify, height):
+    """The ways to cut a mark at least SPLIT_ASPECT as wide as it is tall in two: at CUT_CANDIDATES places across its
+    middle 60%, each upright and slanted (CUT_SLANTS). None for a narrower mark, else (the pairs of parts, the
+    model's probabilities float64 [10] for the whole mark and [C, 2, 10] for each pair's parts, and each cut's
+    features float [C, 10]: for each part how sure the model is (log-odds) and by how much over its second choice
+    (log-ratio); how far the cut lies from the middle and whether it slants; the parts' heights and widths for the
+    line's `height`)."""
     if mark.width < SPLIT_ASPECT * mark.height:
-        return None, None
-    pairs = [pair for column in np.linspace(0.2, 0.8, CUT_CANDIDATES) * mark.width for slant in CUT_SLANTS
-             if None not in (pair := mark.cut(column, slant))]
-    if not pairs:
-        return None, None
+        return None
+    cuts = [(place, slant, pair) for place in np.linspace(0.2, 0.8, CUT_CANDIDATES) for slant in CUT_SLANTS
+            if None not in (pair := mark.cut(place * mark.width, slant))]
+    if not cuts:
+        return None
+    pairs = [pair for _, _, pair in cuts]
     images = torch.stack([mnist_digit(mark.ink(ink))] + [mnist_digit(part.ink(ink)) for pair in pairs for part in pair])
-    probs = np.asarray(classify(images), dtype=np.float64).clip(1e-6, 1 - 1e-6)   # [1 + 2 * len(pairs), 10]
-    top = probs.max(1)
-    together = top[1::2] * top[2::2]
-    best = int(np.argmax(together))
-    second, first = np.sort(probs[0])[-2:]
-    pair = pairs[best]
-    less_sure = min(top[1 + 2 * best], top[2 + 2 * best])
-    features = np.array([np.log(mark.width / height), np.log(mark.width / mark.height), logit(first),
-                         np.log(first / second), logit(together[best]), logit(less_sure),
-                         min(part.height for part in pair) / height])
-    return features, pair
+    probs = np.asarray(classify(images), dtype=np.float64).clip(1e-6, 1 - 1e-6)   # [1 + 2C, 10]
+    whole, parts = probs[0], probs[1:].reshape(len(pairs), 2, 10)
+    second, first = np.moveaxis(np.sort(parts, -1)[..., -2:], -1, 0)                # [C, 2] each
+    where = np.array([(abs(place - 0.5), slant != 0) for place, slant, _ in cuts], dtype=np.float64)
+    sizes = np.array([(part.height, part.width) for pair in pairs for part in pair]).reshape(len(pairs), 4) / height
+    return pairs, whole, parts, np.column_stack([logit(first), np.log(first / second), where, sizes])
+
+
+def split_features(mark, height, whole, parts, pair):
+    """float [9] for SPLIT_WEIGHTS: the mark's width for the line's `height` and for its own; how sure the model is of
+    the whole (log-odds) and by how much over its second choice (log-ratio); of both parts together and of the less
+    sure part (log-odds); the smaller part's height for the line's; the parts' smaller and summed log-ratios."""
+    second, first = np.sort(whole)[-2:]
+    part_second, part_first = np.sort(parts, -1)[:, -2:].T                          # [2] each
+    margins = np.log(part_first / part_second)
+    return np.array([np.log(mark.width / height), np.log(mark.width / mark.height), logit(first),
+                     np.log(first / second), logit(part_first.prod()), logit(part_first.min()),
+                     min(part.height for part in pair) / height, margins.min(), margins.sum()])
 
 
 def logit(p):
-    return float(np.log(p / (1 - p)))
+    return np.log(p / (1 - p))
 
 
 def find_images(paths):

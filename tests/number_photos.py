@@ -201,7 +201,8 @@ def main():
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--show", type=int, default=0, help="print the first SHOW misread numbers per condition")
     p.add_argument("--fit-split", action="store_true",
-                   help="instead, fit data.SPLIT_WEIGHTS on numbers of training digits (COUNT per condition)")
+                   help="instead, fit data.CUT_WEIGHTS and data.SPLIT_WEIGHTS on numbers of training digits "
+                        "(COUNT per condition, and COUNT more to place the threshold)")
     args = p.parse_args()
     from predict_tta import DigitReader
 
@@ -236,34 +237,75 @@ def main():
 
 
 def fit_split(args, reader, images, labels):
-    """Fit the logistic model of "this mark holds two digits" on best_cut's features of every mark wide enough to be
-    cut, a mark's truth being how many of the page's digit boxes lie mostly (half their area) inside its box."""
+    """Fit data.CUT_WEIGHTS (which cut of a mark is right: its parts read as the two digits inside) and
+    data.SPLIT_WEIGHTS (does the mark hold two digits, at the cut CUT_WEIGHTS ranks first) on the marks wide enough
+    to be cut of COUNT numbers of training digits per condition, then shift SPLIT_WEIGHTS' bias to misread the
+    fewest marks of COUNT other numbers per condition. A mark's truth: the digits whose boxes lie mostly (half their
+    area) inside its box; marks holding none or more than two are left out."""
     from sklearn.linear_model import LogisticRegression
     if args.split != "train":
         raise SystemExit("--fit-split fits on training digits: --split train")
-    features, truth = [], []
+    fit, tune = (wide_marks(args, reader, images, labels, draw) for draw in (1, 2))
+    pairs = [(found, truth) for found, truth, _, _ in fit if len(truth) == 2]
+    x = np.vstack([found[3] for found, _ in pairs])
+    y = np.concatenate([[read == truth for read in part_readings(found)] for found, truth in pairs])
+    cut_weights = LogisticRegression(C=1.0, max_iter=5000).fit(x, y).coef_[0]
+    x, y, _ = at_best_cut(fit, cut_weights)
+    model = LogisticRegression(C=1.0, max_iter=5000).fit(x, y)
+    x, y, right = at_best_cut(tune, cut_weights)
+    score = model.decision_function(x)
+    shifts = np.arange(-3, 3.01, 0.25)
+    misread = [int((~np.where(score + shift > 0, right["cut"], right["whole"])).sum()) for shift in shifts]
+    shift = shifts[int(np.argmin(misread))]
+    unshifted = int((~np.where(score > 0, right["cut"], right["whole"])).sum())
+    print(f"fitted on {len(fit)} marks ({len(pairs)} holding two digits); of {len(tune)} other marks ({int(y.sum())} "
+          f"holding two), {min(misread)} misread with the bias shifted by {shift:+.2f} ({unshifted} unshifted)")
+    print("CUT_WEIGHTS = (" + ", ".join(f"{w:.3f}" for w in cut_weights) + ")")
+    print("SPLIT_WEIGHTS = (" + ", ".join(f"{w:.3f}" for w in [model.intercept_[0] + shift, *model.coef_[0]]) + ")")
+
+
+def wide_marks(args, reader, images, labels, draw):
+    """[(data.cut_candidates' result, the text of the digits inside, mark, line height)] for the marks wide enough to
+    be cut of COUNT numbers per condition, drawn with seed (SEED, condition, draw)."""
+    marks = []
     for condition in args.conditions:
-        rng = np.random.default_rng([args.seed, CONDITIONS.index(condition), 1])
+        rng = np.random.default_rng([args.seed, CONDITIONS.index(condition), draw])
         for _ in range(args.count):
             picks = rng.choice(len(images), args.digits, replace=False)
-            page, _, _, boxes = number_page(images[picks].numpy(), labels[picks].numpy(), rng, condition)
+            page, text, _, boxes = number_page(images[picks].numpy(), labels[picks].numpy(), rng, condition)
+            digits = text.replace(" ", "")
             try:
-                _, ink, _, marks = data.find_marks(Image.open(io.BytesIO(page)))
+                _, ink, _, found_marks = data.find_marks(Image.open(io.BytesIO(page)))
             except data.UserError:
                 continue
-            for line in data.reading_lines(marks):
+            for line in data.reading_lines(found_marks):
                 heights = np.array([mark.height for mark in line])
                 for k, mark in enumerate(line):
                     height = np.median(np.delete(heights, k)) if len(line) > 1 else mark.height
-                    found, _ = data.best_cut(mark, ink, reader.probabilities, height)
-                    if found is not None:
-                        features.append(found)
-                        truth.append(sum(inside(box, mark) >= 0.5 for box in boxes) >= 2)
-    x, y = np.array(features), np.array(truth)
-    model = LogisticRegression(C=1.0, max_iter=1000).fit(x, y)
-    wrong = int((model.predict(x) != y).sum())
-    print(f"{len(y)} marks ({int(y.sum())} holding two digits or more); {wrong} misjudged by the fit")
-    print("SPLIT_WEIGHTS = (" + ", ".join(f"{w:.3f}" for w in [model.intercept_[0], *model.coef_[0]]) + ")")
+                    found = data.cut_candidates(mark, ink, reader.probabilities, height)
+                    inner = sorted((box[0], digits[i]) for i, box in enumerate(boxes) if inside(box, mark) >= 0.5)
+                    if found is not None and len(inner) in (1, 2):
+                        marks.append((found, "".join(digit for _, digit in inner), mark, height))
+    return marks
+
+
+def part_readings(found):
+    """What the model reads in each cut's two parts: ["47", ...]."""
+    return ["".join(map(str, labels)) for labels in found[2].argmax(-1)]
+
+
+def at_best_cut(marks, cut_weights):
+    """(split_features [M, 9] at each mark's best cut, whether it holds two digits [M], whether it reads right
+    {"cut": at that cut, "whole": uncut} [M] each)."""
+    x, y, right = [], [], {"cut": [], "whole": []}
+    for found, truth, mark, height in marks:
+        pairs, whole, parts, features = found
+        best = int(np.argmax(features @ cut_weights))
+        x.append(data.split_features(mark, height, whole, parts[best], pairs[best]))
+        y.append(len(truth) == 2)
+        right["cut"].append(part_readings(found)[best] == truth)
+        right["whole"].append(str(int(whole.argmax())) == truth)
+    return np.array(x), np.array(y), {k: np.array(v) for k, v in right.items()}
 
 
 def inside(box, mark):
