@@ -9,8 +9,8 @@ with the output of every command it runs in OUT/gpu_check.log:
   pipeline_a     train_cnn.py for 2 epochs in the auto precision and in fp16 (the gradient scaler): test accuracy, time
   pipeline_b     train_kfold.py, fold 0 of resnet and widecnn for 1 epoch, then predict_tta.py with 4 TTA variants
   torchrun       train_kfold.py under torchrun, one process on the GPU (cuda:LOCAL_RANK)
-  deterministic  two runs with --use-deterministic-algorithms: the same weights bit for bit?
-  resume         train_cnn.py killed after its first epoch, run again: resumed, and equal to an uninterrupted run?
+  deterministic  two runs of train_cnn.py (4 epochs) with --use-deterministic-algorithms: the same weights bit for bit?
+  resume         the same run killed after its first epoch, run again: resumed, and equal to the first, uninterrupted?
 
     make gpu-check PYTHON=python3                     # on the GPU machine, MNIST's .gz files in data/MNIST/raw
     python tests/gpu_check.py --device cpu --limit 120 --out /tmp/check   # the same logic on a CPU (the test runs this)
@@ -244,18 +244,23 @@ def weights_equal(first, second):
     return all(torch.equal(tensor, second[name]) for name, tensor in data.load_checkpoint(first)["model_state"].items())
 
 
+def deterministic_run(check):
+    """train_cnn.py and its flags for the deterministic stage's two runs, the run the resume stage kills and resumes."""
+    return [ROOT / "train_cnn.py", "--data-dir", check.args.data_dir, "--epochs", "4", "--patience", "10", "--device",
+            check.args.device, "--use-deterministic-algorithms", *check.limit(6_000)]
+
+
 def deterministic_stage(check):
     for name in ("deterministic_1", "deterministic_2"):
-        check.script(ROOT / "train_cnn.py", "--data-dir", check.args.data_dir, "--epochs", "1", "--device",
-                     check.args.device,
-                     "--use-deterministic-algorithms", "--retrain", "--checkpoint", f"{name}.pth", *check.limit(12_000))
+        check.script(*deterministic_run(check), "--retrain", "--checkpoint", f"{name}.pth")
     return {"bit_for_bit": weights_equal(check.work / "deterministic_1.pth", check.work / "deterministic_2.pth")}
 
 
 def resume_stage(check):
-    command = [sys.executable, str(ROOT / "train_cnn.py"), "--data-dir", str(check.args.data_dir), "--epochs", "4",
-               "--patience", "10", "--device", check.args.device, "--use-deterministic-algorithms", *check.limit(6_000)]
-    check.script(*command[1:], "--checkpoint", "straight.pth", "--retrain")
+    uninterrupted = check.work / "deterministic_1.pth"
+    if not uninterrupted.exists():
+        raise RuntimeError("no uninterrupted run to compare with: the deterministic stage did not finish its first run")
+    command = [sys.executable, *map(str, deterministic_run(check))]
     killed = [*command, "--checkpoint", "resumed.pth", "--retrain"]
     check.log(f"$ {' '.join(killed)}   (killed once its first epoch is saved)")
     process = subprocess.Popen(killed, cwd=check.work, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -268,7 +273,7 @@ def resume_stage(check):
                     if resume_file.exists() else None)
     stdout, _ = check.script(*command[1:], "--checkpoint", "resumed.pth")
     return {"killed_after_epoch": killed_after, "resumed": "resuming resumed.pth" in stdout,
-            "matches_uninterrupted": weights_equal(check.work / "straight.pth", check.work / "resumed.pth")}
+            "matches_uninterrupted": weights_equal(uninterrupted, check.work / "resumed.pth")}
 
 
 STAGE_FUNCTIONS = {"device": device_stage, "bench": bench_stage, "sync": sync_stage, "pipeline_a": pipeline_a_stage,
