@@ -133,9 +133,7 @@ def draw(driver, strokes, at=0.5, steps=10, paper=3):
     side, shift = 0.75 * height, (at - 0.5) * paper * height
     for stroke in strokes:
         points = [(round(shift + (x - 0.5) * side), round((y - 0.5) * side)) for x, y in stroke]  # from the centre
-        # each small move takes a little over a frame (selenium's default is 250 ms a move): the canvas sees every
-        # point, and a digit is drawn in well under a second
-        actions = ActionChains(driver, duration=20).move_to_element_with_offset(canvas, *points[0]).click_and_hold()
+        actions = ActionChains(driver).move_to_element_with_offset(canvas, *points[0]).click_and_hold()
         for (x0, y0), (x1, y1) in itertools.pairwise(points):
             previous = (x0, y0)
             for k in range(1, steps + 1):
