@@ -881,9 +881,15 @@ def best_cut(mark, ink, classify, height):
     found = cut_candidates(mark, ink, classify, height)
     if found is None:
         return None, None
+    best, features = first_cut(mark, height, found)
+    return features, found[0][best]
+
+
+def first_cut(mark, height, found, cut_weights=CUT_WEIGHTS):
+    """(the index of the cut the weights rank first among cut_candidates' `found`, split_features there)."""
     pairs, whole, parts, features = found
-    best = int(np.argmax(features @ np.asarray(CUT_WEIGHTS)))
-    return split_features(mark, height, whole, parts[best], pairs[best]), pairs[best]
+    best = int(np.argmax(features @ np.asarray(cut_weights)))
+    return best, split_features(mark, height, whole, parts[best], pairs[best])
 
 
 def cut_candidates(mark, ink, classify, height):

@@ -282,9 +282,11 @@ def wide_marks(args, reader, images, labels, draw):
                 heights = np.array([mark.height for mark in line])
                 for k, mark in enumerate(line):
                     height = np.median(np.delete(heights, k)) if len(line) > 1 else mark.height
-                    found = data.cut_candidates(mark, ink, reader.probabilities, height)
                     inner = sorted((box[0], digits[i]) for i, box in enumerate(boxes) if inside(box, mark) >= 0.5)
-                    if found is not None and len(inner) in (1, 2):
+                    if len(inner) not in (1, 2):
+                        continue                       # asked about only where the truth can be scored
+                    found = data.cut_candidates(mark, ink, reader.probabilities, height)
+                    if found is not None:
                         marks.append((found, "".join(digit for _, digit in inner), mark, height))
     return marks
 
@@ -299,12 +301,11 @@ def at_best_cut(marks, cut_weights):
     {"cut": at that cut, "whole": uncut} [M] each)."""
     x, y, right = [], [], {"cut": [], "whole": []}
     for found, truth, mark, height in marks:
-        pairs, whole, parts, features = found
-        best = int(np.argmax(features @ cut_weights))
-        x.append(data.split_features(mark, height, whole, parts[best], pairs[best]))
+        best, features = data.first_cut(mark, height, found, cut_weights)
+        x.append(features)
         y.append(len(truth) == 2)
         right["cut"].append(part_readings(found)[best] == truth)
-        right["whole"].append(str(int(whole.argmax())) == truth)
+        right["whole"].append(str(int(found[1].argmax())) == truth)
     return np.array(x), np.array(y), {k: np.array(v) for k, v in right.items()}
 
 
