@@ -143,8 +143,10 @@ def draw(driver, strokes, at=0.5, steps=10, paper=3):
         actions.release().perform()
 
 
-def wait_for_answer(driver, timeout=60):
-    """(what the page read, the shown 28x28 images' natural size, their size on the page) once it shows an answer."""
+def wait_for_answer(driver, expected=None, timeout=60):
+    """(what the page read, the shown images' natural size, their size on the page) once it shows an answer whose
+    image has loaded (the image loads after the reading appears); with `expected` (reading, natural size), once it
+    shows that one."""
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
@@ -155,6 +157,7 @@ def wait_for_answer(driver, timeout=60):
             return None
         natural = driver.execute_script("return [arguments[0].naturalWidth, arguments[0].naturalHeight]", images[0])
         shown = images[0].size
-        return (digits[0].text.strip(), tuple(natural), (shown["width"], shown["height"])) if natural[0] else None
+        found = (digits[0].text.strip(), tuple(natural), (shown["width"], shown["height"]))
+        return found if natural[0] and (expected is None or found[:2] == expected) else None
 
     return WebDriverWait(driver, timeout, poll_frequency=0.2).until(answer)

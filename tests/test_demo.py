@@ -101,20 +101,14 @@ def test_drawn_digits_are_read_in_the_browser(server, tmp_path):
         open_page(driver, server[0])
         draw(driver, STROKES["7"], at=0.62)
         draw(driver, STROKES["1"], at=0.38)
-        def shown(driver):                                              # the reading, the image's size, the table
-            reading = [e.text.strip() for e in driver.find_elements(By.CSS_SELECTOR, "#probabilities .output-class")]
-            natural = driver.execute_script("const i = document.querySelector('#seen img'); "
-                                            "return i && i.complete ? [i.naturalWidth, i.naturalHeight] : null")
-            rows = [row.text.split()[:2] for row in driver.find_elements(By.CSS_SELECTOR, "#readings tbody tr")]
-            return reading, natural, rows
-        # the two 28x28 digits side by side, each listed; an image is shown once it has loaded, after the reading
-        expected = (["17"], [56, 28], [["1", "1"], ["2", "7"]])
-        try:
-            WebDriverWait(driver, 60, poll_frequency=0.2).until(lambda d: shown(d) == expected)
+        try:                                                            # the two 28x28 digits, side by side
+            wait_for_answer(driver, expected=("17", (56, 28)))
         except TimeoutException:
             driver.save_screenshot(str(tmp_path / "number.png"))
-            raise AssertionError(f"the page showed {shown(driver)}, not {expected} "
-                                 f"(see {tmp_path / 'number.png'})") from None
+            raise AssertionError(f"the page did not show 17 and its 56x28 image (see {tmp_path / 'number.png'})") \
+                from None
+        rows = driver.find_elements(By.CSS_SELECTOR, "#readings tbody tr")
+        assert [row.text.split()[:2] for row in rows] == [["1", "1"], ["2", "7"]]
         assert driver.find_elements(By.CSS_SELECTOR, "#boxes img")
 
 
