@@ -684,8 +684,12 @@ def demo_page(gr, predict, title):
                 return (gr.skip(),) * len(outputs)
             return predict(value["composite"], "the drawing")
 
-        canvas.input(read_drawing, canvas, outputs, api_name="drawing", trigger_mode="always_last",
-                     show_progress="hidden")
+        # Gradio's Sketchpad sends "input" as a stroke ends, before it uploads the new picture, so "input" can carry
+        # the picture before that stroke; "change" follows the upload, except for a fresh page's first stroke. On
+        # both, the last read is of the picture as drawn: always_last runs the latest one after the one in flight.
+        gr.on([canvas.input, canvas.change], read_drawing, canvas, outputs, api_name="drawing",
+              trigger_mode="always_last", show_progress="hidden")
+
         def read_photo(path):
             if path is None:  # the API called without a file
                 return None, None, None, "", "**no photo: upload an image file of a number or a digit**"

@@ -146,9 +146,11 @@ def draw(driver, strokes, at=0.5, steps=10, paper=3):
 def wait_for_answer(driver, expected=None, timeout=60):
     """(what the page read, the shown images' natural size, their size on the page) once it shows an answer whose
     image has loaded (the image loads after the reading appears); with `expected` (reading, natural size), once it
-    shows that one."""
+    shows that one. On a timeout, selenium's TimeoutException says what the page showed last."""
+    from selenium.common.exceptions import TimeoutException
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
+    last = [None]
 
     def answer(driver):
         digits = driver.find_elements(By.CSS_SELECTOR, "#probabilities .output-class")
@@ -157,7 +159,11 @@ def wait_for_answer(driver, expected=None, timeout=60):
             return None
         natural = driver.execute_script("return [arguments[0].naturalWidth, arguments[0].naturalHeight]", images[0])
         shown = images[0].size
-        found = (digits[0].text.strip(), tuple(natural), (shown["width"], shown["height"]))
+        last[0] = found = (digits[0].text.strip(), tuple(natural), (shown["width"], shown["height"]))
         return found if natural[0] and (expected is None or found[:2] == expected) else None
 
-    return WebDriverWait(driver, timeout, poll_frequency=0.2).until(answer)
+    try:
+        return WebDriverWait(driver, timeout, poll_frequency=0.2).until(answer)
+    except TimeoutException:
+        raise TimeoutException(f"after {timeout}s the page showed (reading, image size, size shown) {last[0]}") \
+            from None

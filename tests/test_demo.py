@@ -103,9 +103,9 @@ def test_drawn_digits_are_read_in_the_browser(server, tmp_path):
         draw(driver, STROKES["1"], at=0.38)
         try:                                                            # the two 28x28 digits, side by side
             wait_for_answer(driver, expected=("17", (56, 28)))
-        except TimeoutException:
+        except TimeoutException as timeout:
             driver.save_screenshot(str(tmp_path / "number.png"))
-            raise AssertionError(f"the page did not show 17 and its 56x28 image (see {tmp_path / 'number.png'})") \
+            raise AssertionError(f"not 17 and its 56x28 image: {timeout.msg} (see {tmp_path / 'number.png'})") \
                 from None
         rows = driver.find_elements(By.CSS_SELECTOR, "#readings tbody tr")
         assert [row.text.split()[:2] for row in rows] == [["1", "1"], ["2", "7"]]
