@@ -680,7 +680,7 @@ def demo_page(gr, predict, title):
         clear.add([canvas, photo, *outputs])
 
         def read_drawing(value):
-            if value is None or value["composite"] is None:  # a stroke has begun; its end sends the picture
+            if value is None or value["composite"] is None:  # a stroke begun, or the canvas cleared: no picture
                 return (gr.skip(),) * len(outputs)
             return predict(value["composite"], "the drawing")
 
