@@ -514,6 +514,7 @@ DECODE_SIZE = 2048             # a JPEG larger than this on both sides is decode
 INK_THRESHOLD = 0.25  # after the contrast stretch, fainter pixels are paper texture or noise
 
 MIN_INK_PIXELS = 12   # fewer than this above the threshold: no digit in the image
+NO_DIGIT = "no digit found (the image is blank or has too little contrast)"
 
 def read_greyscale(source, name=None):
     """An image file (or an open PIL image) -> float [H, W] in 0..1, the way it is meant to be seen.
@@ -567,7 +568,7 @@ def ink_box(image, name):
     """(top, bottom, left, right) of the ink, the ends exclusive; too little ink is an error named after the image."""
     ink = image > 0
     if ink.sum() < MIN_INK_PIXELS:
-        raise UserError(f"{name}: no digit found (the image is blank or has too little contrast)")
+        raise UserError(f"{name}: {NO_DIGIT}")
     rows, columns = np.flatnonzero(ink.any(1)), np.flatnonzero(ink.any(0))
     return rows[0], rows[-1] + 1, columns[0], columns[-1] + 1
 
@@ -668,10 +669,11 @@ def find_marks(source, invert="auto", name=None):
     ink = above_threshold(stretched)                                     # 0 where paper
     ink_box(ink, name)                                                   # too little ink: "no digit found"
     # A digit's pieces stay one component where faint ink joins them: the smoothed ink above a lower threshold,
-    # where it holds ink above the threshold.
+    # where it holds ink above the threshold. Label 0 is the paper: a noise pixel above the threshold that smoothing
+    # leaves faint must not make the whole page ink.
     faint = ndimage.gaussian_filter(stretched, 1.0) > FAINT_INK
     labels, _ = ndimage.label(faint, np.ones((3, 3)))
-    mask = np.isin(labels, np.unique(labels[ink > 0]))
+    mask = np.isin(labels, np.setdiff1d(labels[ink > 0], [0]))
     height = writing_height(ndimage.label(mask, np.ones((3, 3)))[0])
     lines = long_runs(mask, RULED_LINE * height)
     if lines.any():
@@ -682,7 +684,7 @@ def find_marks(source, invert="auto", name=None):
     pieces = [piece.trimmed(ink) for piece in pieces if piece.ink_area(ink) >= (SPECK * height) ** 2]
     marks = join_pieces(pieces, height)
     if not marks:
-        raise UserError(f"{name}: no digit found (the image is blank or has too little contrast)")
+        raise UserError(f"{name}: {NO_DIGIT}")
     if len(marks) > MAX_DIGITS:
         raise UserError(f"{name}: {len(marks)} digit-sized marks, more than a number has (at most {MAX_DIGITS}): "
                         "not a number")

@@ -123,6 +123,18 @@ def test_ruled_lines_are_removed_and_specks_dropped(reader, mnist_test):
         assert reader.read_number(Image.fromarray(speckled)).text == "471"
 
 
+def test_a_lone_noise_pixel_is_paper_not_ink(mnist_test):
+    """A half-dark pixel alone is above the ink threshold but too faint once smoothed to join any digit's ink: it
+    must stay paper, not take the page's paper (label 0 of the faint ink) into the ink with it (a 4-digit page
+    read as "no digit found")."""
+    images, labels = mnist_test
+    digits = [images[int(np.flatnonzero(labels == d)[1])] for d in (4, 7, 1)]
+    noisy = np.asarray(page(*[(digit, (40 + 90 * k, 30)) for k, digit in enumerate(digits)])).copy()
+    noisy[10, 10] = 128
+    found = data.find_digits(Image.fromarray(noisy), whole_only)
+    assert len(found.boxes) == 3 and all(right - left < 60 for left, _, right, _ in found.boxes), found.boxes
+
+
 def test_one_digit_alone_reads_exactly_as_images_does(reader, mnist_test, tmp_path):
     images, _ = mnist_test
     rng = np.random.default_rng(3)
