@@ -516,15 +516,22 @@ INK_THRESHOLD = 0.25  # after the contrast stretch, fainter pixels are paper tex
 MIN_INK_PIXELS = 12   # fewer than this above the threshold: no digit in the image
 NO_DIGIT = "no digit found (the image is blank or has too little contrast)"
 
+def image_name(source, name=None):
+    """What messages call an image: `name` when given, else its path, else "the image" (an open PIL image)."""
+    if name is not None:
+        return name
+    return source if isinstance(source, (str, Path)) else "the image"
+
+
 def read_greyscale(source, name=None):
     """An image file (or an open PIL image) -> float [H, W] in 0..1, the way it is meant to be seen.
 
     Guards every image read: the size is checked from the header before anything is decoded (a large JPEG
     is decoded at a reduced scale instead), a phone's EXIF orientation is applied, and transparency is
-    composited onto white paper. Messages call the image `name` (default: the source itself, a path).
+    composited onto white paper. Messages call the image `name` (default: image_name's).
     """
     from PIL import Image, ImageOps, UnidentifiedImageError
-    name = source if name is None else name
+    name = image_name(source, name)
     try:
         with warnings.catch_warnings():  # PIL warns from 89 megapixels on; the cap below is stricter and one line
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -596,9 +603,10 @@ def centre_by_mass(image, size=IMAGE_SIZE):
 def preprocess_image(source, invert="auto", name=None):
     """An image file or a PIL image of a digit -> uint8 [28, 28] as an MNIST sample looks (normalization comes later).
 
-    Messages call the image `name` (default: the path), e.g. "the drawing" for the demo page's canvas.
+    Messages call the image `name` (default: the path, or "the image"), e.g. "the drawing" for the page's
+    canvas.
     """
-    name = source if name is None else name
+    name = image_name(source, name)
     return mnist_digit(crop_to_ink(remove_background(ink_on_black(read_greyscale(source, name), invert)), name))
 
 
@@ -648,6 +656,7 @@ def find_digits(source, classify, invert="auto", name=None):
     preprocess_image's digit: one digit alone reads as --images reads it. No digit, or more than MAX_DIGITS, is one
     line (UserError).
     """
+    name = image_name(source, name)
     grey, ink, ruled, marks = find_marks(source, invert, name)
     if len(marks) == 1 and not ruled:
         alone = remove_background(grey)                                  # preprocess_image's path from here
@@ -663,7 +672,7 @@ def find_marks(source, invert="auto", name=None):
     """(white-on-black grey [H, W], the ink 0..1 less ruled lines, whether a ruled line was removed, the marks: one
     per digit, or per group of touching digits) for a photo; no digit or more than MAX_DIGITS is a UserError."""
     from scipy import ndimage
-    name = source if name is None else name
+    name = image_name(source, name)
     grey = ink_on_black(read_greyscale(source, name), invert)
     stretched = even_out_lighting(grey)                                  # float [H, W] 0..1
     ink = above_threshold(stretched)                                     # 0 where paper

@@ -680,13 +680,16 @@ def demo_page(gr, predict, title):
         clear.add([canvas, photo, *outputs])
 
         def read_drawing(value):
-            if value is None or value["composite"] is None:  # a stroke begun, or the canvas cleared: no picture
+            if value is not None and value["composite"] is not None:
+                return predict(value["composite"], "the drawing")
+            if value is not None and value["background"] is not None:  # a fresh page's first stroke begun
                 return (gr.skip(),) * len(outputs)
-            return predict(value["composite"], "the drawing")
+            return None, None, None, "", ""                   # the canvas cleared, or the API called with nothing
 
         # Gradio's Sketchpad sends "input" as a stroke ends, before it uploads the new picture, so "input" can carry
         # the picture before that stroke; "change" follows the upload, except for a fresh page's first stroke. On
         # both, the last read is of the picture as drawn: always_last runs the latest one after the one in flight.
+        # So is a cleared canvas's empty answer: a reading still in flight when Clear is pressed cannot come back.
         gr.on([canvas.input, canvas.change], read_drawing, canvas, outputs, api_name="drawing",
               trigger_mode="always_last", show_progress="hidden")
 

@@ -120,6 +120,32 @@ def open_page(driver, url, timeout=60):
     from selenium.webdriver.support.ui import WebDriverWait
     driver.get(url)
     WebDriverWait(driver, timeout).until(lambda d: d.find_elements(By.CSS_SELECTOR, "#canvas canvas"))
+    driver.execute_script(COUNT_REQUESTS)
+
+
+# The page's requests (Gradio's client uses fetch), counted so that a test can wait for them to end before it leaves
+# the page: a browser that goes while an upload is in flight leaves the server a ClientDisconnect traceback.
+COUNT_REQUESTS = """
+window.requestsCounted = {started: 0, ended: 0};
+const fetchFirst = window.fetch;
+window.fetch = function (...args) {
+  window.requestsCounted.started++;
+  return fetchFirst.apply(this, args).finally(() => window.requestsCounted.ended++);
+};
+"""
+
+
+def wait_until_idle(driver, quiet=1.0, timeout=60):
+    """Return once the page has had no request in flight, and begun none, for `quiet` seconds."""
+    deadline, last, since = time.monotonic() + timeout, None, time.monotonic()
+    while time.monotonic() < deadline:
+        counted = driver.execute_script("return window.requestsCounted")
+        if counted != last or counted["started"] != counted["ended"]:
+            last, since = counted, time.monotonic()
+        elif time.monotonic() - since >= quiet:
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"the page's requests did not end within {timeout}s: {last}")
 
 
 def draw(driver, strokes, at=0.5, steps=10, paper=3):

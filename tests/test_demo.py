@@ -7,7 +7,7 @@ import tempfile
 import numpy as np
 import pandas as pd
 import pytest
-from browser import STROKES, chromium, demo_server, draw, missing, open_page, wait_for_answer
+from browser import STROKES, chromium, demo_server, draw, missing, open_page, wait_for_answer, wait_until_idle
 from conftest import assert_user_error, run_script
 from photos import render_as_photo
 from PIL import Image
@@ -98,6 +98,7 @@ def test_drawn_digits_are_read_in_the_browser(server, tmp_path):
             driver.find_element(By.ID, "clear").click()
             WebDriverWait(driver, 30).until(lambda d: not d.find_elements(By.CSS_SELECTOR, "#seen img"))
         # a number, on a fresh page: two digits side by side are read left to right, each boxed and listed
+        wait_until_idle(driver)
         open_page(driver, server[0])
         draw(driver, STROKES["7"], at=0.62)
         draw(driver, STROKES["1"], at=0.38)
@@ -110,6 +111,7 @@ def test_drawn_digits_are_read_in_the_browser(server, tmp_path):
         rows = driver.find_elements(By.CSS_SELECTOR, "#readings tbody tr")
         assert [row.text.split()[:2] for row in rows] == [["1", "1"], ["2", "7"]]
         assert driver.find_elements(By.CSS_SELECTOR, "#boxes img")
+        wait_until_idle(driver)
 
 
 @pytest.fixture(scope="module")

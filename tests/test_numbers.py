@@ -156,6 +156,9 @@ def test_no_digit_and_too_many_marks_are_one_line(reader, tmp_path):
     dots.save(tmp_path / "dots.png")
     with pytest.raises(data.UserError, match=r"blank.png: no digit found"):
         reader.read_number(tmp_path / "blank.png")
+    for read in (reader.read_number, reader.predict):                 # an open PIL image has no name of its own
+        with pytest.raises(data.UserError, match=r"^the image: no digit found"):
+            read(Image.new("L", (200, 100), "white"))
     with pytest.raises(data.UserError, match=r"^\S*dots.png: 70 digit-sized marks, more than a number has "
                                              r"\(at most 64\): not a number$"):
         reader.read_number(tmp_path / "dots.png")
