@@ -629,6 +629,7 @@ RULED_LINE = 2.0           # a horizontal run of ink this many heights long is a
 JOIN_GAP = 0.15            # pieces of one digit: over each other, at most this far apart, together a digit tall
 JOIN_HEIGHT = 1.3
 SMALL, NEAR, JOIN_WIDTH = 0.5, 0.3, 1.2   # fragments: under half a height tall, joined within 0.3 heights
+FLAT = 0.8                 # a fragment this many heights wide that joins nothing is a digit written flat
 SPLIT_ASPECT = 0.6         # marks this wide for their height may hold touching digits
 CUT_CANDIDATES = 16        # cuts tried across the middle 60% of a mark's width,
 CUT_SLANTS = (-0.27, 0, 0.27)  # each upright and slanted 15 degrees either way
@@ -825,10 +826,10 @@ def join_pieces(pieces, height):
         joined = False
         for i, j in itertools.combinations(range(len(marks)), 2):
             a, b = marks[i], marks[j]
-            overlap = min(a.right, b.right) - max(a.left, b.left)
             gap = max(a.top, b.top) - min(a.bottom, b.bottom)
             tall = max(a.bottom, b.bottom) - min(a.top, b.top)
-            if overlap >= 0.5 * min(a.width, b.width) and gap <= JOIN_GAP * height and tall <= JOIN_HEIGHT * height:
+            if (sideways_overlap(a, b) >= 0.5 * min(a.width, b.width) and gap <= JOIN_GAP * height
+                    and tall <= JOIN_HEIGHT * height):
                 marks[i] = a.joined(b)
                 del marks[j]
                 joined = True
@@ -837,17 +838,34 @@ def join_pieces(pieces, height):
 
 
 def join_fragments(marks, height):
-    """Marks less than SMALL heights tall (a bar, a tail, a broken stroke's end) joined to the nearest mark when it is
-    at most NEAR heights away and the two are at most a digit wide and JOIN_HEIGHT tall together; the rest dropped."""
+    """Marks less than SMALL heights tall (a bar, a tail, a broken stroke's end): two over each other that are a
+    digit tall together are one digit (broken across its middle); the rest are joined to the nearest mark when it is
+    at most NEAR heights away and the two are at most a digit wide and JOIN_HEIGHT tall together. A fragment that
+    joins nothing is dropped, unless it is FLAT heights wide or more: a digit written flat (a wide 5 or 2)."""
     whole = [m for m in marks if m.height >= SMALL * height]
-    for fragment in sorted((m for m in marks if m.height < SMALL * height), key=lambda m: -m.area):
+    fragments = [m for m in marks if m.height < SMALL * height]
+    for a, b in itertools.combinations(list(fragments), 2):
+        joined = a.joined(b)
+        if (a in fragments and b in fragments and sideways_overlap(a, b) >= 0.5 * min(a.width, b.width)
+                and joined.width <= JOIN_WIDTH * height and SMALL * height <= joined.height <= JOIN_HEIGHT * height):
+            whole.append(joined)
+            fragments = [m for m in fragments if m is not a and m is not b]
+    for fragment in sorted(fragments, key=lambda m: -m.area):
         near = [(distance, k) for k, m in enumerate(whole) if (distance := box_distance(m, fragment)) <= NEAR * height]
         for _, k in sorted(near):
             joined = whole[k].joined(fragment)
             if joined.width <= JOIN_WIDTH * height and joined.height <= JOIN_HEIGHT * height:
                 whole[k] = joined
                 break
+        else:
+            if fragment.width >= FLAT * height:
+                whole.append(fragment)
     return sorted(whole, key=lambda mark: mark.left)
+
+
+def sideways_overlap(a, b):
+    """How many columns two marks share (negative: the gap between them)."""
+    return min(a.right, b.right) - max(a.left, b.left)
 
 
 def box_distance(a, b):

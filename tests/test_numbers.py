@@ -98,6 +98,22 @@ def test_pieces_of_one_digit_are_joined():
     assert found.boxes[2][1] <= 40 and found.boxes[2][3] >= 104       # the 1's two pieces, joined
 
 
+def test_a_digit_broken_across_its_middle_and_one_written_flat_are_kept():
+    """Both are made of marks under half the writing's height: two over each other, a digit tall together, are one
+    digit, however far apart; a mark that joins nothing is a digit when it is about as wide as the writing is tall."""
+    paper = Image.new("L", (420, 140), "white")
+    pen = ImageDraw.Draw(paper)
+    for left in (40, 140):                                            # two whole digits set the writing's height
+        pen.line([(left, 30), (left + 30, 30), (left + 10, 110)], fill=0, width=6)
+    pen.line([(240, 30), (270, 30), (270, 55)], fill=0, width=6)      # a 3's top half, 25 px...
+    pen.line([(270, 85), (270, 110), (240, 110)], fill=0, width=6)    # ...over its bottom half, 30 px below it
+    pen.line([(390, 50), (310, 50), (310, 70), (390, 70), (390, 85), (310, 85)], fill=0, width=6)  # a 5, flat
+    found = data.find_digits(paper, whole_only)
+    assert len(found.boxes) == 4, found.boxes
+    assert found.boxes[2][1] <= 30 and found.boxes[2][3] >= 110       # the 3's halves, joined
+    assert found.boxes[3][0] <= 310 and found.boxes[3][2] >= 390      # the flat 5, kept
+
+
 def test_touching_digits_are_split(reader, mnist_test):
     images, labels = mnist_test
     picks = [int(np.flatnonzero(labels == d)[3]) for d in (2, 0, 7)]
