@@ -841,7 +841,8 @@ def join_fragments(marks, height):
     """Marks less than SMALL heights tall (a bar, a tail, a broken stroke's end): two over each other that are a
     digit tall together are one digit (broken across its middle); the rest are joined to the nearest mark when it is
     at most NEAR heights away and the two are at most a digit wide and JOIN_HEIGHT tall together. A fragment that
-    joins nothing is dropped, unless it is FLAT heights wide or more: a digit written flat (a wide 5 or 2)."""
+    joins nothing is dropped (over or under a digit, a bar or a tail too far out), unless it is FLAT heights wide or
+    more and beside the others: a digit written flat (a wide 5 or 2)."""
     whole = [m for m in marks if m.height >= SMALL * height]
     fragments = [m for m in marks if m.height < SMALL * height]
     for a, b in itertools.combinations(list(fragments), 2):
@@ -858,7 +859,7 @@ def join_fragments(marks, height):
                 whole[k] = joined
                 break
         else:
-            if fragment.width >= FLAT * height:
+            if fragment.width >= FLAT * height and all(sideways_overlap(fragment, m) <= 0 for m in whole):
                 whole.append(fragment)
     return sorted(whole, key=lambda mark: mark.left)
 

@@ -100,16 +100,20 @@ def test_pieces_of_one_digit_are_joined():
 
 def test_a_digit_broken_across_its_middle_and_one_written_flat_are_kept():
     """Both are made of marks under half the writing's height: two over each other, a digit tall together, are one
-    digit, however far apart; a mark that joins nothing is a digit when it is about as wide as the writing is tall."""
-    paper = Image.new("L", (420, 140), "white")
+    digit, however far apart; a mark that joins nothing is a digit when it is about as wide as the writing is tall
+    and beside the others, not over one (a bar too long to join its digit)."""
+    paper = Image.new("L", (580, 140), "white")
     pen = ImageDraw.Draw(paper)
     for left in (40, 140):                                            # two whole digits set the writing's height
         pen.line([(left, 30), (left + 30, 30), (left + 10, 110)], fill=0, width=6)
     pen.line([(240, 30), (270, 30), (270, 55)], fill=0, width=6)      # a 3's top half, 25 px...
     pen.line([(270, 85), (270, 110), (240, 110)], fill=0, width=6)    # ...over its bottom half, 30 px below it
     pen.line([(390, 50), (310, 50), (310, 70), (390, 70), (390, 85), (310, 85)], fill=0, width=6)  # a 5, flat
+    pen.line([(440, 50), (440, 110)], fill=0, width=6)                # a 1 under a long bar, too wide to join it
+    pen.line([(430, 30), (545, 30)], fill=0, width=6)
     found = data.find_digits(paper, whole_only)
-    assert len(found.boxes) == 4, found.boxes
+    assert len(found.boxes) == 5, found.boxes
+    assert found.boxes[4][1] >= 45                                     # the 1, its bar dropped
     assert found.boxes[2][1] <= 30 and found.boxes[2][3] >= 110       # the 3's halves, joined
     assert found.boxes[3][0] <= 310 and found.boxes[3][2] >= 390      # the flat 5, kept
 
