@@ -828,8 +828,7 @@ def join_pieces(pieces, height):
             a, b = marks[i], marks[j]
             gap = max(a.top, b.top) - min(a.bottom, b.bottom)
             tall = max(a.bottom, b.bottom) - min(a.top, b.top)
-            if (sideways_overlap(a, b) >= 0.5 * min(a.width, b.width) and gap <= JOIN_GAP * height
-                    and tall <= JOIN_HEIGHT * height):
+            if over_each_other(a, b) and gap <= JOIN_GAP * height and tall <= JOIN_HEIGHT * height:
                 marks[i] = a.joined(b)
                 del marks[j]
                 joined = True
@@ -845,10 +844,10 @@ def join_fragments(marks, height):
     more and beside the others: a digit written flat (a wide 5 or 2)."""
     whole = [m for m in marks if m.height >= SMALL * height]
     fragments = [m for m in marks if m.height < SMALL * height]
-    for a, b in itertools.combinations(list(fragments), 2):
+    for a, b in itertools.combinations(fragments, 2):
         joined = a.joined(b)
-        if (a in fragments and b in fragments and sideways_overlap(a, b) >= 0.5 * min(a.width, b.width)
-                and joined.width <= JOIN_WIDTH * height and SMALL * height <= joined.height <= JOIN_HEIGHT * height):
+        if (a in fragments and b in fragments and over_each_other(a, b) and joined.width <= JOIN_WIDTH * height
+                and SMALL * height <= joined.height <= JOIN_HEIGHT * height):
             whole.append(joined)
             fragments = [m for m in fragments if m is not a and m is not b]
     for fragment in sorted(fragments, key=lambda m: -m.area):
@@ -867,6 +866,11 @@ def join_fragments(marks, height):
 def sideways_overlap(a, b):
     """How many columns two marks share (negative: the gap between them)."""
     return min(a.right, b.right) - max(a.left, b.left)
+
+
+def over_each_other(a, b):
+    """Whether two marks share at least half the narrower one's columns: one above the other, as a digit's pieces."""
+    return sideways_overlap(a, b) >= 0.5 * min(a.width, b.width)
 
 
 def box_distance(a, b):
