@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 import types
+import warnings
 
 import pytest
 import torch
@@ -395,6 +396,19 @@ def test_the_gpu_check_runs_every_stage_and_reports_each(tmp_path, mnist_dir):
     log = (out / "gpu_check.log").read_text()
     # every command in the log: pipeline A 2, pipeline B 2, torchrun 1, deterministic 2, the killed run and its resume
     assert log.count("$ ") == 9 and "resuming resumed.pth after epoch 1" in log
+
+
+def test_the_gpu_check_counts_cudas_sync_warnings_and_not_its_notice_on_turning_them_on():
+    import gpu_check
+
+    def run():  # what torch.cuda.set_sync_debug_mode("warn") and a .item() inside a batch loop print on a GPU
+        warnings.warn("Synchronization debug mode is a prototype feature and does not yet detect all synchronizing "
+                      "operations (Triggered internally at /pytorch/torch/csrc/cuda/Module.cpp:1003.)")
+        warnings.warn("called a synchronizing CUDA operation (Triggered internally at "
+                      "/pytorch/c10/cuda/CUDAFunctions.cpp:154.)")
+    counter = gpu_check.SyncCounter(torch.device("cpu"))
+    assert counter.count(run) == 1
+    assert len(counter.messages) == 1 and "called a synchronizing CUDA operation" in counter.messages[0]
 
 
 def test_a_gpu_check_cut_short_still_reports_every_stage(tmp_path, mnist_dir):
