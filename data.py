@@ -30,7 +30,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from models import MODELS, build_model
+from models import MODELS, OneDigitHead, build_model
 
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
 
@@ -635,9 +635,12 @@ CUT_CANDIDATES = 16        # cuts tried across the middle 60% of a mark's width,
 CUT_SLANTS = (-0.27, 0, 0.27)  # each upright and slanted 15 degrees either way
 # Two logistic models fitted on numbers of MNIST training digits (python tests/number_photos.py --fit-split
 # --data-dir ../shared/data): which cut of a mark is right, from cut_candidates' features, and whether the mark holds
-# two digits, from split_features at that cut (bias first; its threshold chosen on other training numbers).
+# two digits, from split_features at that cut (bias first; its threshold chosen on other training numbers). With
+# models that have a one-digit head (the released model), the second is SPLIT_WEIGHTS_ONE_DIGIT, with the head's
+# one_digit_features after split_features.
 CUT_WEIGHTS = (0.252, 0.393, 0.350, 0.292, -7.236, -0.309, 0.023, 0.616, -1.265, 1.470)
 SPLIT_WEIGHTS = (-8.078, 7.221, -0.266, 0.550, -1.983, -0.951, -0.140, 4.299, 0.247, 1.128)
+SPLIT_WEIGHTS_ONE_DIGIT = SPLIT_WEIGHTS + (0.0, 0.0, 0.0)
 
 
 @dataclass
@@ -649,13 +652,14 @@ class FoundDigits:
     lines: list
 
 
-def find_digits(source, classify, invert="auto", name=None):
+def find_digits(source, classify, invert="auto", name=None, one_digit=None):
     """A photo or drawing of a number (a path or PIL image) -> FoundDigits, left to right, line by line.
 
     `classify` (uint8 digits [M, 28, 28] -> probabilities [M, 10]) helps decide which marks hold touching digits
-    and where to cut them. A photo in which one mark is found, with no ruled line removed, gives exactly
-    preprocess_image's digit: one digit alone reads as --images reads it. No digit, or more than MAX_DIGITS, is one
-    line (UserError).
+    and where to cut them, and `one_digit` (the same digits -> log-odds [M] that each is one whole digit; None for
+    models without a one-digit head) whether to cut. A photo in which one mark is found, with no ruled line removed,
+    gives exactly preprocess_image's digit: one digit alone reads as --images reads it. No digit, or more than
+    MAX_DIGITS, is one line (UserError).
     """
     name = image_name(source, name)
     grey, ink, ruled, marks = find_marks(source, invert, name)
@@ -663,7 +667,7 @@ def find_digits(source, classify, invert="auto", name=None):
         alone = remove_background(grey)                                  # preprocess_image's path from here
         top, bottom, left, right = ink_box(alone, name)
         return FoundDigits(mnist_digit(alone[top:bottom, left:right])[None], [(left, top, right, bottom)], [0])
-    rows = [split_touching(row, ink, classify) for row in reading_lines(marks)]
+    rows = [split_touching(row, ink, classify, one_digit) for row in reading_lines(marks)]
     digits = [(k, mark) for k, row in enumerate(rows) for mark in row]
     images = torch.stack([mnist_digit(mark.ink(ink)) for _, mark in digits])
     return FoundDigits(images, [mark.box_ltrb for _, mark in digits], [k for k, _ in digits])
@@ -891,22 +895,29 @@ def reading_lines(marks):
     return [sorted(line["marks"], key=lambda m: (m.left + m.right) / 2) for line in lines]
 
 
-def split_touching(marks, ink, classify):
+def split_touching(marks, ink, classify, one_digit=None):
     """A line's marks, with those that hold touching digits cut into them (split_mark), each judged against the
     typical height of the line's other marks (its own when it is alone)."""
     heights = np.array([mark.height for mark in marks])
     return [digit for k, mark in enumerate(marks)
             for digit in split_mark(mark, ink, classify, np.median(np.delete(heights, k)) if len(marks) > 1
-                                    else mark.height)]
+                                    else mark.height, one_digit)]
 
 
-def split_mark(mark, ink, classify, height):
-    """[mark], or its digits when it holds touching ones: cut at its best cut (best_cut) when SPLIT_WEIGHTS' logistic
-    model of the cut's features says the mark holds two digits, then each part is tried again."""
+def split_mark(mark, ink, classify, height, one_digit=None):
+    """[mark], or its digits when it holds touching ones: cut at its best cut (best_cut) when a logistic model of
+    the cut's features says the mark holds two digits (SPLIT_WEIGHTS; SPLIT_WEIGHTS_ONE_DIGIT with a one-digit
+    head's features too), then each part is tried again."""
     features, pair = best_cut(mark, ink, classify, height)
-    if pair is None or np.dot(SPLIT_WEIGHTS[1:], features) + SPLIT_WEIGHTS[0] <= 0:
+    if pair is None:
         return [mark]
-    return [digit for part in pair for digit in split_mark(part, ink, classify, height)]
+    weights = SPLIT_WEIGHTS
+    if one_digit is not None:
+        features = np.concatenate([features, one_digit_features(mark, pair, ink, one_digit)])
+        weights = SPLIT_WEIGHTS_ONE_DIGIT
+    if np.dot(weights[1:], features) + weights[0] <= 0:
+        return [mark]
+    return [digit for part in pair for digit in split_mark(part, ink, classify, height, one_digit)]
 
 
 def best_cut(mark, ink, classify, height):
@@ -926,6 +937,13 @@ def first_cut(mark, height, found, cut_weights=CUT_WEIGHTS):
     return best, split_features(mark, height, whole, parts[best], pairs[best])
 
 
+def mark_cuts(mark):
+    """[(place, slant, (left part, right part))]: the mark cut at CUT_CANDIDATES places across its middle 60% (as a
+    share of its width), each upright and slanted (CUT_SLANTS); cuts that leave a part empty are left out."""
+    return [(place, slant, pair) for place in np.linspace(0.2, 0.8, CUT_CANDIDATES) for slant in CUT_SLANTS
+            if None not in (pair := mark.cut(place * mark.width, slant))]
+
+
 def cut_candidates(mark, ink, classify, height):
     """The ways to cut a mark at least SPLIT_ASPECT as wide as it is tall in two: at CUT_CANDIDATES places across its
     middle 60%, each upright and slanted (CUT_SLANTS). None for a narrower mark, else (the pairs of parts, the
@@ -935,8 +953,7 @@ def cut_candidates(mark, ink, classify, height):
     line's `height`)."""
     if mark.width < SPLIT_ASPECT * mark.height:
         return None
-    cuts = [(place, slant, pair) for place in np.linspace(0.2, 0.8, CUT_CANDIDATES) for slant in CUT_SLANTS
-            if None not in (pair := mark.cut(place * mark.width, slant))]
+    cuts = mark_cuts(mark)
     if not cuts:
         return None
     pairs = [pair for _, _, pair in cuts]
@@ -959,6 +976,13 @@ def split_features(mark, height, whole, parts, pair):
     return np.array([np.log(mark.width / height), np.log(mark.width / mark.height), logit(first),
                      np.log(first / second), logit(part_first.prod()), logit(part_first.min()),
                      min(part.height for part in pair) / height, margins.min(), margins.sum()])
+
+
+def one_digit_features(mark, pair, ink, one_digit):
+    """float [3] for SPLIT_WEIGHTS_ONE_DIGIT after split_features: a one-digit head's log-odds that the whole mark is
+    one digit, that the less sure part is, and both parts' summed."""
+    odds = np.asarray(one_digit(torch.stack([mnist_digit(part.ink(ink)) for part in (mark, *pair)])), np.float64)
+    return np.array([odds[0], odds[1:].min(), odds[1:].sum()])
 
 
 def logit(p):
@@ -1147,6 +1171,7 @@ def place_model(model, device):
 #   precision, metrics {"val_loss", "val_accuracy"}, settings (what defines the run), versions
 #   complete       True once the run that writes it has finished
 #   trained_on     optional: the record of the images the model trained on (see image_hashes); older files lack it
+#   one_digit_head optional, a vgg's only: the state_dict of its models.OneDigitHead (the released model has one)
 # Beside NAME.pth: NAME.history.json (one record per epoch) and, while training runs, NAME.resume.pth.
 # What only training writes (the lock, run settings, the resume state) is train_cnn.py's "run files".
 
@@ -1216,6 +1241,8 @@ def check_checkpoint_fields(path, checkpoint):
     if not isinstance(epoch, int) or isinstance(epoch, bool) or epoch < 0:
         raise UserError(f"{path}: epoch must be a whole number, found {quoted(epoch)}")
     check_state_dict(path, checkpoint["model_state"])
+    if "one_digit_head" in checkpoint:
+        check_state_dict(path, checkpoint["one_digit_head"])
     record = checkpoint.get("trained_on")
     if record is not None and not (torch.is_tensor(record) and record.dtype == torch.int64 and record.dim() == 1
                                    and bool((record[1:] > record[:-1]).all())):
@@ -1244,6 +1271,21 @@ def model_from_checkpoint(path, device, checkpoint=None):
         reason = brief(error, lambda lines: lines[1 if len(lines) > 1 else 0])  # the first says which class failed
         raise UserError(f"{path}: weights do not fit the {arch} architecture ({reason})") from None
     return place_model(model, device).eval(), checkpoint
+
+
+def one_digit_head_from_checkpoint(path, device, checkpoint):
+    """The checkpoint's models.OneDigitHead in eval mode, or None when it has none."""
+    if "one_digit_head" not in checkpoint:
+        return None
+    if checkpoint["arch"] != "vgg":
+        raise UserError(f"{path}: a one-digit head needs the vgg architecture, not {checkpoint['arch']}")
+    head = OneDigitHead()
+    try:
+        head.load_state_dict(checkpoint["one_digit_head"])
+    except RuntimeError as error:
+        raise UserError(f"{path}: its one-digit head does not fit models.OneDigitHead "
+                        f"({brief(error, lambda lines: lines[1 if len(lines) > 1 else 0])})") from None
+    return head.to(device).eval()
 
 
 def image_hashes(images):

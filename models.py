@@ -144,6 +144,28 @@ class WideCNN(nn.Module):
         return self.head(self.features(x))
 
 
+class OneDigitHead(nn.Module):
+    """Whether an image is one whole digit: log-odds [B] from the VGG's convolutional features [B, 128, 7, 7].
+
+    `--number` asks it whether a mark is one digit or two touching ones, and whether a cut's parts are whole digits:
+    the digit classifier, trained on single digits alone, reads two squeezed together or half of one with as much
+    sureness as a digit. It is trained on the frozen features of a finished VGG (tests/number_photos.py
+    --fit-one-digit), which it leaves as they are, so digits read exactly as without it; the released model has one.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.Sequential(
+            nn.Conv2d(128, 32, 1), nn.GELU(),                # 32x7x7: where the strokes are, in fewer channels
+            nn.Flatten(),                                    # 1568
+            nn.Linear(32 * 7 * 7, 64), nn.GELU(), nn.Dropout(0.3),
+            nn.Linear(64, 1),
+        )
+
+    def forward(self, features):
+        return self.layers(features).squeeze(1)
+
+
 MODELS = {"vgg": VGG, "resnet": ResNet, "widecnn": WideCNN}
 # A fixed number per architecture, part of each k-fold job's seed: a new architecture takes the next one.
 ARCH_NUMBERS = {"vgg": 0, "resnet": 1, "widecnn": 2}

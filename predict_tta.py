@@ -38,6 +38,7 @@ from data import (  # the story: batches, TTA, the checkpoint's model, the submi
     image_hashes,
     load_data,
     model_from_checkpoint,
+    one_digit_head_from_checkpoint,
     model_input,
     pick_device,
     pick_precision,
@@ -144,6 +145,9 @@ class DigitReader:
         self.ensemble = [(model_from_checkpoint(path, self.device, checkpoint)[0], checkpoint["normalization"], path)
                          for path, checkpoint in found]   # [(model, normalization, path)]
         self.records = [checkpoint.get("trained_on") for _, checkpoint in found]  # None: saved before records
+        self.one_digit_heads = [(head, model, normalization) for (model, normalization, path), (_, checkpoint)
+                                in zip(self.ensemble, found, strict=True)
+                                if (head := one_digit_head_from_checkpoint(path, self.device, checkpoint)) is not None]
         self.seed, self.batch_size = seed, batch_size
 
     @property
@@ -159,7 +163,8 @@ class DigitReader:
     def read_number(self, source, invert="auto", name=None):
         """A photo or drawing of a whole number (path or PIL image) -> Number: its digits found (find_digits), left to
         right and line by line, each read as one digit."""
-        found = find_digits(source, self.probabilities, invert, name)
+        found = find_digits(source, self.probabilities, invert, name,
+                            self.one_digit_odds if self.one_digit_heads else None)
         probs = self.probabilities(found.images)
         labels = probs.argmax(1)
         words = ["".join(str(int(labels[i])) for i, line in enumerate(found.lines) if line == k)
@@ -178,6 +183,17 @@ class DigitReader:
         digits = mnist_like(digits)
         return ensemble_probabilities(self.ensemble, digits.to(self.device), self.variants, self.precision, self.seed,
                                       self.batch_size).cpu()
+
+    @torch.inference_mode()
+    def one_digit_odds(self, digits):
+        """The log-odds float32 [N] on the CPU that each MNIST-like uint8 digit [N, 28, 28] is one whole digit, not
+        two touching or a part of one: the mean over the models that have a one-digit head (models.OneDigitHead)."""
+        x = to_unit_float(mnist_like(digits).to(self.device))
+        total = torch.zeros(len(x), device=self.device)
+        for head, model, normalization in self.one_digit_heads:
+            with autocast(self.device, self.precision):
+                total += head(model.features(model_input(x, normalization))).float()
+        return (total / len(self.one_digit_heads)).cpu()
 
     def trained_on(self, digits):
         """How many of these MNIST-like digits [N, 28, 28] the models trained on: {"images": of the N, any model,

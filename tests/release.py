@@ -7,6 +7,11 @@ The weights are stored in half precision (BatchNorm's running statistics stay fp
 MNIST's 10,000 test images: the copy, loaded back into the fp32 model and predicted at fp32, must give every label
 the fp32 checkpoint gives, and no probability may differ by more than 1e-3; otherwise nothing is written. The
 manifest records the file's SHA-256 (checked whenever the file is loaded), how it was made, and its test accuracy.
+
+    python tests/release.py --one-digit-head /tmp/one_digit_head.pth --commit 1234abc --command "python tests/..."
+
+adds a one-digit head (tests/number_photos.py --fit-one-digit) to the released model instead, in fp16 like the rest:
+its digit weights stay as they are, byte for byte, and so does every digit it reads; the manifest records the head.
 """
 import argparse
 import hashlib
@@ -43,14 +48,19 @@ def machine():
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="the finished fp32 checkpoint of the release run")
+    p.add_argument("--checkpoint", help="the finished fp32 checkpoint of the release run")
+    p.add_argument("--one-digit-head", help="instead, add this one-digit head to the released model")
     p.add_argument("--data-dir", default=data.DEFAULT_DATA_DIR, help="folder holding MNIST/raw")
     p.add_argument("--command", required=True, help="the command that trained it")
     p.add_argument("--commit", required=True, help="the commit it was trained at")
-    p.add_argument("--training-seconds", type=float, required=True, help="what its training took ('training took')")
+    p.add_argument("--training-seconds", type=float, help="what its training took ('training took')")
     p.add_argument("--remark", default="",
                    help="anything a reader of the figures should know (e.g. other work beside it)")
     args = p.parse_args()
+    if args.one_digit_head:
+        return add_one_digit_head(args)
+    if args.checkpoint is None or args.training_seconds is None:
+        p.error("--checkpoint and --training-seconds are required (or --one-digit-head)")
 
     target = data.RELEASED_MODEL
     candidate = target.with_name("candidate.pth")
@@ -101,6 +111,29 @@ def main():
     print(f"wrote {target} ({manifest['bytes'] / 1e6:.1f} MB, sha256 {manifest['sha256'][:16]}...), MNIST test "
           "accuracy "
           f"{accuracy:.4f}, and {data.RELEASE_MANIFEST}")
+
+
+def add_one_digit_head(args):
+    """The released model with the one-digit head added in fp16, its digit weights untouched; the manifest updated."""
+    target, candidate = data.RELEASED_MODEL, data.RELEASED_MODEL.with_name("candidate.pth")
+    data.check_outputs({"weights/": [target, candidate, data.RELEASE_MANIFEST]},
+                       {"--one-digit-head": [args.one_digit_head]})
+    released = data.load_checkpoint(target)
+    fitted = data.read_checkpoint_file(args.one_digit_head, ("one_digit_head", "examples", "held_out_accuracy"))
+    head = {name: tensor.half() for name, tensor in fitted["one_digit_head"].items()}
+    data.save_checkpoint(candidate, {**released, "one_digit_head": head})
+    data.one_digit_head_from_checkpoint(candidate, "cpu", data.load_checkpoint(candidate))   # it loads, or one line
+    candidate.replace(target)
+    manifest = data.read_json(data.RELEASE_MANIFEST)
+    manifest.update(sha256=hashlib.sha256(target.read_bytes()).hexdigest(), bytes=target.stat().st_size)
+    manifest["one_digit_head"] = {
+        "what": "models.OneDigitHead on the frozen features: is an image one whole digit (for --number's cuts)",
+        "command": args.command, "commit": args.commit, "machine": machine(), "examples": fitted["examples"],
+        "held_out_accuracy": round(fitted["held_out_accuracy"], 4), "precision": "fp16, loaded into fp32",
+        **({"remark": args.remark} if args.remark else {})}
+    data.write_json(data.RELEASE_MANIFEST, manifest)
+    print(f"added the one-digit head to {target} ({manifest['bytes'] / 1e6:.1f} MB, sha256 "
+          f"{manifest['sha256'][:16]}...) and {data.RELEASE_MANIFEST}")
 
 
 if __name__ == "__main__":

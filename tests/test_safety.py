@@ -16,7 +16,7 @@ from PIL import Image
 
 import data
 from data import UserError
-from models import build_model
+from models import OneDigitHead, build_model
 
 # ----------------------------------------------------------------------------- checkpoints
 
@@ -49,6 +49,24 @@ def test_checkpoint_fields_are_checked_when_loaded(tmp_path, changes, message):
     with pytest.raises(UserError, match=f"m.pth: {message[:30].replace('(', '.').replace(')', '.')}") as caught:
         data.load_checkpoint(tmp_path / "m.pth")
     assert message in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_a_one_digit_head_that_does_not_fit_is_one_line(tmp_path):
+    from predict_tta import DigitReader
+    head = OneDigitHead().state_dict()
+    data.save_checkpoint(tmp_path / "m.pth", checkpoint(one_digit_head=head))
+    assert len(DigitReader(tmp_path / "m.pth", device="cpu").one_digit_heads) == 1
+    cases = [(checkpoint(one_digit_head={**head, "layers.0.weight": torch.zeros(8, 128, 1, 1)}),
+              "its one-digit head does not fit models.OneDigitHead (size mismatch for layers.0.weight"),
+             ({**checkpoint(one_digit_head=head), "arch": "resnet", "model_state": build_model("resnet").state_dict()},
+              "a one-digit head needs the vgg architecture, not resnet"),
+             (checkpoint(one_digit_head={**head, "layers.6.bias": torch.tensor([float("inf")])}),
+              "the weights are not finite (layers.6.bias holds NaN or Inf)")]
+    for broken, message in cases:
+        data.save_checkpoint(tmp_path / "m.pth", broken)
+        with pytest.raises(UserError) as caught:
+            DigitReader(tmp_path / "m.pth", device="cpu")
+        assert message in str(caught.value) and "\n" not in str(caught.value)
 
 
 def test_checkpoint_without_epoch_is_not_one_of_ours(tmp_path):
