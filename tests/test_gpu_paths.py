@@ -403,9 +403,9 @@ def test_the_gpu_check_counts_cudas_sync_warnings_and_not_its_notice_on_turning_
 
     def run():  # what torch.cuda.set_sync_debug_mode("warn") and a .item() inside a batch loop print on a GPU
         warnings.warn("Synchronization debug mode is a prototype feature and does not yet detect all synchronizing "
-                      "operations (Triggered internally at /pytorch/torch/csrc/cuda/Module.cpp:1003.)")
+                      "operations (Triggered internally at /pytorch/torch/csrc/cuda/Module.cpp:1003.)", stacklevel=1)
         warnings.warn("called a synchronizing CUDA operation (Triggered internally at "
-                      "/pytorch/c10/cuda/CUDAFunctions.cpp:154.)")
+                      "/pytorch/c10/cuda/CUDAFunctions.cpp:154.)", stacklevel=1)
     counter = gpu_check.SyncCounter(torch.device("cpu"))
     assert counter.count(run) == 1
     assert len(counter.messages) == 1 and "called a synchronizing CUDA operation" in counter.messages[0]
