@@ -640,7 +640,8 @@ CUT_SLANTS = (-0.27, 0, 0.27)  # each upright and slanted 15 degrees either way
 # one_digit_features after split_features.
 CUT_WEIGHTS = (0.252, 0.393, 0.350, 0.292, -7.236, -0.309, 0.023, 0.616, -1.265, 1.470)
 SPLIT_WEIGHTS = (-8.078, 7.221, -0.266, 0.550, -1.983, -0.951, -0.140, 4.299, 0.247, 1.128)
-SPLIT_WEIGHTS_ONE_DIGIT = SPLIT_WEIGHTS + (0.0, 0.0, 0.0)
+SPLIT_WEIGHTS_ONE_DIGIT = (-1.593, 4.309, -1.669, -0.291, -0.761, -0.010, 0.087, 4.023, 0.119, 0.180, -0.431, 0.002,
+                           0.339)
 
 
 @dataclass

@@ -268,7 +268,8 @@ def fit_one_digit(args, reader, images, labels):
     """Train a models.OneDigitHead on the frozen features of the reader's first model (a vgg) and save it to OUT.
 
     Its examples come from COUNT numbers per condition made of digits that model trained on (the numbers measured
-    are made of others): each mark wide enough to be cut, whole (one digit inside: yes; two: no), and the parts of
+    are made of others; a condition named N times gets N times as many, and only "touching" makes two-digit marks):
+    each mark wide enough to be cut, whole (one digit inside: yes; two: no), and the parts of
     its cuts (data.mark_cuts): a part whose box matches a digit's (intersection over union 0.85 or more) yes, one
     matching none (below 0.6) no, up to 16 of each per mark. Every fifth mark's examples are held out to report it.
     """

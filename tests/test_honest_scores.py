@@ -41,6 +41,28 @@ def test_the_released_model_is_its_manifests_file_and_records_its_training_image
     assert manifest["parity"]["labels_differ"] == 0 and manifest["parity"]["max_probability_difference"] <= 1e-3
 
 
+def test_adding_a_one_digit_head_to_the_released_model_leaves_its_digit_weights_as_they_are(tmp_path, monkeypatch):
+    import argparse
+
+    import release
+    from models import OneDigitHead
+    shutil.copytree(data.RELEASED_MODEL.parent, tmp_path / "weights")
+    monkeypatch.setattr(data, "RELEASED_MODEL", tmp_path / "weights" / data.RELEASED_MODEL.name)
+    monkeypatch.setattr(data, "RELEASE_MANIFEST", tmp_path / "weights" / data.RELEASE_MANIFEST.name)
+    before = data.load_checkpoint(data.RELEASED_MODEL)
+    head = OneDigitHead().state_dict()
+    data.save_checkpoint(tmp_path / "head.pth", {"one_digit_head": head, "examples": 12, "held_out_accuracy": 0.91})
+    release.add_one_digit_head(argparse.Namespace(one_digit_head=tmp_path / "head.pth", command="fit it",
+                                                  commit="abc1234", remark=""))
+    after = data.load_checkpoint(data.RELEASED_MODEL)       # its new SHA-256 is the manifest's
+    assert all(torch.equal(tensor, after["model_state"][name]) for name, tensor in before["model_state"].items())
+    assert all(torch.equal(tensor.half(), after["one_digit_head"][name]) for name, tensor in head.items())
+    manifest = json.loads(data.RELEASE_MANIFEST.read_text())
+    assert manifest["one_digit_head"]["examples"] == 12 and manifest["one_digit_head"]["commit"] == "abc1234"
+    assert manifest["mnist_test_accuracy"] == json.loads((ROOT / "weights" / "manifest.json").read_text())[
+        "mnist_test_accuracy"]
+
+
 def test_a_photo_is_read_on_a_fresh_clone_with_the_released_model(tmp_path, photo):
     result = run_script("predict_tta.py", "--images", photo, cwd=tmp_path)
     lines = result.stdout.splitlines()

@@ -133,27 +133,28 @@ def test_touching_digits_are_split(reader, mnist_test):
 
 def test_a_one_digit_head_decides_whether_touching_digits_are_cut(reader, mnist_test, monkeypatch):
     images, labels = mnist_test
-    two, zero = (images[int(np.flatnonzero(labels == d)[3])] for d in (2, 0))
-    photo = page((two, (40, 30)), (zero, (40 + 36, 30)))               # one blob of ink, as above
+    two, zero, seven = (images[int(np.flatnonzero(labels == d)[3])] for d in (2, 0, 7))
+    photo = page((two, (40, 30)), (zero, (40 + 36, 30)), (seven, (200, 30)))    # a blob of ink and a 7, as above
     asked = []
 
     def one_digit(answer):
-        def odds(digits):                     # the whole mark and its first-ranked cut's two parts
+        def odds(digits):     # the whole blob and its first-ranked cut's two parts, then each part and its parts
             asked.append(len(digits))
-            return torch.full((len(digits),), answer)
+            return torch.full((len(digits),), answer if len(asked) == 1 else 5.0)   # the parts are digits
+        asked.clear()
         return odds
     # only the head's odds for the whole mark count: cut when it says the mark is not one digit
     monkeypatch.setattr(data, "SPLIT_WEIGHTS_ONE_DIGIT", (0.0,) * 10 + (-1.0, 0.0, 0.0))
-    assert len(data.find_digits(photo, reader.probabilities, one_digit=one_digit(-5.0)).boxes) == 2
-    assert len(data.find_digits(photo, reader.probabilities, one_digit=one_digit(5.0)).boxes) == 1
+    assert len(data.find_digits(photo, reader.probabilities, one_digit=one_digit(-5.0)).boxes) == 3
+    assert set(asked) == {3}
+    assert len(data.find_digits(photo, reader.probabilities, one_digit=one_digit(5.0)).boxes) == 2
     assert set(asked) == {3}
     # the released model has a head, and read_number asks it
     assert len(reader.one_digit_heads) == 1
     odds = reader.one_digit_odds(torch.stack([images[0], torch.zeros(28, 28, dtype=torch.uint8)]))
     assert odds.shape == (2,) and odds.dtype == torch.float32 and bool(torch.isfinite(odds).all())
-    asked.clear()
     monkeypatch.setattr(reader, "one_digit_odds", one_digit(-5.0))
-    assert len(reader.read_number(photo).boxes) == 2 and asked
+    assert len(reader.read_number(photo).boxes) == 3 and asked
 
 
 def test_ruled_lines_are_removed_and_specks_dropped(reader, mnist_test):
