@@ -415,18 +415,20 @@ def at_best_cut(marks, cut_weights):
 def box_match(mark, box):
     """Intersection over union of a mark's box and a digit's box (left, top, right, bottom)."""
     left, top, right, bottom = box
-    shared = (max(0, min(right, mark.right) - max(left, mark.left))
-              * max(0, min(bottom, mark.bottom) - max(top, mark.top)))
+    shared = shared_area(box, mark)
     return shared / ((right - left) * (bottom - top) + mark.width * mark.height - shared)
 
 
 def inside(box, mark):
     """The share of a digit's box (left, top, right, bottom) that lies inside a mark's box."""
     left, top, right, bottom = box
-    width = max(0, min(right, mark.right) - max(left, mark.left))
-    height = max(0, min(bottom, mark.bottom) - max(top, mark.top))
-    return width * height / max(1, (right - left) * (bottom - top))
+    return shared_area(box, mark) / max(1, (right - left) * (bottom - top))
 
+
+def shared_area(box, mark):
+    """The area a digit's box (left, top, right, bottom) and a mark's box have in common."""
+    left, top, right, bottom = box
+    return max(0, min(right, mark.right) - max(left, mark.left)) * max(0, min(bottom, mark.bottom) - max(top, mark.top))
 
 if __name__ == "__main__":
     main()

@@ -119,10 +119,16 @@ def add_one_digit_head(args):
     data.check_outputs({"weights/": [target, candidate, data.RELEASE_MANIFEST]},
                        {"--one-digit-head": [args.one_digit_head]})
     released = data.load_checkpoint(target)
-    fitted = data.read_checkpoint_file(args.one_digit_head, ("one_digit_head", "examples", "held_out_accuracy"))
+    fitted = data.read_checkpoint_file(args.one_digit_head, ("one_digit_head", "for", "examples", "held_out_accuracy"))
+    if not data.same_file(fitted["for"], target):
+        sys.exit(f"{args.one_digit_head}: fitted on the features of {fitted['for']}, not of {target}; nothing written")
     head = {name: tensor.half() for name, tensor in fitted["one_digit_head"].items()}
     data.save_checkpoint(candidate, {**released, "one_digit_head": head})
-    data.one_digit_head_from_checkpoint(candidate, "cpu", data.load_checkpoint(candidate))   # it loads, or one line
+    try:
+        data.one_digit_head_from_checkpoint(candidate, "cpu", data.load_checkpoint(candidate))   # it loads, or one line
+    except BaseException:
+        candidate.unlink()
+        raise
     candidate.replace(target)
     manifest = data.read_json(data.RELEASE_MANIFEST)
     manifest.update(sha256=hashlib.sha256(target.read_bytes()).hexdigest(), bytes=target.stat().st_size)

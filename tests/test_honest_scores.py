@@ -51,7 +51,13 @@ def test_adding_a_one_digit_head_to_the_released_model_leaves_its_digit_weights_
     monkeypatch.setattr(data, "RELEASE_MANIFEST", tmp_path / "weights" / data.RELEASE_MANIFEST.name)
     before = data.load_checkpoint(data.RELEASED_MODEL)
     head = OneDigitHead().state_dict()
-    data.save_checkpoint(tmp_path / "head.pth", {"one_digit_head": head, "examples": 12, "held_out_accuracy": 0.91})
+    fitted = {"one_digit_head": head, "for": str(data.RELEASED_MODEL), "examples": 12, "held_out_accuracy": 0.91}
+    data.save_checkpoint(tmp_path / "head.pth", {**fitted, "for": str(tmp_path / "head.pth")})
+    with pytest.raises(SystemExit, match="head.pth: fitted on the features of .*head.pth, not of .*vgg_mnist.pth"):
+        release.add_one_digit_head(argparse.Namespace(one_digit_head=tmp_path / "head.pth", command="fit it",
+                                                      commit="abc1234", remark=""))
+    assert not (tmp_path / "weights" / "candidate.pth").exists()
+    data.save_checkpoint(tmp_path / "head.pth", fitted)
     release.add_one_digit_head(argparse.Namespace(one_digit_head=tmp_path / "head.pth", command="fit it",
                                                   commit="abc1234", remark=""))
     after = data.load_checkpoint(data.RELEASED_MODEL)       # its new SHA-256 is the manifest's
