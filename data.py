@@ -30,7 +30,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from models import MODELS, OneDigitHead, build_model
+from models import MODELS, PairDetector, build_model
 
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
 
@@ -635,13 +635,12 @@ CUT_CANDIDATES = 16        # cuts tried across the middle 60% of a mark's width,
 CUT_SLANTS = (-0.27, 0, 0.27)  # each upright and slanted 15 degrees either way
 # Two logistic models fitted on numbers of MNIST training digits (python tests/number_photos.py --fit-split
 # --data-dir ../shared/data): which cut of a mark is right, from cut_candidates' features, and whether the mark holds
-# two digits, from split_features at that cut (bias first; its threshold chosen on other training numbers). With
-# models that have a one-digit head (the released model), the second is SPLIT_WEIGHTS_ONE_DIGIT, with the head's
-# one_digit_features after split_features.
+# two digits, from split_features at that cut (bias first; its threshold chosen on other training numbers). With a
+# pair detector (models.PairDetector: the released model has one), the second is SPLIT_WEIGHTS_PAIR, with the
+# detector's log-odds for the whole mark after split_features.
 CUT_WEIGHTS = (0.252, 0.393, 0.350, 0.292, -7.236, -0.309, 0.023, 0.616, -1.265, 1.470)
 SPLIT_WEIGHTS = (-8.078, 7.221, -0.266, 0.550, -1.983, -0.951, -0.140, 4.299, 0.247, 1.128)
-SPLIT_WEIGHTS_ONE_DIGIT = (-1.593, 4.309, -1.669, -0.291, -0.761, -0.010, 0.087, 4.023, 0.119, 0.180, -0.431, 0.002,
-                           0.339)
+SPLIT_WEIGHTS_PAIR = (0.0,) * 11  # placeholder until fitted
 
 
 @dataclass
@@ -653,14 +652,14 @@ class FoundDigits:
     lines: list
 
 
-def find_digits(source, classify, invert="auto", name=None, one_digit=None):
+def find_digits(source, classify, invert="auto", name=None, pair=None):
     """A photo or drawing of a number (a path or PIL image) -> FoundDigits, left to right, line by line.
 
     `classify` (uint8 digits [M, 28, 28] -> probabilities [M, 10]) helps decide which marks hold touching digits
-    and where to cut them, and `one_digit` (the same digits -> log-odds [M] that each is one whole digit; None for
-    models without a one-digit head) whether to cut. A photo in which one mark is found, with no ruled line removed,
-    gives exactly preprocess_image's digit: one digit alone reads as --images reads it. No digit, or more than
-    MAX_DIGITS, is one line (UserError).
+    and where to cut them, and `pair` (marks as pair_field gives them, uint8 [M, 32, 64] -> log-odds [M] that each
+    holds two touching digits; None for models without a pair detector) whether to cut. A photo in which one mark
+    is found, with no ruled line removed, gives exactly preprocess_image's digit: one digit alone reads as --images
+    reads it. No digit, or more than MAX_DIGITS, is one line (UserError).
     """
     name = image_name(source, name)
     grey, ink, ruled, marks = find_marks(source, invert, name)
@@ -668,7 +667,7 @@ def find_digits(source, classify, invert="auto", name=None, one_digit=None):
         alone = remove_background(grey)                                  # preprocess_image's path from here
         top, bottom, left, right = ink_box(alone, name)
         return FoundDigits(mnist_digit(alone[top:bottom, left:right])[None], [(left, top, right, bottom)], [0])
-    rows = [split_touching(row, ink, classify, one_digit) for row in reading_lines(marks)]
+    rows = [split_touching(row, ink, classify, pair) for row in reading_lines(marks)]
     digits = [(k, mark) for k, row in enumerate(rows) for mark in row]
     images = torch.stack([mnist_digit(mark.ink(ink)) for _, mark in digits])
     return FoundDigits(images, [mark.box_ltrb for _, mark in digits], [k for k, _ in digits])
@@ -896,29 +895,29 @@ def reading_lines(marks):
     return [sorted(line["marks"], key=lambda m: (m.left + m.right) / 2) for line in lines]
 
 
-def split_touching(marks, ink, classify, one_digit=None):
+def split_touching(marks, ink, classify, pair=None):
     """A line's marks, with those that hold touching digits cut into them (split_mark), each judged against the
     typical height of the line's other marks (its own when it is alone)."""
     heights = np.array([mark.height for mark in marks])
     return [digit for k, mark in enumerate(marks)
             for digit in split_mark(mark, ink, classify, np.median(np.delete(heights, k)) if len(marks) > 1
-                                    else mark.height, one_digit)]
+                                    else mark.height, pair)]
 
 
-def split_mark(mark, ink, classify, height, one_digit=None):
+def split_mark(mark, ink, classify, height, pair=None):
     """[mark], or its digits when it holds touching ones: cut at its best cut (best_cut) when a logistic model of
-    the cut's features says the mark holds two digits (SPLIT_WEIGHTS; SPLIT_WEIGHTS_ONE_DIGIT with a one-digit
-    head's features too), then each part is tried again."""
-    features, pair = best_cut(mark, ink, classify, height)
-    if pair is None:
+    the cut's features says the mark holds two digits (SPLIT_WEIGHTS; SPLIT_WEIGHTS_PAIR with a pair detector's
+    log-odds for the mark too), then each part is tried again."""
+    features, parts = best_cut(mark, ink, classify, height)
+    if parts is None:
         return [mark]
     weights = SPLIT_WEIGHTS
-    if one_digit is not None:
-        features = np.concatenate([features, one_digit_features(mark, pair, ink, one_digit)])
-        weights = SPLIT_WEIGHTS_ONE_DIGIT
+    if pair is not None:
+        features = np.append(features, pair_odds(mark, ink, pair))
+        weights = SPLIT_WEIGHTS_PAIR
     if np.dot(weights[1:], features) + weights[0] <= 0:
         return [mark]
-    return [digit for part in pair for digit in split_mark(part, ink, classify, height, one_digit)]
+    return [digit for part in parts for digit in split_mark(part, ink, classify, height, pair)]
 
 
 def best_cut(mark, ink, classify, height):
@@ -979,11 +978,20 @@ def split_features(mark, height, whole, parts, pair):
                      min(part.height for part in pair) / height, margins.min(), margins.sum()])
 
 
-def one_digit_features(mark, pair, ink, one_digit):
-    """float [3] for SPLIT_WEIGHTS_ONE_DIGIT after split_features: a one-digit head's log-odds that the whole mark is
-    one digit, that the less sure part is, and both parts' summed."""
-    odds = np.asarray(one_digit(torch.stack([mnist_digit(part.ink(ink)) for part in (mark, *pair)])), np.float64)
-    return np.array([odds[0], odds[1:].min(), odds[1:].sum()])
+def pair_odds(mark, ink, pair):
+    """A pair detector's log-odds (float) that a mark holds two touching digits."""
+    return float(pair(pair_field(mark.ink(ink))[None])[0])
+
+
+def pair_field(ink, height=32, width=64):
+    """The ink of a mark, cropped to it (float [h, w] 0..1) -> uint8 [32, 64]: as large as fits 28 rows and 60
+    columns, its aspect ratio kept (where mnist_digit squeezes a wide mark into a digit's box), centred."""
+    scale = min((height - 4) / ink.shape[0], (width - 4) / ink.shape[1])
+    fitted = fit_in_box(ink, round(max(ink.shape) * scale))
+    top, left = (height - fitted.shape[0]) // 2, (width - fitted.shape[1]) // 2
+    field = np.zeros((height, width), dtype=np.float32)
+    field[top:top + fitted.shape[0], left:left + fitted.shape[1]] = fitted
+    return torch.from_numpy(np.round(field * 255).astype(np.uint8))
 
 
 def logit(p):
@@ -1172,7 +1180,7 @@ def place_model(model, device):
 #   precision, metrics {"val_loss", "val_accuracy"}, settings (what defines the run), versions
 #   complete       True once the run that writes it has finished
 #   trained_on     optional: the record of the images the model trained on (see image_hashes); older files lack it
-#   one_digit_head optional, a vgg's only: the state_dict of its models.OneDigitHead (the released model has one)
+#   pair_detector  optional: the state_dict of a models.PairDetector, for --number (the released model has one)
 # Beside NAME.pth: NAME.history.json (one record per epoch) and, while training runs, NAME.resume.pth.
 # What only training writes (the lock, run settings, the resume state) is train_cnn.py's "run files".
 
@@ -1242,8 +1250,8 @@ def check_checkpoint_fields(path, checkpoint):
     if not isinstance(epoch, int) or isinstance(epoch, bool) or epoch < 0:
         raise UserError(f"{path}: epoch must be a whole number, found {quoted(epoch)}")
     check_state_dict(path, checkpoint["model_state"])
-    if "one_digit_head" in checkpoint:
-        check_state_dict(path, checkpoint["one_digit_head"])
+    if "pair_detector" in checkpoint:
+        check_state_dict(path, checkpoint["pair_detector"])
     record = checkpoint.get("trained_on")
     if record is not None and not (torch.is_tensor(record) and record.dtype == torch.int64 and record.dim() == 1
                                    and bool((record[1:] > record[:-1]).all())):
@@ -1274,19 +1282,17 @@ def model_from_checkpoint(path, device, checkpoint=None):
     return place_model(model, device).eval(), checkpoint
 
 
-def one_digit_head_from_checkpoint(path, device, checkpoint):
-    """The checkpoint's models.OneDigitHead in eval mode, or None when it has none."""
-    if "one_digit_head" not in checkpoint:
+def pair_detector_from_checkpoint(path, device, checkpoint):
+    """The checkpoint's models.PairDetector in eval mode, or None when it has none."""
+    if "pair_detector" not in checkpoint:
         return None
-    if checkpoint["arch"] != "vgg":
-        raise UserError(f"{path}: a one-digit head needs the vgg architecture, not {checkpoint['arch']}")
-    head = OneDigitHead()
+    detector = PairDetector()
     try:
-        head.load_state_dict(checkpoint["one_digit_head"])
+        detector.load_state_dict(checkpoint["pair_detector"])
     except RuntimeError as error:
-        raise UserError(f"{path}: its one-digit head does not fit models.OneDigitHead "
+        raise UserError(f"{path}: its pair detector does not fit models.PairDetector "
                         f"({brief(error, lambda lines: lines[1 if len(lines) > 1 else 0])})") from None
-    return head.to(device).eval()
+    return detector.to(device).eval()
 
 
 def image_hashes(images):

@@ -144,26 +144,31 @@ class WideCNN(nn.Module):
         return self.head(self.features(x))
 
 
-class OneDigitHead(nn.Module):
-    """Whether an image is one whole digit: log-odds [B] from the VGG's convolutional features [B, 128, 7, 7].
+class PairDetector(nn.Module):
+    """Whether a mark of ink holds two touching digits, not one: log-odds [B] from the mark at its own aspect ratio,
+    float [B, 1, 32, 64] in 0..1 (data.pair_field).
 
-    `--number` asks it whether a mark is one digit or two touching ones, and whether a cut's parts are whole digits:
-    the digit classifier, trained on single digits alone, reads two squeezed together or half of one with as much
-    sureness as a digit. It is trained on the frozen features of a finished VGG (tests/number_photos.py
-    --fit-one-digit), which it leaves as they are, so digits read exactly as without it; the released model has one.
+    `--number` asks it whether to cut a wide mark in two. A digit classifier sees each mark squeezed into MNIST's
+    20x20 box and reads two touching digits with as much sureness as one; this sees the mark's shape as written. It
+    is trained on marks found on pages of MNIST training digits (tests/number_photos.py --fit-pairs) and travels in
+    the released model's file beside the digit classifier, which it leaves as it is.
     """
 
-    def __init__(self):
+    def __init__(self, width=32):
         super().__init__()
-        self.layers = nn.Sequential(
-            nn.Conv2d(128, 32, 1), nn.GELU(),                # 32x7x7: where the strokes are, in fewer channels
-            nn.Flatten(),                                    # 1568
-            nn.Linear(32 * 7 * 7, 64), nn.GELU(), nn.Dropout(0.3),
+        self.features = nn.Sequential(
+            conv_bn(1, width, nn.GELU), conv_bn(width, width, nn.GELU), nn.MaxPool2d(2),          # 32x16x32
+            conv_bn(width, 2 * width, nn.GELU), conv_bn(2 * width, 2 * width, nn.GELU), nn.MaxPool2d(2),  # 64x8x16
+            conv_bn(2 * width, 4 * width, nn.GELU), nn.MaxPool2d(2),                              # 128x4x8
+        )
+        self.head = nn.Sequential(
+            nn.Flatten(),                                    # 1024: the columns kept, the rows averaged
+            nn.Linear(4 * width * 8, 64), nn.GELU(), nn.Dropout(0.3),
             nn.Linear(64, 1),
         )
 
-    def forward(self, features):
-        return self.layers(features).squeeze(1)
+    def forward(self, x):
+        return self.head(self.features(x).mean(2)).squeeze(1)
 
 
 MODELS = {"vgg": VGG, "resnet": ResNet, "widecnn": WideCNN}

@@ -39,7 +39,7 @@ from data import (  # the story: batches, TTA, the checkpoint's model, the submi
     load_data,
     model_from_checkpoint,
     model_input,
-    one_digit_head_from_checkpoint,
+    pair_detector_from_checkpoint,
     pick_device,
     pick_precision,
     preprocess_image,
@@ -145,9 +145,8 @@ class DigitReader:
         self.ensemble = [(model_from_checkpoint(path, self.device, checkpoint)[0], checkpoint["normalization"], path)
                          for path, checkpoint in found]   # [(model, normalization, path)]
         self.records = [checkpoint.get("trained_on") for _, checkpoint in found]  # None: saved before records
-        self.one_digit_heads = [(head, model, normalization) for (model, normalization, path), (_, checkpoint)
-                                in zip(self.ensemble, found, strict=True)
-                                if (head := one_digit_head_from_checkpoint(path, self.device, checkpoint)) is not None]
+        detectors = [pair_detector_from_checkpoint(path, self.device, checkpoint) for path, checkpoint in found]
+        self.pair_detectors = [detector for detector in detectors if detector is not None]
         self.seed, self.batch_size = seed, batch_size
 
     @property
@@ -164,7 +163,7 @@ class DigitReader:
         """A photo or drawing of a whole number (path or PIL image) -> Number: its digits found (find_digits), left to
         right and line by line, each read as one digit."""
         found = find_digits(source, self.probabilities, invert, name,
-                            self.one_digit_odds if self.one_digit_heads else None)
+                            self.pair_odds if self.pair_detectors else None)
         probs = self.probabilities(found.images)
         labels = probs.argmax(1)
         words = ["".join(str(int(labels[i])) for i, line in enumerate(found.lines) if line == k)
@@ -185,15 +184,15 @@ class DigitReader:
                                       self.batch_size).cpu()
 
     @torch.inference_mode()
-    def one_digit_odds(self, digits):
-        """The log-odds float32 [N] on the CPU that each MNIST-like uint8 digit [N, 28, 28] is one whole digit, not
-        two touching or a part of one: the mean over the models that have a one-digit head (models.OneDigitHead)."""
-        x = to_unit_float(mnist_like(digits).to(self.device))
+    def pair_odds(self, fields):
+        """The log-odds float32 [N] on the CPU that each mark, uint8 [N, 32, 64] as data.pair_field makes it, holds
+        two touching digits, not one: the mean over the checkpoints that carry a pair detector (models.PairDetector)."""
+        x = fields.to(self.device).unsqueeze(1).float().div_(255)       # [N, 1, 32, 64] in 0..1
         total = torch.zeros(len(x), device=self.device)
-        for head, model, normalization in self.one_digit_heads:
+        for detector in self.pair_detectors:
             with autocast(self.device, self.precision):
-                total += head(model.features(model_input(x, normalization))).float()
-        return (total / len(self.one_digit_heads)).cpu()
+                total += detector(x).float()
+        return (total / len(self.pair_detectors)).cpu()
 
     def trained_on(self, digits):
         """How many of these MNIST-like digits [N, 28, 28] the models trained on: {"images": of the N, any model,

@@ -31,11 +31,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import data  # noqa: E402
-from models import VGG, OneDigitHead  # noqa: E402
+from models import PairDetector  # noqa: E402
 
 CONDITIONS = ("gaps", "touching", "ruled", "two lines")
 INK_LEVEL = 0.3  # a digit's pixel is ink from here up (MNIST's 0..1), for measuring gaps between neighbours
-ONE_DIGIT_EPOCHS = 6
+PAIR_EPOCHS = 8
 
 
 def number_page(digits, labels, rng, condition="gaps", height=None):
@@ -206,18 +206,20 @@ def main():
     p.add_argument("--show", type=int, default=0, help="print the first SHOW misread numbers per condition")
     p.add_argument("--fit-split", action="store_true",
                    help="instead, fit data.CUT_WEIGHTS and data.SPLIT_WEIGHTS on numbers of training digits "
-                        "(COUNT per condition, and COUNT more to place the threshold); with a one-digit head, "
-                        "data.SPLIT_WEIGHTS_ONE_DIGIT at data.CUT_WEIGHTS' cuts")
-    p.add_argument("--fit-one-digit", metavar="OUT",
-                   help="instead, train a one-digit head (models.OneDigitHead) for the first model, a vgg, on "
-                        "numbers of the training digits it trained on, and save it to OUT (for tests/release.py)")
+                        "(COUNT per condition, and COUNT more to place the threshold); with a pair detector, "
+                        "data.SPLIT_WEIGHTS_PAIR at data.CUT_WEIGHTS' cuts")
+    p.add_argument("--fit-pairs", metavar="OUT",
+                   help="instead, train a pair detector (models.PairDetector) on the marks of numbers of the training "
+                        "digits the first model trained on, and save it to OUT (for tests/release.py)")
+    p.add_argument("--pairs", type=int, default=0,
+                   help="with --fit-pairs: this many numbers of two touching digits besides (the pairs to learn from)")
     args = p.parse_args()
     from predict_tta import DigitReader
 
     images, labels = data.load_mnist(args.data_dir, args.split)
     reader = DigitReader(args.weights, tta=args.tta)
-    if args.fit_one_digit:
-        return fit_one_digit(args, reader, images, labels)
+    if args.fit_pairs:
+        return fit_pairs(args, reader, images, labels)
     if args.split == "train":
         images, labels = unseen_digits(reader, images, labels)
     if args.fit_split:
@@ -264,72 +266,55 @@ def trained_on(reader, images):
     return data.trained_on_mask(data.image_hashes(images), reader.records).any(0)
 
 
-def fit_one_digit(args, reader, images, labels):
-    """Train a models.OneDigitHead on the frozen features of the reader's first model (a vgg) and save it to OUT.
+def fit_pairs(args, reader, images, labels):
+    """Train a models.PairDetector on marks wide enough to be cut (found_marks) and save it to OUT.
 
-    Its examples come from COUNT numbers per condition made of digits that model trained on (the numbers measured
-    are made of others; a condition named N times gets N times as many, and only "touching" makes two-digit marks):
-    each mark wide enough to be cut, whole (one digit inside: yes; two: no), and the parts of
-    its cuts (data.mark_cuts): a part whose box matches a digit's (intersection over union 0.85 or more) yes, one
-    matching none (below 0.6) no, up to 16 of each per mark. Every fifth mark's examples are held out to report it.
+    Its marks come from COUNT numbers per condition and PAIRS numbers of two touching digits, made of the training
+    digits the reader's first model trained on (the numbers measured are made of others). A mark's answer: does it
+    hold two digits (or one). Every fifth mark is held out to report the detector's accuracy on.
     """
-    model, normalization, path = reader.ensemble[0]
-    if args.split != "train" or reader.records[0] is None or not isinstance(model, VGG):
-        raise SystemExit("--fit-one-digit trains on the training digits a vgg recorded: --split train, a vgg first")
+    if args.split != "train" or reader.records[0] is None:
+        raise SystemExit("--fit-pairs trains on the training digits a model recorded: --split train, a recording model")
     seen = trained_on(reader, images)
     images, labels = images[seen], labels[seen]
-    rng = np.random.default_rng([args.seed, 3])
-    examples, answers, held_out, mark_count = [], [], [], 0
-    for condition in args.conditions:
-        for _ in range(args.count):
-            picks = rng.choice(len(images), args.digits, replace=False)
-            page, _, _, boxes = number_page(images[picks].numpy(), labels[picks].numpy(), rng, condition)
-            try:
-                _, ink, _, marks = data.find_marks(Image.open(io.BytesIO(page)))
-            except data.UserError:
-                continue
-            for mark in marks:
-                inner = [box for box in boxes if inside(box, mark) >= 0.5]
-                cuts = data.mark_cuts(mark) if mark.width >= data.SPLIT_ASPECT * mark.height else []
-                if len(inner) not in (1, 2) or not cuts or (len(inner) == 1 and box_match(mark, inner[0]) < 0.8):
-                    continue
-                parts = [part for _, _, pair in cuts for part in pair]
-                match = np.array([max(box_match(part, box) for box in boxes) for part in parts])
-                chosen = [(mark, len(inner) == 1)] + [(parts[k], yes) for yes, where in ((True, match >= 0.85),
-                                                                                        (False, match < 0.6))
-                                                      for k in rng.permutation(np.flatnonzero(where))[:16]]
-                examples += [data.mnist_digit(part.ink(ink)) for part, _ in chosen]
-                answers += [yes for _, yes in chosen]
-                held_out += [mark_count % 5 == 0] * len(chosen)
-                mark_count += 1
-    answers, held_out = torch.tensor(answers, dtype=torch.float32), torch.tensor(held_out)
-    with torch.inference_mode():                                   # the frozen features [N, 128, 7, 7], once
-        features = torch.cat([model.features(data.prepare_batch(batch.to(reader.device), normalization)).float()
-                              .cpu() for batch in torch.stack(examples).split(1024)])
-    print(f"{len(answers)} examples from {mark_count} marks ({int(answers.sum())} whole digits); "
-          f"{int(held_out.sum())} of them held out")
+    fields, answers = [], []
+    draws = [(condition, args.count, args.digits) for condition in args.conditions] + [("touching", args.pairs, 2)]
+    for k, (condition, count, digits) in enumerate(draws):
+        rng = np.random.default_rng([args.seed, 3, k])
+        for mark, ink, _, truth in found_marks(images, labels, rng, condition, count, digits):
+            fields.append(data.pair_field(mark.ink(ink)))
+            answers.append(len(truth) == 2)
+    x, y = torch.stack(fields)[:, None], torch.tensor(answers, dtype=torch.float32)   # [N, 1, 32, 64] uint8, [N]
+    held_out = torch.arange(len(y)) % 5 == 0
+    print(f"{len(y)} marks ({int(y.sum())} holding two digits); {int(held_out.sum())} of them held out", flush=True)
     torch.manual_seed(args.seed)
-    head = OneDigitHead()
+    detector = PairDetector().to(reader.device)
     train = torch.nonzero(~held_out).squeeze(1)
-    steps = ONE_DIGIT_EPOCHS * -(-len(train) // 256)
-    optimizer = torch.optim.AdamW(head.parameters(), lr=1e-3, weight_decay=1e-4)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, 1e-3, total_steps=steps)
-    for epoch in range(ONE_DIGIT_EPOCHS):
-        head.train()
-        for batch in train[torch.randperm(len(train))].split(256):
-            loss = torch.nn.functional.binary_cross_entropy_with_logits(head(features[batch]), answers[batch])
+    steps = PAIR_EPOCHS * -(-len(train) // 128)
+    optimizer = torch.optim.AdamW(detector.parameters(), lr=2e-3, weight_decay=1e-4)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, 2e-3, total_steps=steps)
+    for epoch in range(PAIR_EPOCHS):
+        detector.train()
+        for batch in train[torch.randperm(len(train))].split(128):
+            shift = (int(torch.randint(-2, 3, ())), int(torch.randint(-3, 4, ())))  # the mark moved a little
+            inputs = torch.roll(x[batch], shift, (2, 3)).to(reader.device).float().div_(255)
+            with data.autocast(reader.device, reader.precision):
+                odds = detector(inputs).float()
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(odds, y[batch].to(reader.device))
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
             schedule.step()
-        head.eval()
-        with torch.inference_mode():
-            right = (head(features[held_out]) > 0) == answers[held_out].bool()
-        print(f"epoch {epoch + 1}: held-out accuracy {right.float().mean():.4f}", flush=True)
-    accuracy = float(right.float().mean())
-    data.save_checkpoint(args.fit_one_digit, {"one_digit_head": head.state_dict(), "for": str(path),
-                                              "examples": len(answers), "held_out_accuracy": accuracy})
-    print(f"wrote {args.fit_one_digit}")
+        detector.eval()
+        with torch.inference_mode(), data.autocast(reader.device, reader.precision):
+            odds = torch.cat([detector(batch.to(reader.device).float().div_(255)).float().cpu()
+                              for batch in x[held_out].split(1024)])
+        wrong = int(((odds > 0) != y[held_out].bool()).sum())
+        print(f"epoch {epoch + 1}: held out, {wrong} of {int(held_out.sum())} marks misjudged", flush=True)
+    data.save_checkpoint(args.fit_pairs, {"pair_detector": {k: v.cpu() for k, v in detector.state_dict().items()},
+                                          "for": str(reader.paths[0]), "marks": len(y), "held_out_misjudged": wrong,
+                                          "held_out": int(held_out.sum())})
+    print(f"wrote {args.fit_pairs}")
 
 
 def fit_split(args, reader, images, labels):
@@ -337,8 +322,8 @@ def fit_split(args, reader, images, labels):
     data.SPLIT_WEIGHTS (does the mark hold two digits, at the cut CUT_WEIGHTS ranks first) on the marks wide enough
     to be cut of COUNT numbers of training digits per condition, then shift SPLIT_WEIGHTS' bias to misread the
     fewest marks of COUNT other numbers per condition. A mark's truth: the digits whose boxes lie mostly (half their
-    area) inside its box; marks holding none or more than two are left out. With a one-digit head, only
-    data.SPLIT_WEIGHTS_ONE_DIGIT is fitted, with the head's features at the cuts data.CUT_WEIGHTS ranks first."""
+    area) inside its box; marks holding none or more than two are left out. With a pair detector, only
+    data.SPLIT_WEIGHTS_PAIR is fitted, with the detector's log-odds after the features at data.CUT_WEIGHTS' cuts."""
     from sklearn.linear_model import LogisticRegression
     if args.split != "train":
         raise SystemExit("--fit-split fits on training digits: --split train")
@@ -346,7 +331,7 @@ def fit_split(args, reader, images, labels):
     pairs = [(found, truth) for found, truth, _, _, _ in fit if len(truth) == 2]
     x = np.vstack([found[3] for found, _ in pairs])
     y = np.concatenate([[read == truth for read in part_readings(found)] for found, truth in pairs])
-    cut_weights = (np.array(data.CUT_WEIGHTS) if reader.one_digit_heads
+    cut_weights = (np.array(data.CUT_WEIGHTS) if reader.pair_detectors
                    else LogisticRegression(C=1.0, max_iter=5000).fit(x, y).coef_[0])
     x, y, _ = at_best_cut(fit, cut_weights)
     model = LogisticRegression(C=1.0, max_iter=5000).fit(x, y)
@@ -359,39 +344,45 @@ def fit_split(args, reader, images, labels):
     print(f"fitted on {len(fit)} marks ({len(pairs)} holding two digits); of {len(tune)} other marks ({int(y.sum())} "
           f"holding two), {min(misread)} misread with the bias shifted by {shift:+.2f} ({unshifted} unshifted)")
     print("CUT_WEIGHTS = (" + ", ".join(f"{w:.3f}" for w in cut_weights) + ")")
-    print(f"SPLIT_WEIGHTS{'_ONE_DIGIT' if reader.one_digit_heads else ''} = ("
+    print(f"SPLIT_WEIGHTS{'_PAIR' if reader.pair_detectors else ''} = ("
           + ", ".join(f"{w:.3f}" for w in [model.intercept_[0] + shift, *model.coef_[0]]) + ")")
 
 
 def wide_marks(args, reader, images, labels, draw):
-    """[(data.cut_candidates' result, the text of the digits inside, mark, line height, the one-digit head's
-    features at data.CUT_WEIGHTS' first cut or None)] for the marks wide enough to be cut of COUNT numbers per
-    condition, drawn with seed (SEED, condition, draw)."""
+    """[(data.cut_candidates' result, the text of the digits inside, mark, line height, the pair detector's log-odds
+    for the mark or None)] for the marks wide enough to be cut of COUNT numbers per condition, drawn with seed (SEED,
+    condition, draw)."""
     marks = []
     for condition in args.conditions:
         rng = np.random.default_rng([args.seed, CONDITIONS.index(condition), draw])
-        for _ in range(args.count):
-            picks = rng.choice(len(images), args.digits, replace=False)
-            page, text, _, boxes = number_page(images[picks].numpy(), labels[picks].numpy(), rng, condition)
-            digits = text.replace(" ", "")
-            try:
-                _, ink, _, found_marks = data.find_marks(Image.open(io.BytesIO(page)))
-            except data.UserError:
-                continue
-            for line in data.reading_lines(found_marks):
-                heights = np.array([mark.height for mark in line])
-                for k, mark in enumerate(line):
-                    height = np.median(np.delete(heights, k)) if len(line) > 1 else mark.height
-                    inner = sorted((box[0], digits[i]) for i, box in enumerate(boxes) if inside(box, mark) >= 0.5)
-                    if len(inner) not in (1, 2):
-                        continue                       # asked about only where the truth can be scored
-                    found = data.cut_candidates(mark, ink, reader.probabilities, height)
-                    if found is None:
-                        continue
-                    odds = (data.one_digit_features(mark, found[0][data.first_cut(mark, height, found)[0]], ink,
-                                                    reader.one_digit_odds) if reader.one_digit_heads else None)
-                    marks.append((found, "".join(digit for _, digit in inner), mark, height, odds))
+        for mark, ink, height, truth in found_marks(images, labels, rng, condition, args.count, args.digits):
+            found = data.cut_candidates(mark, ink, reader.probabilities, height)
+            if found is not None:
+                odds = data.pair_odds(mark, ink, reader.pair_odds) if reader.pair_detectors else None
+                marks.append((found, truth, mark, height, odds))
     return marks
+
+
+def found_marks(images, labels, rng, condition, count, digits):
+    """Yield (mark, the page's ink, its line's height, the text of the digits inside) for each mark that
+    data.find_marks finds on `count` numbers of `digits` digits and that is wide enough to be cut (data.SPLIT_ASPECT)
+    and holds one or two digits (those whose boxes lie half inside its box, left to right): where the truth can be
+    scored."""
+    for _ in range(count):
+        picks = rng.choice(len(images), digits, replace=False)
+        page, text, _, boxes = number_page(images[picks].numpy(), labels[picks].numpy(), rng, condition)
+        text = text.replace(" ", "")
+        try:
+            _, ink, _, marks = data.find_marks(Image.open(io.BytesIO(page)))
+        except data.UserError:
+            continue
+        for line in data.reading_lines(marks):
+            heights = np.array([mark.height for mark in line])
+            for k, mark in enumerate(line):
+                inner = sorted((box[0], text[i]) for i, box in enumerate(boxes) if inside(box, mark) >= 0.5)
+                if len(inner) in (1, 2) and mark.width >= data.SPLIT_ASPECT * mark.height:
+                    height = np.median(np.delete(heights, k)) if len(line) > 1 else mark.height
+                    yield mark, ink, height, "".join(digit for _, digit in inner)
 
 
 def part_readings(found):
@@ -405,30 +396,20 @@ def at_best_cut(marks, cut_weights):
     x, y, right = [], [], {"cut": [], "whole": []}
     for found, truth, mark, height, odds in marks:
         best, features = data.first_cut(mark, height, found, cut_weights)
-        x.append(features if odds is None else np.concatenate([features, odds]))
+        x.append(features if odds is None else np.append(features, odds))
         y.append(len(truth) == 2)
         right["cut"].append(part_readings(found)[best] == truth)
         right["whole"].append(str(int(found[1].argmax())) == truth)
     return np.array(x), np.array(y), {k: np.array(v) for k, v in right.items()}
 
 
-def box_match(mark, box):
-    """Intersection over union of a mark's box and a digit's box (left, top, right, bottom)."""
-    left, top, right, bottom = box
-    shared = shared_area(box, mark)
-    return shared / ((right - left) * (bottom - top) + mark.width * mark.height - shared)
-
-
 def inside(box, mark):
     """The share of a digit's box (left, top, right, bottom) that lies inside a mark's box."""
     left, top, right, bottom = box
-    return shared_area(box, mark) / max(1, (right - left) * (bottom - top))
+    across = max(0, min(right, mark.right) - max(left, mark.left))
+    shared = across * max(0, min(bottom, mark.bottom) - max(top, mark.top))
+    return shared / max(1, (right - left) * (bottom - top))
 
-
-def shared_area(box, mark):
-    """The area a digit's box (left, top, right, bottom) and a mark's box have in common."""
-    left, top, right, bottom = box
-    return max(0, min(right, mark.right) - max(left, mark.left)) * max(0, min(bottom, mark.bottom) - max(top, mark.top))
 
 if __name__ == "__main__":
     main()

@@ -8,10 +8,10 @@ MNIST's 10,000 test images: the copy, loaded back into the fp32 model and predic
 the fp32 checkpoint gives, and no probability may differ by more than 1e-3; otherwise nothing is written. The
 manifest records the file's SHA-256 (checked whenever the file is loaded), how it was made, and its test accuracy.
 
-    python tests/release.py --one-digit-head /tmp/one_digit_head.pth --commit 1234abc --command "python tests/..."
+    python tests/release.py --pair-detector /tmp/pair_detector.pth --commit 1234abc --command "python tests/..."
 
-adds a one-digit head (tests/number_photos.py --fit-one-digit) to the released model instead, in fp16 like the rest:
-its digit weights stay as they are, byte for byte, and so does every digit it reads; the manifest records the head.
+adds a pair detector (tests/number_photos.py --fit-pairs) to the released model instead, in fp16 like the rest: its
+digit weights stay as they are, byte for byte, and so does every digit it reads; the manifest records the detector.
 """
 import argparse
 import hashlib
@@ -49,7 +49,7 @@ def machine():
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", help="the finished fp32 checkpoint of the release run")
-    p.add_argument("--one-digit-head", help="instead, add this one-digit head to the released model")
+    p.add_argument("--pair-detector", help="instead, add this pair detector to the released model")
     p.add_argument("--data-dir", default=data.DEFAULT_DATA_DIR, help="folder holding MNIST/raw")
     p.add_argument("--command", required=True, help="the command that trained it")
     p.add_argument("--commit", required=True, help="the commit it was trained at")
@@ -57,10 +57,10 @@ def main():
     p.add_argument("--remark", default="",
                    help="anything a reader of the figures should know (e.g. other work beside it)")
     args = p.parse_args()
-    if args.one_digit_head:
-        return add_one_digit_head(args)
+    if args.pair_detector:
+        return add_pair_detector(args)
     if args.checkpoint is None or args.training_seconds is None:
-        p.error("--checkpoint and --training-seconds are required (or --one-digit-head)")
+        p.error("--checkpoint and --training-seconds are required (or --pair-detector)")
 
     target = data.RELEASED_MODEL
     candidate = target.with_name("candidate.pth")
@@ -113,32 +113,35 @@ def main():
           f"{accuracy:.4f}, and {data.RELEASE_MANIFEST}")
 
 
-def add_one_digit_head(args):
-    """The released model with the one-digit head added in fp16, its digit weights untouched; the manifest updated."""
+def add_pair_detector(args):
+    """The released model with the pair detector added in fp16, its digit weights untouched; the manifest updated."""
     target, candidate = data.RELEASED_MODEL, data.RELEASED_MODEL.with_name("candidate.pth")
     data.check_outputs({"weights/": [target, candidate, data.RELEASE_MANIFEST]},
-                       {"--one-digit-head": [args.one_digit_head]})
+                       {"--pair-detector": [args.pair_detector]})
     released = data.load_checkpoint(target)
-    fitted = data.read_checkpoint_file(args.one_digit_head, ("one_digit_head", "for", "examples", "held_out_accuracy"))
-    if not data.same_file(fitted["for"], target):
-        sys.exit(f"{args.one_digit_head}: fitted on the features of {fitted['for']}, not of {target}; nothing written")
-    head = {name: tensor.half() for name, tensor in fitted["one_digit_head"].items()}
-    data.save_checkpoint(candidate, {**released, "one_digit_head": head})
+    fitted = data.read_checkpoint_file(args.pair_detector, ("pair_detector", "for", "marks", "held_out",
+                                                            "held_out_misjudged"))
+    if not data.same_file(fitted["for"], target):         # numbers of the digits it did not train on tune and measure
+        sys.exit(f"{args.pair_detector}: trained on the digits of {fitted['for']}, not of {target}; nothing written")
+    detector = {name: tensor.half() if tensor.is_floating_point() and not name.endswith(KEPT_IN_FP32) else tensor
+                for name, tensor in fitted["pair_detector"].items()}
+    data.save_checkpoint(candidate, {**released, "pair_detector": detector})
     try:
-        data.one_digit_head_from_checkpoint(candidate, "cpu", data.load_checkpoint(candidate))   # it loads, or one line
+        data.pair_detector_from_checkpoint(candidate, "cpu", data.load_checkpoint(candidate))   # it loads, or one line
     except BaseException:
         candidate.unlink()
         raise
     candidate.replace(target)
     manifest = data.read_json(data.RELEASE_MANIFEST)
     manifest.update(sha256=hashlib.sha256(target.read_bytes()).hexdigest(), bytes=target.stat().st_size)
-    manifest["one_digit_head"] = {
-        "what": "models.OneDigitHead on the frozen features: is an image one whole digit (for --number's cuts)",
-        "command": args.command, "commit": args.commit, "machine": machine(), "examples": fitted["examples"],
-        "held_out_accuracy": round(fitted["held_out_accuracy"], 4), "precision": "fp16, loaded into fp32",
+    manifest["pair_detector"] = {
+        "what": "models.PairDetector: does a mark hold two touching digits (for --number's decision to cut)",
+        "command": args.command, "commit": args.commit, "machine": machine(), "marks": fitted["marks"],
+        "held_out_misjudged": f"{fitted['held_out_misjudged']} of {fitted['held_out']}",
+        "precision": "fp16 weights, fp32 BatchNorm statistics; loaded into fp32",
         **({"remark": args.remark} if args.remark else {})}
     data.write_json(data.RELEASE_MANIFEST, manifest)
-    print(f"added the one-digit head to {target} ({manifest['bytes'] / 1e6:.1f} MB, sha256 "
+    print(f"added the pair detector to {target} ({manifest['bytes'] / 1e6:.1f} MB, sha256 "
           f"{manifest['sha256'][:16]}...) and {data.RELEASE_MANIFEST}")
 
 

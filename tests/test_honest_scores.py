@@ -41,30 +41,34 @@ def test_the_released_model_is_its_manifests_file_and_records_its_training_image
     assert manifest["parity"]["labels_differ"] == 0 and manifest["parity"]["max_probability_difference"] <= 1e-3
 
 
-def test_adding_a_one_digit_head_to_the_released_model_leaves_its_digit_weights_as_they_are(tmp_path, monkeypatch):
+def test_adding_a_pair_detector_to_the_released_model_leaves_its_digit_weights_as_they_are(tmp_path, monkeypatch):
     import argparse
 
     import release
-    from models import OneDigitHead
+    from models import PairDetector
     shutil.copytree(data.RELEASED_MODEL.parent, tmp_path / "weights")
     monkeypatch.setattr(data, "RELEASED_MODEL", tmp_path / "weights" / data.RELEASED_MODEL.name)
     monkeypatch.setattr(data, "RELEASE_MANIFEST", tmp_path / "weights" / data.RELEASE_MANIFEST.name)
     before = data.load_checkpoint(data.RELEASED_MODEL)
-    head = OneDigitHead().state_dict()
-    fitted = {"one_digit_head": head, "for": str(data.RELEASED_MODEL), "examples": 12, "held_out_accuracy": 0.91}
-    data.save_checkpoint(tmp_path / "head.pth", {**fitted, "for": str(tmp_path / "head.pth")})
-    with pytest.raises(SystemExit, match="head.pth: fitted on the features of .*head.pth, not of .*vgg_mnist.pth"):
-        release.add_one_digit_head(argparse.Namespace(one_digit_head=tmp_path / "head.pth", command="fit it",
-                                                      commit="abc1234", remark=""))
+    detector = PairDetector().state_dict()
+    fitted = {"pair_detector": detector, "for": str(data.RELEASED_MODEL), "marks": 12, "held_out": 3,
+              "held_out_misjudged": 1}
+    data.save_checkpoint(tmp_path / "pairs.pth", {**fitted, "for": str(tmp_path / "pairs.pth")})
+    with pytest.raises(SystemExit, match="pairs.pth: trained on the digits of .*pairs.pth, not of .*vgg_mnist.pth"):
+        release.add_pair_detector(argparse.Namespace(pair_detector=tmp_path / "pairs.pth", command="fit it",
+                                                     commit="abc1234", remark=""))
     assert not (tmp_path / "weights" / "candidate.pth").exists()
-    data.save_checkpoint(tmp_path / "head.pth", fitted)
-    release.add_one_digit_head(argparse.Namespace(one_digit_head=tmp_path / "head.pth", command="fit it",
-                                                  commit="abc1234", remark=""))
+    data.save_checkpoint(tmp_path / "pairs.pth", fitted)
+    release.add_pair_detector(argparse.Namespace(pair_detector=tmp_path / "pairs.pth", command="fit it",
+                                                 commit="abc1234", remark=""))
     after = data.load_checkpoint(data.RELEASED_MODEL)       # its new SHA-256 is the manifest's
     assert all(torch.equal(tensor, after["model_state"][name]) for name, tensor in before["model_state"].items())
-    assert all(torch.equal(tensor.half(), after["one_digit_head"][name]) for name, tensor in head.items())
+    stored = after["pair_detector"]
+    assert stored["head.1.weight"].dtype == torch.float16 and stored["features.0.1.running_var"].dtype == torch.float32
+    assert all(torch.equal(tensor.to(stored[name].dtype), stored[name]) for name, tensor in detector.items())
     manifest = json.loads(data.RELEASE_MANIFEST.read_text())
-    assert manifest["one_digit_head"]["examples"] == 12 and manifest["one_digit_head"]["commit"] == "abc1234"
+    assert manifest["pair_detector"]["held_out_misjudged"] == "1 of 3"
+    assert manifest["pair_detector"]["commit"] == "abc1234"
     assert manifest["mnist_test_accuracy"] == json.loads((ROOT / "weights" / "manifest.json").read_text())[
         "mnist_test_accuracy"]
 

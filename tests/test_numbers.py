@@ -131,29 +131,31 @@ def test_touching_digits_are_split(reader, mnist_test):
     assert 40 <= left < right <= left0 + 6 and right0 <= 76 + 56
 
 
-def test_a_one_digit_head_decides_whether_touching_digits_are_cut(reader, mnist_test, monkeypatch):
+def test_a_pair_detector_decides_whether_touching_digits_are_cut(reader, mnist_test, monkeypatch):
     images, labels = mnist_test
     two, zero, seven = (images[int(np.flatnonzero(labels == d)[3])] for d in (2, 0, 7))
     photo = page((two, (40, 30)), (zero, (40 + 36, 30)), (seven, (200, 30)))    # a blob of ink and a 7, as above
     asked = []
 
-    def one_digit(answer):
-        def odds(digits):     # the whole blob and its first-ranked cut's two parts, then each part and its parts
-            asked.append(len(digits))
-            return torch.full((len(digits),), answer if len(asked) == 1 else 5.0)   # the parts are digits
+    def pair(answer):
+        def odds(fields):     # the whole blob, then each of its parts that is wide enough to be cut again
+            asked.append(fields)
+            return torch.full((len(fields),), answer if len(asked) == 1 else -5.0)   # the parts are one digit each
         asked.clear()
         return odds
-    # only the head's odds for the whole mark count: cut when it says the mark is not one digit
-    monkeypatch.setattr(data, "SPLIT_WEIGHTS_ONE_DIGIT", (0.0,) * 10 + (-1.0, 0.0, 0.0))
-    assert len(data.find_digits(photo, reader.probabilities, one_digit=one_digit(-5.0)).boxes) == 3
-    assert set(asked) == {3}
-    assert len(data.find_digits(photo, reader.probabilities, one_digit=one_digit(5.0)).boxes) == 2
-    assert set(asked) == {3}
-    # the released model has a head, and read_number asks it
-    assert len(reader.one_digit_heads) == 1
-    odds = reader.one_digit_odds(torch.stack([images[0], torch.zeros(28, 28, dtype=torch.uint8)]))
+    # only the detector's odds count: cut when it says the mark holds two digits
+    monkeypatch.setattr(data, "SPLIT_WEIGHTS_PAIR", (0.0,) * 10 + (1.0,))
+    assert len(data.find_digits(photo, reader.probabilities, pair=pair(5.0)).boxes) == 3
+    blob = asked[0]                                    # the mark at its own aspect: wider than tall, as written
+    assert blob.shape == (1, 32, 64) and blob.dtype == torch.uint8
+    rows, columns = np.flatnonzero(blob[0].amax(1)), np.flatnonzero(blob[0].amax(0))
+    assert rows[-1] - rows[0] + 1 in (27, 28, 29) and 40 <= columns[-1] - columns[0] + 1 <= 60
+    assert len(data.find_digits(photo, reader.probabilities, pair=pair(-5.0)).boxes) == 2 and len(asked) == 1
+    # the released model has a detector, and read_number asks it
+    assert len(reader.pair_detectors) == 1
+    odds = reader.pair_odds(torch.stack([blob[0], torch.zeros(32, 64, dtype=torch.uint8)]))
     assert odds.shape == (2,) and odds.dtype == torch.float32 and bool(torch.isfinite(odds).all())
-    monkeypatch.setattr(reader, "one_digit_odds", one_digit(-5.0))
+    monkeypatch.setattr(reader, "pair_odds", pair(5.0))
     assert len(reader.read_number(photo).boxes) == 3 and asked
 
 

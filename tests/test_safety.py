@@ -16,7 +16,7 @@ from PIL import Image
 
 import data
 from data import UserError
-from models import OneDigitHead, build_model
+from models import PairDetector, build_model
 
 # ----------------------------------------------------------------------------- checkpoints
 
@@ -51,17 +51,15 @@ def test_checkpoint_fields_are_checked_when_loaded(tmp_path, changes, message):
     assert message in str(caught.value) and "\n" not in str(caught.value)
 
 
-def test_a_one_digit_head_that_does_not_fit_is_one_line(tmp_path):
+def test_a_pair_detector_that_does_not_fit_is_one_line(tmp_path):
     from predict_tta import DigitReader
-    head = OneDigitHead().state_dict()
-    data.save_checkpoint(tmp_path / "m.pth", checkpoint(one_digit_head=head))
-    assert len(DigitReader(tmp_path / "m.pth", device="cpu").one_digit_heads) == 1
-    cases = [(checkpoint(one_digit_head={**head, "layers.0.weight": torch.zeros(8, 128, 1, 1)}),
-              "its one-digit head does not fit models.OneDigitHead (size mismatch for layers.0.weight"),
-             ({**checkpoint(one_digit_head=head), "arch": "resnet", "model_state": build_model("resnet").state_dict()},
-              "a one-digit head needs the vgg architecture, not resnet"),
-             (checkpoint(one_digit_head={**head, "layers.6.bias": torch.tensor([float("inf")])}),
-              "the weights are not finite (layers.6.bias holds NaN or Inf)")]
+    detector = PairDetector().state_dict()
+    data.save_checkpoint(tmp_path / "m.pth", checkpoint(pair_detector=detector))
+    assert len(DigitReader(tmp_path / "m.pth", device="cpu").pair_detectors) == 1
+    cases = [(checkpoint(pair_detector={**detector, "head.1.weight": torch.zeros(64, 512)}),
+              "its pair detector does not fit models.PairDetector (size mismatch for head.1.weight"),
+             (checkpoint(pair_detector={**detector, "head.4.bias": torch.tensor([float("inf")])}),
+              "the weights are not finite (head.4.bias holds NaN or Inf)")]
     for broken, message in cases:
         data.save_checkpoint(tmp_path / "m.pth", broken)
         with pytest.raises(UserError) as caught:
