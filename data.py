@@ -640,7 +640,7 @@ CUT_SLANTS = (-0.27, 0, 0.27)  # each upright and slanted 15 degrees either way
 # detector's log-odds for the whole mark after split_features.
 CUT_WEIGHTS = (0.252, 0.393, 0.350, 0.292, -7.236, -0.309, 0.023, 0.616, -1.265, 1.470)
 SPLIT_WEIGHTS = (-8.078, 7.221, -0.266, 0.550, -1.983, -0.951, -0.140, 4.299, 0.247, 1.128)
-SPLIT_WEIGHTS_PAIR = (0.0,) * 11  # placeholder until fitted
+SPLIT_WEIGHTS_PAIR = (-1.929, 1.025, 0.277, -0.770, -0.446, -0.277, -0.097, 0.632, 0.207, 0.102, 1.029)
 
 
 @dataclass
