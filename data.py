@@ -907,7 +907,8 @@ def split_touching(marks, ink, classify, pair=None):
 def split_mark(mark, ink, classify, height, pair=None):
     """[mark], or its digits when it holds touching ones: cut at its best cut (best_cut) when a logistic model of
     the cut's features says the mark holds two digits (SPLIT_WEIGHTS; SPLIT_WEIGHTS_PAIR with a pair detector's
-    log-odds for the mark too), then each part is tried again."""
+    log-odds for the mark too), then each part is tried again without the detector: it learned marks as the page
+    gives them, and takes a part with a cut edge for two digits too often."""
     features, parts = best_cut(mark, ink, classify, height)
     if parts is None:
         return [mark]
@@ -917,7 +918,7 @@ def split_mark(mark, ink, classify, height, pair=None):
         weights = SPLIT_WEIGHTS_PAIR
     if np.dot(weights[1:], features) + weights[0] <= 0:
         return [mark]
-    return [digit for part in parts for digit in split_mark(part, ink, classify, height, pair)]
+    return [digit for part in parts for digit in split_mark(part, ink, classify, height)]
 
 
 def best_cut(mark, ink, classify, height):

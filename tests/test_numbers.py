@@ -138,20 +138,20 @@ def test_a_pair_detector_decides_whether_touching_digits_are_cut(reader, mnist_t
     asked = []
 
     def pair(answer):
-        def odds(fields):     # the whole blob, then each of its parts that is wide enough to be cut again
+        def odds(fields):     # each mark the page gives that is wide enough to be cut: the blob first
             asked.append(fields)
-            return torch.full((len(fields),), answer if len(asked) == 1 else -5.0)   # the parts are one digit each
+            return torch.full((len(fields),), answer if len(asked) == 1 else -5.0)
         asked.clear()
         return odds
     # only the detector's odds count: cut when it says the mark holds two digits
     monkeypatch.setattr(data, "SPLIT_WEIGHTS_PAIR", (0.0,) * 10 + (1.0,))
-    assert len(data.find_digits(photo, reader.probabilities, pair=pair(5.0)).boxes) == 3
-    blob = asked[0]                                    # the mark at its own aspect: wider than tall, as written
-    assert blob.shape == (1, 32, 64) and blob.dtype == torch.uint8
+    assert len(data.find_digits(photo, reader.probabilities, pair=pair(-5.0)).boxes) == 2
+    blob, marks_asked = asked[0], len(asked)           # the mark at its own aspect: wider than tall, as written
+    assert blob.shape == (1, 32, 64) and blob.dtype == torch.uint8 and all(len(fields) == 1 for fields in asked)
     rows, columns = np.flatnonzero(blob[0].amax(1)), np.flatnonzero(blob[0].amax(0))
     assert rows[-1] - rows[0] + 1 in (27, 28, 29) and 40 <= columns[-1] - columns[0] + 1 <= 60
-    assert len(data.find_digits(photo, reader.probabilities, pair=pair(-5.0)).boxes) == 2
-    assert torch.equal(asked[0], blob) and all(len(fields) == 1 for fields in asked)   # a mark at a time
+    assert len(data.find_digits(photo, reader.probabilities, pair=pair(5.0)).boxes) == 3
+    assert len(asked) == marks_asked and torch.equal(asked[0], blob)   # the cut's parts are not asked
     # the released model has a detector, and read_number asks it
     assert len(reader.pair_detectors) == 1
     odds = reader.pair_odds(torch.stack([blob[0], torch.zeros(32, 64, dtype=torch.uint8)]))
