@@ -272,7 +272,8 @@ def batch_indices(n, batch_size, generator=None):
     return torch.randperm(n, generator=generator, device=generator.device).split(batch_size)
 
 def to_unit_float(images, augmentation=None, generator=None):
-    """uint8 [B, 28, 28] on the device -> float [B, 1, 28, 28] in 0..1 (background 0), augmented if asked."""
+    """uint8 [B, H, W] on the device (MNIST's 28x28) -> float [B, 1, H, W] in 0..1 (background 0), augmented if
+    asked."""
     x = images.unsqueeze(1).float().div_(255)
     return x if augmentation is None else augment(x, augmentation, generator)
 

@@ -187,7 +187,7 @@ class DigitReader:
     def pair_odds(self, fields):
         """The log-odds float32 [N] on the CPU that each mark, uint8 [N, 32, 64] as data.pair_field makes it, holds
         two touching digits, not one: the mean over the checkpoints that carry a pair detector (models.PairDetector)."""
-        x = fields.to(self.device).unsqueeze(1).float().div_(255)       # [N, 1, 32, 64] in 0..1
+        x = to_unit_float(fields.to(self.device))                       # [N, 1, 32, 64] in 0..1
         total = torch.zeros(len(x), device=self.device)
         for detector in self.pair_detectors:
             with autocast(self.device, self.precision):

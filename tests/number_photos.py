@@ -284,7 +284,7 @@ def fit_pairs(args, reader, images, labels):
         for mark, ink, _, truth in found_marks(images, labels, rng, condition, count, digits):
             fields.append(data.pair_field(mark.ink(ink)))
             answers.append(len(truth) == 2)
-    x, y = torch.stack(fields)[:, None], torch.tensor(answers, dtype=torch.float32)   # [N, 1, 32, 64] uint8, [N]
+    x, y = torch.stack(fields), torch.tensor(answers, dtype=torch.float32)             # [N, 32, 64] uint8, [N]
     held_out = torch.arange(len(y)) % 5 == 0
     print(f"{len(y)} marks ({int(y.sum())} holding two digits); {int(held_out.sum())} of them held out", flush=True)
     torch.manual_seed(args.seed)
@@ -297,7 +297,7 @@ def fit_pairs(args, reader, images, labels):
         detector.train()
         for batch in train[torch.randperm(len(train))].split(128):
             shift = (int(torch.randint(-2, 3, ())), int(torch.randint(-3, 4, ())))  # the mark moved a little
-            inputs = torch.roll(x[batch], shift, (2, 3)).to(reader.device).float().div_(255)
+            inputs = data.to_unit_float(torch.roll(x[batch], shift, (1, 2)).to(reader.device))
             with data.autocast(reader.device, reader.precision):
                 odds = detector(inputs).float()
             loss = torch.nn.functional.binary_cross_entropy_with_logits(odds, y[batch].to(reader.device))
@@ -307,7 +307,7 @@ def fit_pairs(args, reader, images, labels):
             schedule.step()
         detector.eval()
         with torch.inference_mode(), data.autocast(reader.device, reader.precision):
-            odds = torch.cat([detector(batch.to(reader.device).float().div_(255)).float().cpu()
+            odds = torch.cat([detector(data.to_unit_float(batch.to(reader.device))).float().cpu()
                               for batch in x[held_out].split(1024)])
         wrong = int(((odds > 0) != y[held_out].bool()).sum())
         print(f"epoch {epoch + 1}: held out, {wrong} of {int(held_out.sum())} marks misjudged", flush=True)

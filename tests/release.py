@@ -30,11 +30,10 @@ TOLERANCE = 1e-3
 KEPT_IN_FP32 = ("running_mean", "running_var")  # BatchNorm's statistics: small, and sensitive to rounding
 
 
-def half_precision(checkpoint):
-    """The checkpoint with its floating-point weights in fp16; BatchNorm's statistics and the rest as they are."""
-    state = {name: tensor.half() if tensor.is_floating_point() and not name.endswith(KEPT_IN_FP32) else tensor
-             for name, tensor in checkpoint["model_state"].items()}
-    return {**checkpoint, "model_state": state}
+def half_precision(state):
+    """A state dict with its floating-point weights in fp16; BatchNorm's statistics and the rest as they are."""
+    return {name: tensor.half() if tensor.is_floating_point() and not name.endswith(KEPT_IN_FP32) else tensor
+            for name, tensor in state.items()}
 
 
 def machine():
@@ -70,7 +69,7 @@ def main():
         sys.exit(f"{args.checkpoint}: not a finished vgg checkpoint with a record of its training images")
     images, labels = data.load_mnist(args.data_dir, "test")
     target.parent.mkdir(exist_ok=True)
-    data.save_checkpoint(candidate, half_precision(checkpoint))
+    data.save_checkpoint(candidate, {**checkpoint, "model_state": half_precision(checkpoint["model_state"])})
     try:
         full = DigitReader(args.checkpoint, "cpu", "fp32").probabilities(images)
         half = DigitReader(candidate, "cpu", "fp32").probabilities(images)
@@ -123,9 +122,7 @@ def add_pair_detector(args):
                                                             "held_out_misjudged"))
     if not data.same_file(fitted["for"], target):         # numbers of the digits it did not train on tune and measure
         sys.exit(f"{args.pair_detector}: trained on the digits of {fitted['for']}, not of {target}; nothing written")
-    detector = {name: tensor.half() if tensor.is_floating_point() and not name.endswith(KEPT_IN_FP32) else tensor
-                for name, tensor in fitted["pair_detector"].items()}
-    data.save_checkpoint(candidate, {**released, "pair_detector": detector})
+    data.save_checkpoint(candidate, {**released, "pair_detector": half_precision(fitted["pair_detector"])})
     try:
         data.pair_detector_from_checkpoint(candidate, "cpu", data.load_checkpoint(candidate))   # it loads, or one line
     except BaseException:
