@@ -275,6 +275,7 @@ def fit_pairs(args, reader, images, labels):
     """
     if args.split != "train" or reader.records[0] is None:
         raise SystemExit("--fit-pairs trains on the training digits a model recorded: --split train, a recording model")
+    data.check_outputs({"--fit-pairs": [args.fit_pairs]}, {"--weights": reader.paths})   # before 25 minutes of work
     seen = trained_on(reader, images)
     images, labels = images[seen], labels[seen]
     fields, answers = [], []
@@ -412,4 +413,4 @@ def inside(box, mark):
 
 
 if __name__ == "__main__":
-    main()
+    data.run_cli(main)
