@@ -95,6 +95,9 @@ def test_drawn_digits_are_read_in_the_browser(server, tmp_path):
             assert predicted == digit
             assert natural == (28, 28) and min(shown) >= 8 * 28  # the image the model saw, shown 8x enlarged
             assert driver.find_element(By.ID, "message").text == ""
+            # Clear once the drawing's last reading is in: the Sketchpad sends a stroke's picture after the stroke, and
+            # one sent after Clear is read and shown beside the empty canvas (Gradio's race, not the page's).
+            wait_until_idle(driver)
             driver.find_element(By.ID, "clear").click()
             WebDriverWait(driver, 30).until(lambda d: not d.find_elements(By.CSS_SELECTOR, "#seen img"))
         # a number, on a fresh page: two digits side by side are read left to right, each boxed and listed
