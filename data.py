@@ -637,11 +637,12 @@ CUT_SLANTS = (-0.27, 0, 0.27)  # each upright and slanted 15 degrees either way
 # Two logistic models fitted on numbers of MNIST training digits (python tests/number_photos.py --fit-split
 # --data-dir ../shared/data): which cut of a mark is right, from cut_candidates' features, and whether the mark holds
 # two digits, from split_features at that cut (bias first; its threshold chosen on other training numbers). With a
-# pair detector (models.PairDetector: the released model has one), the second is SPLIT_WEIGHTS_PAIR, with the
-# detector's log-odds for the whole mark after split_features.
+# pair detector (models.PairDetector: the released model has one), they are CUT_WEIGHTS_PAIR and SPLIT_WEIGHTS_PAIR,
+# which weigh its reading of the mark too (first_cut).
 CUT_WEIGHTS = (0.252, 0.393, 0.350, 0.292, -7.236, -0.309, 0.023, 0.616, -1.265, 1.470)
 SPLIT_WEIGHTS = (-8.078, 7.221, -0.266, 0.550, -1.983, -0.951, -0.140, 4.299, 0.247, 1.128)
-SPLIT_WEIGHTS_PAIR = (-1.929, 1.025, 0.277, -0.770, -0.446, -0.277, -0.097, 0.632, 0.207, 0.102, 1.029)
+CUT_WEIGHTS_PAIR = (-3.037, -3.217, 1.375, 1.462, 0.742, -0.102, 0.412, -0.232, -0.255, -0.470, 7.123)
+SPLIT_WEIGHTS_PAIR = (-0.021, 0.089, -0.182, -0.348, -0.398, -0.171, -0.359, 0.250, -0.299, 0.398, 1.330, -0.046)
 
 
 @dataclass
@@ -657,8 +658,9 @@ def find_digits(source, classify, invert="auto", name=None, pair=None):
     """A photo or drawing of a number (a path or PIL image) -> FoundDigits, left to right, line by line.
 
     `classify` (uint8 digits [M, 28, 28] -> probabilities [M, 10]) helps decide which marks hold touching digits
-    and where to cut them, and `pair` (marks as pair_field gives them, uint8 [M, 32, 64] -> log-odds [M] that each
-    holds two touching digits; None for models without a pair detector) whether to cut. A photo in which one mark
+    and where to cut them, and `pair` (marks as pair_field gives them, uint8 [M, 32, 64] -> (log-odds [M] that each
+    holds two touching digits, the probabilities [M, 2, 10] of its left and right digit if it does); None for models
+    without a pair detector) too. A photo in which one mark
     is found, with no ruled line removed, gives exactly preprocess_image's digit: one digit alone reads as --images
     reads it. No digit, or more than MAX_DIGITS, is one line (UserError).
     """
@@ -907,36 +909,41 @@ def split_touching(marks, ink, classify, pair=None):
 
 def split_mark(mark, ink, classify, height, pair=None):
     """[mark], or its digits when it holds touching ones: cut at its best cut (best_cut) when a logistic model of
-    the cut's features says the mark holds two digits (SPLIT_WEIGHTS; SPLIT_WEIGHTS_PAIR with a pair detector's
-    log-odds for the mark too), then each part is tried again without the detector: it learned marks as the page
-    gives them, and takes a part with a cut edge for two digits too often."""
-    features, parts = best_cut(mark, ink, classify, height)
+    the cut's features says the mark holds two digits (SPLIT_WEIGHTS; with a pair detector SPLIT_WEIGHTS_PAIR, which
+    weighs its reading of the mark too). Without a detector each part is tried again; with one the two parts are
+    final: its cut leaves a part wider than a digit more often, and the parts tried again split more single digits
+    than they found third digits (docs/measurements.md)."""
+    features, parts = best_cut(mark, ink, classify, height, pair)
     if parts is None:
         return [mark]
-    weights = SPLIT_WEIGHTS
-    if pair is not None:
-        features = np.append(features, pair_odds(mark, ink, pair))
-        weights = SPLIT_WEIGHTS_PAIR
+    weights = SPLIT_WEIGHTS if pair is None else SPLIT_WEIGHTS_PAIR
     if np.dot(weights[1:], features) + weights[0] <= 0:
         return [mark]
+    if pair is not None:
+        return list(parts)
     return [digit for part in parts for digit in split_mark(part, ink, classify, height)]
 
 
-def best_cut(mark, ink, classify, height):
-    """(split_features float [9], (left part, right part)) of the cut CUT_WEIGHTS' model ranks first among
-    cut_candidates; (None, None) when there is none."""
-    found = cut_candidates(mark, ink, classify, height)
+def best_cut(mark, ink, classify, height, pair=None):
+    """(the features of first_cut's cut among cut_candidates, (left part, right part)); (None, None) when there is
+    none."""
+    found = cut_candidates(mark, ink, classify, height, pair)
     if found is None:
         return None, None
     best, features = first_cut(mark, height, found)
     return features, found[0][best]
 
 
-def first_cut(mark, height, found, cut_weights=CUT_WEIGHTS):
-    """(the index of the cut the weights rank first among cut_candidates' `found`, split_features there)."""
-    pairs, whole, parts, features = found
+def first_cut(mark, height, found, cut_weights=None):
+    """(the index of the cut the weights rank first among cut_candidates' `found` (CUT_WEIGHTS, or CUT_WEIGHTS_PAIR
+    with the pair detector's reading), the features there: split_features, then with a pair detector its log-odds
+    for the mark and how well the cut's parts agree with its reading)."""
+    pairs, whole, parts, features, odds = found
+    if cut_weights is None:
+        cut_weights = CUT_WEIGHTS if odds is None else CUT_WEIGHTS_PAIR
     best = int(np.argmax(features @ np.asarray(cut_weights)))
-    return best, split_features(mark, height, whole, parts[best], pairs[best])
+    chosen = split_features(mark, height, whole, parts[best], pairs[best])
+    return best, chosen if odds is None else np.append(chosen, [odds, features[best, -1]])
 
 
 def mark_cuts(mark):
@@ -946,13 +953,14 @@ def mark_cuts(mark):
             if None not in (pair := mark.cut(place * mark.width, slant))]
 
 
-def cut_candidates(mark, ink, classify, height):
+def cut_candidates(mark, ink, classify, height, pair=None):
     """The ways to cut a mark at least SPLIT_ASPECT as wide as it is tall in two: at CUT_CANDIDATES places across its
     middle 60%, each upright and slanted (CUT_SLANTS). None for a narrower mark, else (the pairs of parts, the
-    model's probabilities float64 [10] for the whole mark and [C, 2, 10] for each pair's parts, and each cut's
-    features float [C, 10]: for each part how sure the model is (log-odds) and by how much over its second choice
-    (log-ratio); how far the cut lies from the middle and whether it slants; the parts' heights and widths for the
-    line's `height`)."""
+    model's probabilities float64 [10] for the whole mark and [C, 2, 10] for each pair's parts, each cut's features
+    float [C, 10] (or [C, 11]), the pair detector's log-odds for the mark or None): for each part how sure the model
+    is (log-odds) and by how much over its second choice (log-ratio); how far the cut lies from the middle and
+    whether it slants; the parts' heights and widths for the line's `height`; with a pair detector (`pair`, as
+    find_digits takes it), the log-probability that the parts read as the detector reads the mark's two digits."""
     if mark.width < SPLIT_ASPECT * mark.height:
         return None
     cuts = mark_cuts(mark)
@@ -965,7 +973,12 @@ def cut_candidates(mark, ink, classify, height):
     second, first = np.moveaxis(np.sort(parts, -1)[..., -2:], -1, 0)                # [C, 2] each
     where = np.array([(abs(place - 0.5), slant != 0) for place, slant, _ in cuts], dtype=np.float64)
     sizes = np.array([(part.height, part.width) for pair in pairs for part in pair]).reshape(len(pairs), 4) / height
-    return pairs, whole, parts, np.column_stack([logit(first), np.log(first / second), where, sizes])
+    features = np.column_stack([logit(first), np.log(first / second), where, sizes])
+    if pair is None:
+        return pairs, whole, parts, features, None
+    odds, digits = pair(pair_field(mark.ink(ink))[None])                            # [1], [1, 2, 10]
+    agree = np.log((parts * np.asarray(digits[0], dtype=np.float64)).sum(-1).clip(1e-12)).sum(-1)   # [C]
+    return pairs, whole, parts, np.column_stack([features, agree]), float(odds[0])
 
 
 def split_features(mark, height, whole, parts, pair):
@@ -978,11 +991,6 @@ def split_features(mark, height, whole, parts, pair):
     return np.array([np.log(mark.width / height), np.log(mark.width / mark.height), logit(first),
                      np.log(first / second), logit(part_first.prod()), logit(part_first.min()),
                      min(part.height for part in pair) / height, margins.min(), margins.sum()])
-
-
-def pair_odds(mark, ink, pair):
-    """A pair detector's log-odds (float) that a mark holds two touching digits."""
-    return float(pair(pair_field(mark.ink(ink))[None])[0])
 
 
 def pair_field(ink, height=32, width=64):

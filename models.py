@@ -145,13 +145,14 @@ class WideCNN(nn.Module):
 
 
 class PairDetector(nn.Module):
-    """Whether a mark of ink holds two touching digits, not one: log-odds [B] from the mark at its own aspect ratio,
-    float [B, 1, 32, 64] in 0..1 (data.pair_field).
+    """Whether a mark of ink holds two touching digits, not one, and which two: (log-odds [B], the left and the right
+    digit's logits [B, 2, 10]) from the mark at its own aspect ratio, float [B, 1, 32, 64] in 0..1 (data.pair_field).
 
-    `--number` asks it whether to cut a wide mark in two. A digit classifier sees each mark squeezed into MNIST's
-    20x20 box and reads two touching digits with as much sureness as one; this sees the mark's shape as written. It
-    is trained on marks found on pages of MNIST training digits (tests/number_photos.py --fit-pairs) and travels in
-    the released model's file beside the digit classifier, which it leaves as it is.
+    `--number` asks it whether to cut a wide mark in two, and where: the cut whose parts the digit classifier reads
+    as this reads the pair. A digit classifier sees each mark squeezed into MNIST's 20x20 box and reads two touching
+    digits with as much sureness as one; this sees the mark's shape as written. It is trained on marks found on pages
+    of MNIST training digits (tests/number_photos.py --fit-pairs) and travels in the released model's file beside
+    the digit classifier, which it leaves as it is.
     """
 
     def __init__(self, width=32):
@@ -166,9 +167,15 @@ class PairDetector(nn.Module):
             nn.Linear(4 * width * 8, 64), nn.GELU(), nn.Dropout(0.3),
             nn.Linear(64, 1),
         )
+        self.reader = nn.Sequential(                         # the digits' shapes need the rows too
+            nn.Conv2d(4 * width, width, 1), nn.Flatten(),    # [B, 32, 4, 8] -> 1024: small, for the 8 MB file
+            nn.Linear(width * 4 * 8, 128), nn.GELU(), nn.Dropout(0.3),
+            nn.Linear(128, 2 * 10),
+        )
 
     def forward(self, x):
-        return self.head(self.features(x).mean(2)).squeeze(1)
+        features = self.features(x)                          # [B, 128, 4, 8]
+        return self.head(features.mean(2)).squeeze(1), self.reader(features).view(-1, 2, 10)
 
 
 MODELS = {"vgg": VGG, "resnet": ResNet, "widecnn": WideCNN}

@@ -163,7 +163,7 @@ class DigitReader:
         """A photo or drawing of a whole number (path or PIL image) -> Number: its digits found (find_digits), left to
         right and line by line, each read as one digit."""
         found = find_digits(source, self.probabilities, invert, name,
-                            self.pair_odds if self.pair_detectors else None)
+                            self.read_pairs if self.pair_detectors else None)
         probs = self.probabilities(found.images)
         labels = probs.argmax(1)
         words = ["".join(str(int(labels[i])) for i, line in enumerate(found.lines) if line == k)
@@ -184,15 +184,18 @@ class DigitReader:
                                       self.batch_size).cpu()
 
     @torch.inference_mode()
-    def pair_odds(self, fields):
-        """The log-odds float32 [N] on the CPU that each mark, uint8 [N, 32, 64] as data.pair_field makes it, holds
-        two touching digits, not one: the mean over the checkpoints that carry a pair detector (models.PairDetector)."""
+    def read_pairs(self, fields):
+        """For marks uint8 [N, 32, 64] as data.pair_field makes them: (the log-odds float32 [N] that each holds two
+        touching digits, not one; the probabilities float32 [N, 2, 10] of its left and right digit if it does), on
+        the CPU: the means over the checkpoints that carry a pair detector (models.PairDetector)."""
         x = to_unit_float(fields.to(self.device))                       # [N, 1, 32, 64] in 0..1
-        total = torch.zeros(len(x), device=self.device)
+        odds, probs = torch.zeros(len(x), device=self.device), torch.zeros(len(x), 2, 10, device=self.device)
         for detector in self.pair_detectors:
             with autocast(self.device, self.precision):
-                total += detector(x).float()
-        return (total / len(self.pair_detectors)).cpu()
+                pair, digits = detector(x)
+            odds += pair.float()
+            probs += torch.softmax(digits.float(), -1)
+        return (odds / len(self.pair_detectors)).cpu(), (probs / len(self.pair_detectors)).cpu()
 
     def trained_on(self, digits):
         """How many of these MNIST-like digits [N, 28, 28] the models trained on: {"images": of the N, any model,

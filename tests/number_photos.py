@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from scipy import ndimage
 
@@ -35,7 +36,7 @@ from models import PairDetector  # noqa: E402
 
 CONDITIONS = ("gaps", "touching", "ruled", "two lines")
 INK_LEVEL = 0.3  # a digit's pixel is ink from here up (MNIST's 0..1), for measuring gaps between neighbours
-PAIR_EPOCHS = 8
+PAIR_EPOCHS = 10
 
 
 def number_page(digits, labels, rng, condition="gaps", height=None):
@@ -207,7 +208,7 @@ def main():
     p.add_argument("--fit-split", action="store_true",
                    help="instead, fit data.CUT_WEIGHTS and data.SPLIT_WEIGHTS on numbers of training digits "
                         "(COUNT per condition, and COUNT more to place the threshold); with a pair detector, "
-                        "data.SPLIT_WEIGHTS_PAIR at data.CUT_WEIGHTS' cuts")
+                        "data.CUT_WEIGHTS_PAIR and data.SPLIT_WEIGHTS_PAIR")
     p.add_argument("--fit-pairs", metavar="OUT",
                    help="instead, train a pair detector (models.PairDetector) on the marks of numbers of the training "
                         "digits the first model trained on, and save it to OUT (for tests/release.py)")
@@ -271,21 +272,24 @@ def fit_pairs(args, reader, images, labels):
 
     Its marks come from COUNT numbers per condition and PAIRS numbers of two touching digits, made of the training
     digits the reader's first model trained on (the numbers measured are made of others). A mark's answer: does it
-    hold two digits (or one). Every fifth mark is held out to report the detector's accuracy on.
+    hold two digits (or one), and which two when it does. Every fifth mark is held out to report the detector's
+    accuracy on.
     """
     if args.split != "train" or reader.records[0] is None:
         raise SystemExit("--fit-pairs trains on the training digits a model recorded: --split train, a recording model")
     data.check_outputs({"--fit-pairs": [args.fit_pairs]}, {"--weights": reader.paths})   # before 25 minutes of work
     seen = trained_on(reader, images)
     images, labels = images[seen], labels[seen]
-    fields, answers = [], []
+    fields, answers, pair_digits = [], [], []
     draws = [(condition, args.count, args.digits) for condition in args.conditions] + [("touching", args.pairs, 2)]
     for k, (condition, count, digits) in enumerate(draws):
         rng = np.random.default_rng([args.seed, 3, k])
         for mark, ink, _, truth in found_marks(images, labels, rng, condition, count, digits):
             fields.append(data.pair_field(mark.ink(ink)))
             answers.append(len(truth) == 2)
+            pair_digits.append([int(d) for d in truth] if len(truth) == 2 else [-100, -100])   # -100: no pair to read
     x, y = torch.stack(fields), torch.tensor(answers, dtype=torch.float32)             # [N, 32, 64] uint8, [N]
+    z = torch.tensor(pair_digits)                                                         # [N, 2]
     held_out = torch.arange(len(y)) % 5 == 0
     print(f"{len(y)} marks ({int(y.sum())} holding two digits); {int(held_out.sum())} of them held out", flush=True)
     torch.manual_seed(args.seed)
@@ -300,21 +304,27 @@ def fit_pairs(args, reader, images, labels):
             shift = (int(torch.randint(-2, 3, ())), int(torch.randint(-3, 4, ())))  # the mark moved a little
             inputs = data.to_unit_float(torch.roll(x[batch], shift, (1, 2)).to(reader.device))
             with data.autocast(reader.device, reader.precision):
-                odds = detector(inputs).float()
-            loss = torch.nn.functional.binary_cross_entropy_with_logits(odds, y[batch].to(reader.device))
+                odds, read = detector(inputs)
+            loss = (F.binary_cross_entropy_with_logits(odds.float(), y[batch].to(reader.device))
+                    + F.cross_entropy(read.float().flatten(0, 1), z[batch].flatten().to(reader.device)))
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
             schedule.step()
         detector.eval()
         with torch.inference_mode(), data.autocast(reader.device, reader.precision):
-            odds = torch.cat([detector(data.to_unit_float(batch.to(reader.device))).float().cpu()
-                              for batch in x[held_out].split(1024)])
+            answers = [detector(data.to_unit_float(batch.to(reader.device))) for batch in x[held_out].split(1024)]
+        odds = torch.cat([odds.float().cpu() for odds, _ in answers])
+        read = torch.cat([read.argmax(-1).cpu() for _, read in answers])                # [M, 2]
         wrong = int(((odds > 0) != y[held_out].bool()).sum())
-        print(f"epoch {epoch + 1}: held out, {wrong} of {int(held_out.sum())} marks misjudged", flush=True)
+        pairs = y[held_out].bool()
+        misread = int((read[pairs] != z[held_out][pairs]).any(1).sum())
+        print(f"epoch {epoch + 1}: held out, {wrong} of {int(held_out.sum())} marks misjudged, {misread} of "
+              f"{int(pairs.sum())} pairs misread", flush=True)
     data.save_checkpoint(args.fit_pairs, {"pair_detector": {k: v.cpu() for k, v in detector.state_dict().items()},
                                           "for": str(reader.paths[0]), "marks": len(y), "held_out_misjudged": wrong,
-                                          "held_out": int(held_out.sum())})
+                                          "held_out": int(held_out.sum()), "held_out_pairs_misread": misread,
+                                          "held_out_pairs": int(pairs.sum())})
     print(f"wrote {args.fit_pairs}")
 
 
@@ -323,44 +333,44 @@ def fit_split(args, reader, images, labels):
     data.SPLIT_WEIGHTS (does the mark hold two digits, at the cut CUT_WEIGHTS ranks first) on the marks wide enough
     to be cut of COUNT numbers of training digits per condition, then shift SPLIT_WEIGHTS' bias to misread the
     fewest marks of COUNT other numbers per condition. A mark's truth: the digits whose boxes lie mostly (half their
-    area) inside its box; marks holding none or more than two are left out. With a pair detector, only
-    data.SPLIT_WEIGHTS_PAIR is fitted, with the detector's log-odds after the features at data.CUT_WEIGHTS' cuts."""
+    area) inside its box; marks holding none or more than two are left out. With a pair detector, the features
+    weigh its reading of the mark too: data.CUT_WEIGHTS_PAIR and data.SPLIT_WEIGHTS_PAIR."""
     from sklearn.linear_model import LogisticRegression
     if args.split != "train":
         raise SystemExit("--fit-split fits on training digits: --split train")
     fit, tune = (wide_marks(args, reader, images, labels, draw) for draw in (1, 2))
-    pairs = [(found, truth) for found, truth, _, _, _ in fit if len(truth) == 2]
+    pairs = [(found, truth) for found, truth, _, _ in fit if len(truth) == 2]
     x = np.vstack([found[3] for found, _ in pairs])
     y = np.concatenate([[read == truth for read in part_readings(found)] for found, truth in pairs])
-    cut_weights = (np.array(data.CUT_WEIGHTS) if reader.pair_detectors
-                   else LogisticRegression(C=1.0, max_iter=5000).fit(x, y).coef_[0])
+    cut_weights = LogisticRegression(C=1.0, max_iter=5000).fit(x, y).coef_[0]
     x, y, _ = at_best_cut(fit, cut_weights)
     model = LogisticRegression(C=1.0, max_iter=5000).fit(x, y)
     x, y, right = at_best_cut(tune, cut_weights)
     score = model.decision_function(x)
     shifts = np.arange(-3, 3.01, 0.25)
-    misread = [int((~np.where(score + shift > 0, right["cut"], right["whole"])).sum()) for shift in shifts]
-    shift = shifts[int(np.argmin(misread))]
+    misread = np.array([int((~np.where(score + shift > 0, right["cut"], right["whole"])).sum()) for shift in shifts])
+    shift = min(shifts[np.flatnonzero(misread == np.min(misread))], key=abs)     # of equals, the fit's own bias
     unshifted = int((~np.where(score > 0, right["cut"], right["whole"])).sum())
     print(f"fitted on {len(fit)} marks ({len(pairs)} holding two digits); of {len(tune)} other marks ({int(y.sum())} "
-          f"holding two), {min(misread)} misread with the bias shifted by {shift:+.2f} ({unshifted} unshifted)")
-    print("CUT_WEIGHTS = (" + ", ".join(f"{w:.3f}" for w in cut_weights) + ")")
-    print(f"SPLIT_WEIGHTS{'_PAIR' if reader.pair_detectors else ''} = ("
-          + ", ".join(f"{w:.3f}" for w in [model.intercept_[0] + shift, *model.coef_[0]]) + ")")
+          f"holding two), {min(misread)} misread with the bias shifted by {shift:+.2f} ({unshifted} unshifted); "
+          f"at the best cut, {int(right['cut'][y].sum())} of the {int(y.sum())} pairs read right")
+    suffix = "_PAIR" if reader.pair_detectors else ""
+    print(f"CUT_WEIGHTS{suffix} = (" + ", ".join(f"{w:.3f}" for w in cut_weights) + ")")
+    print(f"SPLIT_WEIGHTS{suffix} = (" + ", ".join(f"{w:.3f}" for w in [model.intercept_[0] + shift, *model.coef_[0]])
+          + ")")
 
 
 def wide_marks(args, reader, images, labels, draw):
-    """[(data.cut_candidates' result, the text of the digits inside, mark, line height, the pair detector's log-odds
-    for the mark or None)] for the marks wide enough to be cut of COUNT numbers per condition, drawn with seed (SEED,
-    condition, draw)."""
+    """[(data.cut_candidates' result, the text of the digits inside, mark, line height)] for the marks wide enough
+    to be cut of COUNT numbers per condition, drawn with seed (SEED, condition, draw)."""
     marks = []
+    pair = reader.read_pairs if reader.pair_detectors else None
     for condition in args.conditions:
         rng = np.random.default_rng([args.seed, CONDITIONS.index(condition), draw])
         for mark, ink, height, truth in found_marks(images, labels, rng, condition, args.count, args.digits):
-            found = data.cut_candidates(mark, ink, reader.probabilities, height)
+            found = data.cut_candidates(mark, ink, reader.probabilities, height, pair)
             if found is not None:
-                odds = data.pair_odds(mark, ink, reader.pair_odds) if reader.pair_detectors else None
-                marks.append((found, truth, mark, height, odds))
+                marks.append((found, truth, mark, height))
     return marks
 
 
@@ -392,12 +402,12 @@ def part_readings(found):
 
 
 def at_best_cut(marks, cut_weights):
-    """(split_features [M, 9] at each mark's best cut, whether it holds two digits [M], whether it reads right
-    {"cut": at that cut, "whole": uncut} [M] each)."""
+    """(data.first_cut's features [M, F] at each mark's best cut, whether it holds two digits [M], whether it reads
+    right {"cut": at that cut, "whole": uncut} [M] each)."""
     x, y, right = [], [], {"cut": [], "whole": []}
-    for found, truth, mark, height, odds in marks:
+    for found, truth, mark, height in marks:
         best, features = data.first_cut(mark, height, found, cut_weights)
-        x.append(features if odds is None else np.append(features, odds))
+        x.append(features)
         y.append(len(truth) == 2)
         right["cut"].append(part_readings(found)[best] == truth)
         right["whole"].append(str(int(found[1].argmax())) == truth)

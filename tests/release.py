@@ -119,7 +119,8 @@ def add_pair_detector(args):
                        {"--pair-detector": [args.pair_detector]})
     released = data.load_checkpoint(target)
     fitted = data.read_checkpoint_file(args.pair_detector, ("pair_detector", "for", "marks", "held_out",
-                                                            "held_out_misjudged"))
+                                                            "held_out_misjudged", "held_out_pairs",
+                                                            "held_out_pairs_misread"))
     if not data.same_file(fitted["for"], target):         # numbers of the digits it did not train on tune and measure
         sys.exit(f"{args.pair_detector}: trained on the digits of {fitted['for']}, not of {target}; nothing written")
     data.save_checkpoint(candidate, {**released, "pair_detector": half_precision(fitted["pair_detector"])})
@@ -132,9 +133,11 @@ def add_pair_detector(args):
     manifest = data.read_json(data.RELEASE_MANIFEST)
     manifest.update(sha256=hashlib.sha256(target.read_bytes()).hexdigest(), bytes=target.stat().st_size)
     manifest["pair_detector"] = {
-        "what": "models.PairDetector: does a mark hold two touching digits (for --number's decision to cut)",
+        "what": "models.PairDetector: does a mark hold two touching digits, and which (for --number: whether to "
+                "cut, and where)",
         "command": args.command, "commit": args.commit, "machine": machine(), "marks": fitted["marks"],
         "held_out_misjudged": f"{fitted['held_out_misjudged']} of {fitted['held_out']}",
+        "held_out_pairs_misread": f"{fitted['held_out_pairs_misread']} of {fitted['held_out_pairs']}",
         "precision": "fp16 weights, fp32 BatchNorm statistics; loaded into fp32",
         **({"remark": args.remark} if args.remark else {})}
     data.write_json(data.RELEASE_MANIFEST, manifest)

@@ -52,7 +52,7 @@ def test_adding_a_pair_detector_to_the_released_model_leaves_its_digit_weights_a
     before = data.load_checkpoint(data.RELEASED_MODEL)
     detector = PairDetector().state_dict()
     fitted = {"pair_detector": detector, "for": str(data.RELEASED_MODEL), "marks": 12, "held_out": 3,
-              "held_out_misjudged": 1}
+              "held_out_misjudged": 1, "held_out_pairs": 2, "held_out_pairs_misread": 0}
     data.save_checkpoint(tmp_path / "pairs.pth", {**fitted, "for": str(tmp_path / "pairs.pth")})
     with pytest.raises(SystemExit, match="pairs.pth: trained on the digits of .*pairs.pth, not of .*vgg_mnist.pth"):
         release.add_pair_detector(argparse.Namespace(pair_detector=tmp_path / "pairs.pth", command="fit it",
@@ -68,6 +68,7 @@ def test_adding_a_pair_detector_to_the_released_model_leaves_its_digit_weights_a
     assert all(torch.equal(tensor.to(stored[name].dtype), stored[name]) for name, tensor in detector.items())
     manifest = json.loads(data.RELEASE_MANIFEST.read_text())
     assert manifest["pair_detector"]["held_out_misjudged"] == "1 of 3"
+    assert manifest["pair_detector"]["held_out_pairs_misread"] == "0 of 2"
     assert manifest["pair_detector"]["commit"] == "abc1234"
     assert manifest["mnist_test_accuracy"] == json.loads((ROOT / "weights" / "manifest.json").read_text())[
         "mnist_test_accuracy"]

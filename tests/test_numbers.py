@@ -131,32 +131,43 @@ def test_touching_digits_are_split(reader, mnist_test):
     assert 40 <= left < right <= left0 + 6 and right0 <= 76 + 56
 
 
-def test_a_pair_detector_decides_whether_touching_digits_are_cut(reader, mnist_test, monkeypatch):
+def test_a_pair_detector_decides_whether_touching_digits_are_cut_and_where(reader, mnist_test, monkeypatch):
     images, labels = mnist_test
     two, zero, seven = (images[int(np.flatnonzero(labels == d)[3])] for d in (2, 0, 7))
     photo = page((two, (40, 30)), (zero, (40 + 36, 30)), (seven, (200, 30)))    # a blob of ink and a 7, as above
     asked = []
 
-    def pair(answer):
-        def odds(fields):     # each mark the page gives that is wide enough to be cut: the blob first
+    def pair(odds, left, right):
+        def read(fields):     # each mark the page gives that is wide enough to be cut: the blob first
             asked.append(fields)
-            return torch.full((len(fields),), answer if len(asked) == 1 else -5.0)
+            digits = torch.zeros(len(fields), 2, 10)
+            digits[:, 0, left] = digits[:, 1, right] = 1
+            return torch.full((len(fields),), odds if len(asked) == 1 else -5.0), digits
         asked.clear()
-        return odds
+        return read
     # only the detector's odds count: cut when it says the mark holds two digits
-    monkeypatch.setattr(data, "SPLIT_WEIGHTS_PAIR", (0.0,) * 10 + (1.0,))
-    assert len(data.find_digits(photo, reader.probabilities, pair=pair(-5.0)).boxes) == 2
+    monkeypatch.setattr(data, "SPLIT_WEIGHTS_PAIR", (0.0,) * 10 + (1.0, 0.0))
+    assert len(data.find_digits(photo, reader.probabilities, pair=pair(-5.0, 2, 0)).boxes) == 2
     blob, marks_asked = asked[0], len(asked)           # the mark at its own aspect: wider than tall, as written
     assert blob.shape == (1, 32, 64) and blob.dtype == torch.uint8 and all(len(fields) == 1 for fields in asked)
     rows, columns = np.flatnonzero(blob[0].amax(1)), np.flatnonzero(blob[0].amax(0))
     assert rows[-1] - rows[0] + 1 in (27, 28, 29) and 40 <= columns[-1] - columns[0] + 1 <= 60
-    assert len(data.find_digits(photo, reader.probabilities, pair=pair(5.0)).boxes) == 3
-    assert len(asked) == marks_asked and torch.equal(asked[0], blob)   # the cut's parts are not asked
+    # only its reading of the pair chooses the cut: the one whose parts the classifier reads as it does
+    monkeypatch.setattr(data, "CUT_WEIGHTS_PAIR", (0.0,) * 10 + (1.0,))
+    chosen = {}
+    for left, right in ((2, 0), (1, 1)):
+        found = data.find_digits(photo, reader.probabilities, pair=pair(5.0, left, right))
+        assert len(found.boxes) == 3 and len(asked) == marks_asked and torch.equal(asked[0], blob)  # parts not asked
+        chosen[left, right] = found.boxes[:2]
+        read = reader.probabilities(found.images[:2]).argmax(1).tolist()
+        assert read == [2, 0] or (left, right) == (1, 1), read
+    assert chosen[2, 0] != chosen[1, 1]
     # the released model has a detector, and read_number asks it
     assert len(reader.pair_detectors) == 1
-    odds = reader.pair_odds(torch.stack([blob[0], torch.zeros(32, 64, dtype=torch.uint8)]))
+    odds, digits = reader.read_pairs(torch.stack([blob[0], torch.zeros(32, 64, dtype=torch.uint8)]))
     assert odds.shape == (2,) and odds.dtype == torch.float32 and bool(torch.isfinite(odds).all())
-    monkeypatch.setattr(reader, "pair_odds", pair(5.0))
+    assert digits.shape == (2, 2, 10) and torch.allclose(digits.sum(-1), torch.ones(2, 2))
+    monkeypatch.setattr(reader, "read_pairs", pair(5.0, 2, 0))
     assert len(reader.read_number(photo).boxes) == 3 and asked
 
 
