@@ -642,7 +642,7 @@ CUT_SLANTS = (-0.27, 0, 0.27)  # each upright and slanted 15 degrees either way
 CUT_WEIGHTS = (0.252, 0.393, 0.350, 0.292, -7.236, -0.309, 0.023, 0.616, -1.265, 1.470)
 SPLIT_WEIGHTS = (-8.078, 7.221, -0.266, 0.550, -1.983, -0.951, -0.140, 4.299, 0.247, 1.128)
 CUT_WEIGHTS_PAIR = (-3.037, -3.217, 1.375, 1.462, 0.742, -0.102, 0.412, -0.232, -0.255, -0.470, 7.123)
-SPLIT_WEIGHTS_PAIR = (-0.021, 0.089, -0.182, -0.348, -0.398, -0.171, -0.359, 0.250, -0.299, 0.398, 1.330, -0.046)
+SPLIT_WEIGHTS_PAIR = (-2.021, 0.089, -0.182, -0.348, -0.398, -0.171, -0.359, 0.250, -0.299, 0.398, 1.330, -0.046)
 
 
 @dataclass
@@ -848,7 +848,8 @@ def join_fragments(marks, height):
     digit tall together are one digit (broken across its middle); the rest are joined to the nearest mark when it is
     at most NEAR heights away and the two are at most a digit wide and JOIN_HEIGHT tall together. A fragment that
     joins nothing is dropped (over or under a digit, a bar or a tail too far out), unless it is FLAT heights wide or
-    more and beside the others: a digit written flat (a wide 5 or 2)."""
+    more and beside the others (over none of them, though a slanted neighbour may reach over its end): a digit written
+    flat (a wide 5 or 2)."""
     whole = [m for m in marks if m.height >= SMALL * height]
     fragments = [m for m in marks if m.height < SMALL * height]
     for a, b in itertools.combinations(fragments, 2):
@@ -865,7 +866,7 @@ def join_fragments(marks, height):
                 whole[k] = joined
                 break
         else:
-            if fragment.width >= FLAT * height and all(sideways_overlap(fragment, m) <= 0 for m in whole):
+            if fragment.width >= FLAT * height and not any(over_each_other(fragment, m) for m in whole):
                 whole.append(fragment)
     return sorted(whole, key=lambda mark: mark.left)
 

@@ -332,9 +332,10 @@ def fit_split(args, reader, images, labels):
     """Fit data.CUT_WEIGHTS (which cut of a mark is right: its parts read as the two digits inside) and
     data.SPLIT_WEIGHTS (does the mark hold two digits, at the cut CUT_WEIGHTS ranks first) on the marks wide enough
     to be cut of COUNT numbers of training digits per condition, then shift SPLIT_WEIGHTS' bias to misread the
-    fewest marks of COUNT other numbers per condition. A mark's truth: the digits whose boxes lie mostly (half their
-    area) inside its box; marks holding none or more than two are left out. With a pair detector, the features
-    weigh its reading of the mark too: data.CUT_WEIGHTS_PAIR and data.SPLIT_WEIGHTS_PAIR."""
+    fewest marks of COUNT other numbers per condition (of shifts that misread equally few, the middle one). A mark's
+    truth: the digits whose boxes lie mostly (half their area) inside its box; marks holding none or more than two are
+    left out. With a pair detector, the features weigh its reading of the mark too: data.CUT_WEIGHTS_PAIR and
+    data.SPLIT_WEIGHTS_PAIR."""
     from sklearn.linear_model import LogisticRegression
     if args.split != "train":
         raise SystemExit("--fit-split fits on training digits: --split train")
@@ -347,12 +348,14 @@ def fit_split(args, reader, images, labels):
     model = LogisticRegression(C=1.0, max_iter=5000).fit(x, y)
     x, y, right = at_best_cut(tune, cut_weights)
     score = model.decision_function(x)
-    shifts = np.arange(-3, 3.01, 0.25)
+    shifts = np.arange(-6, 6.01, 0.25)
     misread = np.array([int((~np.where(score + shift > 0, right["cut"], right["whole"])).sum()) for shift in shifts])
-    shift = min(shifts[np.flatnonzero(misread == np.min(misread))], key=abs)     # of equals, the fit's own bias
+    best = shifts[misread == np.min(misread)]
+    shift = best[len(best) // 2]   # of equals, the middle: as far as they allow from single digits and from pairs
     unshifted = int((~np.where(score > 0, right["cut"], right["whole"])).sum())
     print(f"fitted on {len(fit)} marks ({len(pairs)} holding two digits); of {len(tune)} other marks ({int(y.sum())} "
-          f"holding two), {min(misread)} misread with the bias shifted by {shift:+.2f} ({unshifted} unshifted); "
+          f"holding two), {min(misread)} misread with the bias shifted by {shift:+.2f} (as few from {best[0]:+.2f} to "
+          f"{best[-1]:+.2f}; {unshifted} unshifted); "
           f"at the best cut, {int(right['cut'][y].sum())} of the {int(y.sum())} pairs read right")
     suffix = "_PAIR" if reader.pair_detectors else ""
     print(f"CUT_WEIGHTS{suffix} = (" + ", ".join(f"{w:.3f}" for w in cut_weights) + ")")

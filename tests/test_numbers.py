@@ -101,7 +101,8 @@ def test_pieces_of_one_digit_are_joined():
 def test_a_digit_broken_across_its_middle_and_one_written_flat_are_kept():
     """Both are made of marks under half the writing's height: two over each other, a digit tall together, are one
     digit, however far apart; a mark that joins nothing is a digit when it is about as wide as the writing is tall
-    and beside the others, not over one (a bar too long to join its digit)."""
+    and beside the others, not over one (a bar too long to join its digit), though a slanted neighbour may reach
+    over its end."""
     paper = Image.new("L", (580, 140), "white")
     pen = ImageDraw.Draw(paper)
     for left in (40, 140):                                            # two whole digits set the writing's height
@@ -116,6 +117,17 @@ def test_a_digit_broken_across_its_middle_and_one_written_flat_are_kept():
     assert found.boxes[4][1] >= 45                                     # the 1, its bar dropped
     assert found.boxes[2][1] <= 30 and found.boxes[2][3] >= 110       # the 3's halves, joined
     assert found.boxes[3][0] <= 310 and found.boxes[3][2] >= 390      # the flat 5, kept
+
+    paper = Image.new("L", (320, 140), "white")                       # a flat 5 that a slanted 7 reaches under
+    pen = ImageDraw.Draw(paper)
+    for left in (40, 140):
+        pen.line([(left, 30), (left + 30, 30), (left + 10, 110)], fill=0, width=6)
+    pen.line([(180, 50), (260, 50)], fill=0, width=6)
+    pen.line([(180, 70), (260, 70), (260, 85), (180, 85)], fill=0, width=6)
+    pen.line([(276, 30), (294, 30), (262, 110)], fill=0, width=6)
+    found = data.find_digits(paper, whole_only)
+    assert len(found.boxes) == 4, found.boxes
+    assert found.boxes[2][0] <= 180 and found.boxes[2][2] >= 260      # kept: over none of the others
 
 
 def test_touching_digits_are_split(reader, mnist_test):
