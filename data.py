@@ -621,7 +621,8 @@ def mnist_digit(ink):
 
 # The usual recipe: threshold the page once, label the ink's connected components, join the pieces of one digit,
 # drop specks and ruled lines, split digits that touch, order them left to right and line by line, then give each
-# digit MNIST's preprocessing on its own. Lengths are in units of the writing's height, measured from the page.
+# digit MNIST's preprocessing on its own, its contrast stretched to its own darkest ink. Lengths are in units of the
+# writing's height, measured from the page.
 
 MAX_DIGITS = 64            # more digit-sized marks than this is not a number
 FAINT_INK = 0.12           # smoothed ink above this joins the pieces of a digit (below INK_THRESHOLD)
@@ -630,6 +631,7 @@ RULED_LINE = 2.0           # a horizontal run of ink this many heights long is a
 JOIN_GAP = 0.15            # pieces of one digit: over each other, at most this far apart, together a digit tall
 JOIN_HEIGHT = 1.3
 SMALL, NEAR, JOIN_WIDTH = 0.5, 0.3, 1.2   # fragments: under half a height tall, joined within 0.3 heights
+JOIN_SHARE = 0.25          # two fragments over each other share this much of the narrower's columns (a 5's bar leans)
 FLAT = 0.8                 # a fragment this many heights wide that joins nothing is a digit written flat
 SPLIT_ASPECT = 0.6         # marks this wide for their height may hold touching digits
 CUT_CANDIDATES = 16        # cuts tried across the middle 60% of a mark's width,
@@ -672,8 +674,16 @@ def find_digits(source, classify, invert="auto", name=None, pair=None):
         return FoundDigits(mnist_digit(alone[top:bottom, left:right])[None], [(left, top, right, bottom)], [0])
     rows = [split_touching(row, ink, classify, pair) for row in reading_lines(marks)]
     digits = [(k, mark) for k, row in enumerate(rows) for mark in row]
-    images = torch.stack([mnist_digit(mark.ink(ink)) for _, mark in digits])
+    images = torch.stack([mnist_digit(own_contrast(mark.ink(ink))) for _, mark in digits])
     return FoundDigits(images, [mark.box_ltrb for _, mark in digits], [k for k, _ in digits])
+
+
+def own_contrast(ink):
+    """A digit's ink on the page (float [h, w], above_threshold's 0..1) stretched to its own darkest pixel, as
+    remove_background stretches a photo of one digit: a digit written fainter or thinner than the page's darkest
+    reads as it would alone, not dimmed (thin strokes lose most to JPEG and blur)."""
+    level = np.where(ink > 0, INK_THRESHOLD + (1 - INK_THRESHOLD) * ink, 0)   # the page's level before the threshold
+    return above_threshold(level / level.max())
 
 
 def find_marks(source, invert="auto", name=None):
@@ -844,8 +854,9 @@ def join_pieces(pieces, height):
 
 
 def join_fragments(marks, height):
-    """Marks less than SMALL heights tall (a bar, a tail, a broken stroke's end): two over each other that are a
-    digit tall together are one digit (broken across its middle); the rest are joined to the nearest mark when it is
+    """Marks less than SMALL heights tall (a bar, a tail, a broken stroke's end): two over each other (sharing
+    JOIN_SHARE of the narrower one's columns: a slanted 5's bar leans off its body) that are a digit tall together
+    are one digit (a small 5, or a digit broken across its middle); the rest are joined to the nearest mark when it is
     at most NEAR heights away and the two are at most a digit wide and JOIN_HEIGHT tall together. A fragment that
     joins nothing is dropped (over or under a digit, a bar or a tail too far out), unless it is FLAT heights wide or
     more and beside the others (over none of them, though a slanted neighbour may reach over its end): a digit written
@@ -854,8 +865,8 @@ def join_fragments(marks, height):
     fragments = [m for m in marks if m.height < SMALL * height]
     for a, b in itertools.combinations(fragments, 2):
         joined = a.joined(b)
-        if (a in fragments and b in fragments and over_each_other(a, b) and joined.width <= JOIN_WIDTH * height
-                and SMALL * height <= joined.height <= JOIN_HEIGHT * height):
+        if (a in fragments and b in fragments and over_each_other(a, b, JOIN_SHARE)
+                and joined.width <= JOIN_WIDTH * height and SMALL * height <= joined.height <= JOIN_HEIGHT * height):
             whole.append(joined)
             fragments = [m for m in fragments if m is not a and m is not b]
     for fragment in sorted(fragments, key=lambda m: -m.area):
@@ -876,9 +887,9 @@ def sideways_overlap(a, b):
     return min(a.right, b.right) - max(a.left, b.left)
 
 
-def over_each_other(a, b):
-    """Whether two marks share at least half the narrower one's columns: one above the other, as a digit's pieces."""
-    return sideways_overlap(a, b) >= 0.5 * min(a.width, b.width)
+def over_each_other(a, b, share=0.5):
+    """Whether two marks share at least this share of the narrower one's columns: one above the other."""
+    return sideways_overlap(a, b) >= share * min(a.width, b.width)
 
 
 def box_distance(a, b):

@@ -100,7 +100,7 @@ def test_pieces_of_one_digit_are_joined():
 
 def test_a_digit_broken_across_its_middle_and_one_written_flat_are_kept():
     """Both are made of marks under half the writing's height: two over each other, a digit tall together, are one
-    digit, however far apart; a mark that joins nothing is a digit when it is about as wide as the writing is tall
+    digit, however far apart (a small 5 too, its bar leaning off its body); a mark that joins nothing is a digit when it is about as wide as the writing is tall
     and beside the others, not over one (a bar too long to join its digit), though a slanted neighbour may reach
     over its end."""
     paper = Image.new("L", (580, 140), "white")
@@ -128,6 +128,16 @@ def test_a_digit_broken_across_its_middle_and_one_written_flat_are_kept():
     found = data.find_digits(paper, whole_only)
     assert len(found.boxes) == 4, found.boxes
     assert found.boxes[2][0] <= 180 and found.boxes[2][2] >= 260      # kept: over none of the others
+
+    paper = Image.new("L", (340, 140), "white")                       # a small 5 whose bar leans off its body
+    pen = ImageDraw.Draw(paper)
+    for left in (40, 140):
+        pen.line([(left, 30), (left + 30, 30), (left + 10, 110)], fill=0, width=6)
+    pen.line([(256, 60), (290, 60)], fill=0, width=6)                 # shares a third of its columns with the body
+    pen.line([(240, 66), (240, 80), (262, 80), (268, 92), (262, 104), (238, 104)], fill=0, width=6)
+    found = data.find_digits(paper, whole_only)
+    assert len(found.boxes) == 3, found.boxes
+    assert found.boxes[2][1] <= 58 and found.boxes[2][3] >= 106       # bar and body, joined
 
 
 def test_touching_digits_are_split(reader, mnist_test):
@@ -205,6 +215,18 @@ def test_a_lone_noise_pixel_is_paper_not_ink(mnist_test):
     noisy[10, 10] = 128
     found = data.find_digits(Image.fromarray(noisy), whole_only)
     assert len(found.boxes) == 3 and all(right - left < 60 for left, _, right, _ in found.boxes), found.boxes
+
+
+def test_a_faint_digit_beside_a_dark_one_is_stretched_as_if_alone(mnist_test):
+    """Each digit's contrast is stretched to its own darkest ink, as preprocess_image stretches a photo of one digit:
+    a digit written faint beside a dark one is not dimmed by the page's darker ink (it was, to a quarter of its ink)."""
+    images, labels = mnist_test
+    three = images[int(np.flatnonzero(labels == 3)[0])]
+    faint = (three.float() * 0.45).round().to(torch.uint8)            # a grey pen: 45% of the dark one's contrast
+    found = data.find_digits(page((three, (40, 30)), (faint, (160, 30))), whole_only)
+    alone = data.preprocess_image(page((faint, (160, 30)))).float()
+    assert len(found.boxes) == 2 and found.images[1].max() >= 250
+    assert found.images[1].float().sum() >= 0.9 * alone.sum(), (found.images[1].float().sum(), alone.sum())
 
 
 def test_one_digit_alone_reads_exactly_as_images_does(reader, mnist_test, tmp_path):
