@@ -100,9 +100,9 @@ def test_pieces_of_one_digit_are_joined():
 
 def test_a_digit_broken_across_its_middle_and_one_written_flat_are_kept():
     """Both are made of marks under half the writing's height: two over each other, a digit tall together, are one
-    digit, however far apart (a small 5 too, its bar leaning off its body); a mark that joins nothing is a digit when it is about as wide as the writing is tall
-    and beside the others, not over one (a bar too long to join its digit), though a slanted neighbour may reach
-    over its end."""
+    digit, however far apart (a small 5 too, its bar leaning off its body); a mark that joins nothing is a digit when
+    it is about as wide as the writing is tall and beside the others, not over one (a bar too long to join its digit),
+    though a slanted neighbour may reach over its end."""
     paper = Image.new("L", (580, 140), "white")
     pen = ImageDraw.Draw(paper)
     for left in (40, 140):                                            # two whole digits set the writing's height
