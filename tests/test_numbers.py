@@ -219,7 +219,7 @@ def test_a_lone_noise_pixel_is_paper_not_ink(mnist_test):
 
 def test_a_faint_digit_beside_a_dark_one_is_stretched_as_if_alone(mnist_test):
     """Each digit's contrast is stretched to its own darkest ink, as preprocess_image stretches a photo of one digit:
-    a digit written faint beside a dark one is not dimmed by the page's darker ink (it was, to a quarter of its ink)."""
+    a digit written faint beside a dark one is not dimmed by the page's darker ink (it was, to a fifth of its ink)."""
     images, labels = mnist_test
     three = images[int(np.flatnonzero(labels == 3)[0])]
     faint = (three.float() * 0.45).round().to(torch.uint8)            # a grey pen: 45% of the dark one's contrast
