@@ -71,11 +71,11 @@ demo: $(VENV) $(DEMO_VENV)
 	$(PYTHON) predict_tta.py $(WEIGHTS_FLAG) --demo --device $(DEVICE)
 
 bench: $(VENV)
-	$(PYTHON) tests/bench.py --data-dir $(DATA_DIR) --out bench.json
+	$(PYTHON) tools/bench.py --data-dir $(DATA_DIR) --out bench.json
 
 # A GPU's first run: every device path in about 4 minutes; the report is $(GPU_CHECK)/gpu_check.json (README, GPUs and Macs).
 gpu-check: $(VENV)
-	$(PYTHON) tests/gpu_check.py --data-dir $(DATA_DIR) --device $(DEVICE) --out $(GPU_CHECK)
+	$(PYTHON) tools/gpu_check.py --data-dir $(DATA_DIR) --device $(DEVICE) --out $(GPU_CHECK)
 
 clean:
-	rm -rf .venv .pytest_cache __pycache__ tests/__pycache__ CNN_best_model.* CNN_budget_* models reports submission.csv bench.json $(GPU_CHECK)
+	rm -rf .venv .pytest_cache __pycache__ tests/__pycache__ tools/__pycache__ CNN_best_model.* CNN_budget_* models reports submission.csv bench.json $(GPU_CHECK)

@@ -20,28 +20,9 @@ import pandas as pd
 from matplotlib.colors import LogNorm
 from sklearn.metrics import classification_report, confusion_matrix
 
-from data import (  # the story: the test data and the submission
-    load_data,
-    load_submission_csv,
-)
-from data import (  # the machinery: files and command line
-    PIPELINE_A_CHECKPOINT,
-    Parser,
-    UserError,
-    add_data_arguments,
-    add_device_arguments,
-    atomic_path,
-    check_output_folder,
-    check_outputs,
-    checkpoint_files,
-    history_path,
-    positive_int,
-    read_json,
-    resolve_data_arguments,
-    run_cli,
-    write_frame,
-    write_json,
-)
+import checkpoints
+import cli
+import data
 from predict_tta import DigitReader, add_reader_arguments, default_weights, say_trained_on
 
 plt.switch_backend("Agg")  # headless: figures go to files, never to a window
@@ -88,7 +69,7 @@ def marked(title, unfair):
 
 
 def save_figure(figure, path):
-    with atomic_path(path) as tmp:
+    with cli.atomic_path(path) as tmp:
         figure.savefig(tmp, dpi=DPI, format="png", bbox_inches="tight")
     plt.close(figure)
 
@@ -168,21 +149,22 @@ def plot_curves(histories, path):
 
 def score_submission(args, out):
     """Format-check a submission against its answer key and report its metrics."""
-    truth = load_submission_csv(args.labels)
-    predicted = load_submission_csv(args.submission, len(truth))
+    truth = data.load_submission_csv(args.labels)
+    predicted = data.load_submission_csv(args.submission, len(truth))
     metrics = compute_metrics(truth.numpy(), predicted.numpy())
     print_metrics(metrics, truth.numpy(), predicted.numpy())
     plot_confusion_matrix(metrics["confusion_matrix"], metrics["accuracy"], out / "confusion_matrix.png")
-    write_json(out / "metrics.json", {"submission": str(args.submission), "labels": str(args.labels), **metrics})
+    cli.write_json(out / "metrics.json", {"submission": str(args.submission), "labels": str(args.labels), **metrics})
 
 
 def evaluate_models(args, out):
     reader = DigitReader(args.weights, args.device, args.precision, args.tta, args.seed, args.batch_size)
     histories = load_histories(reader.paths)  # read before any file is written
-    images, labels = load_data(args, "test")
+    images, labels = data.load_data(args, "test")
     source = args.test_csv if args.data == "csv" else "MNIST test set"
     if labels is None:
-        raise UserError(f"{args.test_csv}: no labels to evaluate against; give a CSV with a label column, or --labels")
+        raise cli.UserError(f"{args.test_csv}: no labels to evaluate against; give a CSV with a label column, or "
+                            "--labels")
     print(f"{len(reader.ensemble)} models x {len(reader.variants)} TTA variants on {len(images)} images "
           f"({source}); device {reader.device}, precision {reader.precision}")
     trained_on = reader.trained_on(images)
@@ -200,10 +182,10 @@ def evaluate_models(args, out):
     else:
         print("no history JSON beside the checkpoints: curves.png not written")
     write_predictions(out / "predictions.csv", labels, predicted, confidence)
-    write_json(out / "metrics.json", {"weights": [str(path) for path in reader.paths],
-                                      "tta_variants": len(reader.variants),
-                                      "data": str(source), "fair_score": not unfair, "trained_on": trained_on,
-                                      **metrics})
+    cli.write_json(out / "metrics.json", {"weights": [str(path) for path in reader.paths],
+                                          "tta_variants": len(reader.variants),
+                                          "data": str(source), "fair_score": not unfair, "trained_on": trained_on,
+                                          **metrics})
 
 
 def main(argv=None):
@@ -211,14 +193,14 @@ def main(argv=None):
     if args.weights is None and not args.submission:
         args.weights = [default_weights()]
     out = Path(args.out) if args.out else default_out(args)
-    check_output_folder("--out", out)
+    cli.check_output_folder("--out", out)
     inputs = {"--labels": [args.labels]}
     if args.submission:
         inputs["--submission"] = [args.submission]
     else:
-        inputs.update({"--weights": checkpoint_files(args.weights),
+        inputs.update({"--weights": checkpoints.checkpoint_files(args.weights),
                        "--test-csv": [args.test_csv] if args.data == "csv" else []})
-    check_outputs({"--out": [out / name for name in REPORT_FILES]}, inputs)
+    cli.check_outputs({"--out": [out / name for name in REPORT_FILES]}, inputs)
     if args.submission:
         score_submission(args, out)
     else:
@@ -227,17 +209,18 @@ def main(argv=None):
 
 
 def parse_args(argv=None):
-    parser = Parser(__doc__)
+    parser = cli.Parser(__doc__)
     inputs = parser.add_argument_group("data")
-    add_data_arguments(inputs, default="mnist", split="test")
+    data.add_data_arguments(inputs, default="mnist", split="test")
     inputs.add_argument("--submission",
                         help="score this submission file (ImageId,Label) against --labels; no model needed")
-    add_reader_arguments(parser, tta=1, weights=f"{PIPELINE_A_CHECKPOINT} when it is here, else the released model")
+    add_reader_arguments(parser, tta=1,
+                         weights=f"{checkpoints.PIPELINE_A_CHECKPOINT} when it is here, else the released model")
     report = parser.add_argument_group("files")
     report.add_argument("--out", help="report folder (default: reports/<weights or submission name>/)")
-    report.add_argument("--max-errors", type=positive_int, default=48, help="most misclassified images to show")
-    add_device_arguments(parser)
-    args = resolve_data_arguments(parser.parse_args(argv))
+    report.add_argument("--max-errors", type=cli.positive_int, default=48, help="most misclassified images to show")
+    data.add_device_arguments(parser)
+    args = data.resolve_data_arguments(parser.parse_args(argv))
     if args.submission and not args.labels:
         parser.error("--submission needs --labels")
     return args
@@ -251,14 +234,14 @@ def load_histories(paths):
     """{checkpoint name: history} for every checkpoint that has a history JSON beside it, each checked."""
     histories = {}
     for path in paths:
-        json_path = history_path(path)
+        json_path = checkpoints.history_path(path)
         if not json_path.is_file():
             continue
-        history = read_json(json_path, "a readable history", "move it away to report without curves")
+        history = cli.read_json(json_path, "a readable history", "move it away to report without curves")
         keys = ("epoch", "train_loss", "val_loss", "train_accuracy", "val_accuracy")
         if not (isinstance(history, list) and history and all(isinstance(h, dict) and all(
                 isinstance(h.get(k), (int, float)) for k in keys) for h in history)):
-            raise UserError(f"{json_path}: not a history of this project (a list of epochs with {', '.join(keys)})")
+            raise cli.UserError(f"{json_path}: not a history of this project (a list of epochs with {', '.join(keys)})")
         histories[Path(path).stem] = history
     return histories
 
@@ -272,12 +255,12 @@ def default_out(args):
 
 
 def write_predictions(path, labels, predicted, confidence):
-    write_frame(path, pd.DataFrame({"index": np.arange(len(labels)), "true": labels, "predicted": predicted,
-                                    "confidence": np.round(confidence, 6)}))
+    cli.write_frame(path, pd.DataFrame({"index": np.arange(len(labels)), "true": labels, "predicted": predicted,
+                                        "confidence": np.round(confidence, 6)}))
 
 
 REPORT_FILES = ("confusion_matrix.png", "misclassified.png", "curves.png", "predictions.csv", "metrics.json")
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    cli.run_cli(main)

@@ -1,6 +1,7 @@
-"""The three digit classifiers and the registry that builds them by name.
+"""The three digit classifiers, the registry that builds them by name, and the pair detector the released model
+carries for --number (PairDetector: does a mark hold two touching digits, and which two).
 
-Every model takes a normalized batch [B, 1, 28, 28] and returns logits [B, 10].
+Every classifier takes a normalized batch [B, 1, 28, 28] and returns logits [B, 10].
 `python models.py` prints the parameter count of each (the README table comes from it).
 """
 import torch
@@ -146,12 +147,12 @@ class WideCNN(nn.Module):
 
 class PairDetector(nn.Module):
     """Whether a mark of ink holds two touching digits, not one, and which two: (log-odds [B], the left and the right
-    digit's logits [B, 2, 10]) from the mark at its own aspect ratio, float [B, 1, 32, 64] in 0..1 (data.pair_field).
+    digit's logits [B, 2, 10]) from the mark at its own aspect ratio, float [B, 1, 32, 64] in 0..1 (photos.pair_field).
 
     `--number` asks it whether to cut a wide mark in two, and where: the cut whose parts the digit classifier reads
     as this reads the pair. A digit classifier sees each mark squeezed into MNIST's 20x20 box and reads two touching
     digits with as much sureness as one; this sees the mark's shape as written. It is trained on marks found on pages
-    of MNIST training digits (tests/number_photos.py --fit-pairs) and travels in the released model's file beside
+    of MNIST training digits (tools/number_pages.py --fit-pairs) and travels in the released model's file beside
     the digit classifier, which it leaves as it is.
     """
 

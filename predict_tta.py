@@ -9,16 +9,13 @@
 Each checkpoint brings its own architecture and normalization. The same inputs, seed and batch size give the same
 submission: each TTA variant draws its random shifts from its own seeded generator. In this file: TTA over the
 ensemble, `DigitReader` (the Python entry point everything predicts through), the submission, then main and own
-images; below one banner, finding the checkpoints, checking paths, the ONNX export and the draw-a-number page.
+images; below one banner, finding the checkpoints, checking paths and the ONNX export. --demo serves demo.py's page.
 """
 import contextlib
 import copy
 import functools
 import io
-import os
-import socket
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,60 +25,17 @@ import pandas as pd
 import torch
 from torch import nn
 
-from data import (  # the story: batches, TTA, the checkpoint's model, the submission
-    EVAL_BATCH_SIZE,
-    IMAGE_SIZE,
-    TTA_VARIANTS,
-    autocast,
-    batch_indices,
-    find_digits,
-    image_hashes,
-    load_data,
-    model_from_checkpoint,
-    model_input,
-    pair_detector_from_checkpoint,
-    pick_device,
-    pick_precision,
-    preprocess_image,
-    progress_bar,
-    read_greyscale,
-    to_unit_float,
-    trained_on_mask,
-    write_submission,
-)
-from data import (  # the machinery: files, checks, command line
-    MNIST_FILES,
-    PIPELINE_A_CHECKPOINT,
-    RELEASE_MANIFEST,
-    RELEASED_MODEL,
-    Parser,
-    UserError,
-    add_data_arguments,
-    add_device_arguments,
-    atomic_path,
-    check_output_folder,
-    check_outputs,
-    checkpoint_files,
-    find_idx_file,
-    find_images,
-    is_complete,
-    load_checkpoint,
-    load_mnist,
-    port_number,
-    positive_int,
-    read_json,
-    resolve_data_arguments,
-    run_cli,
-    seed_int,
-    write_frame,
-    write_numpy,
-)
+import checkpoints
+import cli
+import data
+from augmentation import TTA_VARIANTS
+from photos import boxed_photo, find_digits, find_images, preprocess_image
 
 
 # ----------------------------------------------------------------------------- test-time augmentation over the ensemble
 
 @torch.inference_mode()
-def ensemble_probabilities(ensemble, images, variants, precision, seed, batch_size=EVAL_BATCH_SIZE):
+def ensemble_probabilities(ensemble, images, variants, precision, seed, batch_size=data.EVAL_BATCH_SIZE):
     """Mean softmax [N, 10] over every model and every TTA variant, for uint8 images [N, 28, 28] on the device.
 
     Each batch is augmented once per variant and shared by all models; variant i draws from a generator
@@ -92,28 +46,28 @@ def ensemble_probabilities(ensemble, images, variants, precision, seed, batch_si
     generators = [torch.Generator(device).manual_seed(seed + i) for i in range(len(variants))]
     total = torch.zeros(len(images), 10, device=device)
     finite = torch.ones(len(ensemble), dtype=torch.bool, device=device)  # per model, read once at the end
-    batches = batch_indices(len(images), batch_size)
-    progress = progress_bar(len(batches), "predict")
+    batches = data.batch_indices(len(images), batch_size)
+    progress = data.progress_bar(len(batches), "predict")
     for index in batches:
         for variant, generator in zip(variants, generators, strict=True):
-            x = to_unit_float(images[index], variant, generator)          # [B, 1, 28, 28] in 0..1
+            x = data.to_unit_float(images[index], variant, generator)          # [B, 1, 28, 28] in 0..1
             for m, (model, normalization, _) in enumerate(ensemble):
-                with autocast(device, precision):
-                    logits = model(model_input(x, normalization)).float()   # [B, 10]
+                with data.autocast(device, precision):
+                    logits = model(data.model_input(x, normalization)).float()   # [B, 10]
                 finite[m] &= torch.isfinite(logits).all()
                 total[index] += torch.softmax(logits, 1)
         progress.update()
     progress.close()
     for ok, (_, _, path) in zip(finite.tolist(), ensemble, strict=True):
         if not ok:
-            raise UserError(f"{path}: the model's outputs are NaN or Inf on these images; nothing was written")
+            raise cli.UserError(f"{path}: the model's outputs are NaN or Inf on these images; nothing was written")
     return total / (len(ensemble) * len(variants))
 
 
 def tta_variants(count):
     """The first `count` variants: 1 is plain prediction (identity only)."""
     if not 1 <= count <= len(TTA_VARIANTS):
-        raise UserError(f"--tta must be between 1 and {len(TTA_VARIANTS)}, got {count}")
+        raise cli.UserError(f"--tta must be between 1 and {len(TTA_VARIANTS)}, got {count}")
     return TTA_VARIANTS[:count]
 
 
@@ -136,16 +90,16 @@ class DigitReader:
     digits that the models trained on, from the record each checkpoint keeps: no accuracy on those is a fair score.
     """
 
-    def __init__(self, weights=None, device="auto", precision="auto", tta=1, seed=42, batch_size=EVAL_BATCH_SIZE):
-        self.device = device if isinstance(device, torch.device) else pick_device(device)
-        self.precision = pick_precision(precision, self.device)
+    def __init__(self, weights=None, device="auto", precision="auto", tta=1, seed=42, batch_size=data.EVAL_BATCH_SIZE):
+        self.device = device if isinstance(device, torch.device) else data.pick_device(device)
+        self.precision = data.pick_precision(precision, self.device)
         self.variants = tta_variants(tta)
         weights = default_weights() if weights is None else weights
         found = find_checkpoints([weights] if isinstance(weights, (str, Path)) else weights)
-        self.ensemble = [(model_from_checkpoint(path, self.device, checkpoint)[0], checkpoint["normalization"], path)
+        self.ensemble = [(checkpoints.load_model(path, self.device, checkpoint)[0], checkpoint["normalization"], path)
                          for path, checkpoint in found]   # [(model, normalization, path)]
         self.records = [checkpoint.get("trained_on") for _, checkpoint in found]  # None: saved before records
-        detectors = [pair_detector_from_checkpoint(path, self.device, checkpoint) for path, checkpoint in found]
+        detectors = [checkpoints.load_pair_detector(path, self.device, checkpoint) for path, checkpoint in found]
         self.pair_detectors = [detector for detector in detectors if detector is not None]
         self.seed, self.batch_size = seed, batch_size
 
@@ -185,13 +139,13 @@ class DigitReader:
 
     @torch.inference_mode()
     def read_pairs(self, fields):
-        """For marks uint8 [N, 32, 64] as data.pair_field makes them: (the log-odds float32 [N] that each holds two
+        """For marks uint8 [N, 32, 64] as photos.pair_field makes them: (the log-odds float32 [N] that each holds two
         touching digits, not one; the probabilities float32 [N, 2, 10] of its left and right digit if it does), on
         the CPU: the means over the checkpoints that carry a pair detector (models.PairDetector)."""
-        x = to_unit_float(fields.to(self.device))                       # [N, 1, 32, 64] in 0..1
+        x = data.to_unit_float(fields.to(self.device))                       # [N, 1, 32, 64] in 0..1
         odds, probs = torch.zeros(len(x), device=self.device), torch.zeros(len(x), 2, 10, device=self.device)
         for detector in self.pair_detectors:
-            with autocast(self.device, self.precision):
+            with data.autocast(self.device, self.precision):
                 pair, digits = detector(x)
             odds += pair.float()
             probs += torch.softmax(digits.float(), -1)
@@ -200,7 +154,8 @@ class DigitReader:
     def trained_on(self, digits):
         """How many of these MNIST-like digits [N, 28, 28] the models trained on: {"images": of the N, any model,
         "of": N, "models": that trained on any of them, "unrecorded": models whose checkpoint keeps no record}."""
-        seen = trained_on_mask(image_hashes(mnist_like(digits)), self.records)      # bool [models, N]
+        hashes = checkpoints.image_hashes(mnist_like(digits))
+        seen = checkpoints.trained_on_mask(hashes, self.records)                    # bool [models, N]
         return {"images": int(seen.any(0).sum()), "of": seen.shape[1], "models": int(seen.any(1).sum()),
                 "unrecorded": sum(record is None for record in self.records)}
 
@@ -223,15 +178,15 @@ def mnist_like(digits):
     if isinstance(digits, np.ndarray):
         digits = torch.from_numpy(digits)
     if not torch.is_tensor(digits):
-        raise UserError(f"cannot read digits from a {type(digits).__name__}: give a path, a PIL image, "
-                        "or a uint8 array or tensor of [28, 28] or [N, 28, 28]")
+        raise cli.UserError(f"cannot read digits from a {type(digits).__name__}: give a path, a PIL image, "
+                            "or a uint8 array or tensor of [28, 28] or [N, 28, 28]")
     if digits.dtype != torch.uint8:
-        raise UserError("digits must be uint8 0..255 (white on black, as MNIST), not "
-                        f"{str(digits.dtype).replace('torch.', '')}")
-    if digits.shape == (IMAGE_SIZE, IMAGE_SIZE):
+        raise cli.UserError("digits must be uint8 0..255 (white on black, as MNIST), not "
+                            f"{str(digits.dtype).replace('torch.', '')}")
+    if digits.shape == (data.IMAGE_SIZE, data.IMAGE_SIZE):
         digits = digits[None]
-    if digits.dim() != 3 or tuple(digits.shape[1:]) != (IMAGE_SIZE, IMAGE_SIZE) or len(digits) == 0:
-        raise UserError(f"digits must be shaped [28, 28] or [N, 28, 28], not {list(digits.shape)}")
+    if digits.dim() != 3 or tuple(digits.shape[1:]) != (data.IMAGE_SIZE, data.IMAGE_SIZE) or len(digits) == 0:
+        raise cli.UserError(f"digits must be shaped [28, 28] or [N, 28, 28], not {list(digits.shape)}")
     return digits.cpu()
 
 
@@ -251,7 +206,7 @@ def say_trained_on(count, models):
 
 def predict_submission(args, reader):
     """submission.csv for the test CSV (or MNIST's test set), scored when it has labels; the probabilities too."""
-    images, labels = load_data(args, "test")
+    images, labels = data.load_data(args, "test")
     passes = len(reader.ensemble) * len(reader.variants)
     print(f"{len(reader.ensemble)} models x {len(reader.variants)} TTA variants = {passes} forward passes per image, "
           f"{len(images)} images; device {reader.device}, precision {reader.precision}")
@@ -263,10 +218,10 @@ def predict_submission(args, reader):
     predicted = probs.argmax(1)
     print(f"predicted in {seconds:.1f}s ({len(images) / seconds:.0f} images/s, "
           f"{len(images) * passes / seconds:.0f} forward passes/s)")
-    write_submission(args.out, predicted)
+    data.write_submission(args.out, predicted)
     print(f"wrote {args.out} ({len(predicted)} rows)")
     if args.save_probs:
-        write_numpy(args.save_probs, probs.numpy())
+        cli.write_numpy(args.save_probs, probs.numpy())
         print(f"wrote {args.save_probs}")
     if labels is not None:
         errors = int((predicted != labels).sum())
@@ -282,7 +237,8 @@ def main(argv=None):
         args.weights = [default_weights()]
     check_paths(args)
     if args.demo:
-        return serve_demo(args)
+        import demo  # only here: the page's packages are optional (requirements-demo.txt)
+        return demo.serve(functools.partial(reader_for, args), args.host, args.port)
     if args.export:
         import_onnx()  # before the models load: without the packages, that is the one line
         return export_onnx(reader_for(args), args.export, args.data_dir)
@@ -294,9 +250,9 @@ def main(argv=None):
 
 
 def parse_args(argv=None):
-    parser = Parser(__doc__)
+    parser = cli.Parser(__doc__)
     inputs = parser.add_argument_group("data")
-    add_data_arguments(inputs, default="csv", split="test")
+    data.add_data_arguments(inputs, default="csv", split="test")
     images = parser.add_argument_group("own images")
     images.add_argument("--images", nargs="+",
                         help="predict these image files and folders of them (PNG, JPEG, BMP, ...) instead")
@@ -308,29 +264,29 @@ def parse_args(argv=None):
     images.add_argument("--show-preprocessed", help="with --images: save the 28x28 images the model saw to this folder "
                                                     "(with --number, each digit and the photo with numbered boxes)")
     add_reader_arguments(parser, tta=len(TTA_VARIANTS), weights="models/ for a CSV or --export; for --images and "
-                         f"--demo {PIPELINE_A_CHECKPOINT} when it is here, else the released model")
+                         f"--demo {checkpoints.PIPELINE_A_CHECKPOINT} when it is here, else the released model")
     files = parser.add_argument_group("files")
     files.add_argument("--out", help="CSV to write (default: submission.csv; with --images, only written when given)")
     files.add_argument("--save-probs", help="also save the averaged probabilities [N, 10] to this .npy file")
     files.add_argument("--export",
                        help="write the --weights ensemble as one ONNX graph to this file instead, checked in "
                             "onnxruntime first (needs pip install -r requirements-export.txt)")
-    add_device_arguments(parser)
+    data.add_device_arguments(parser)
     page = parser.add_argument_group("draw-a-number page")
     page.add_argument("--demo", action="store_true",
                       help="serve a page to draw a number on (or upload a photo) and watch the model read it "
                            "(needs pip install -r requirements-demo.txt)")
-    page.add_argument("--host", default=DEMO_HOST,
+    page.add_argument("--host", default="127.0.0.1",
                       help="with --demo: the address to serve on; 0.0.0.0 exposes the model to everyone on the network")
-    page.add_argument("--port", type=port_number, default=DEMO_PORT, help="with --demo: the port to serve on")
+    page.add_argument("--port", type=cli.port_number, default=7860, help="with --demo: the port to serve on")
     args = parser.parse_args(argv)
     if args.demo and (extra := changed_options(parser, args, NOT_WITH_DEMO)):
-        raise UserError(f"--demo predicts what is drawn or uploaded on its page; it takes no {', '.join(extra)}")
+        raise cli.UserError(f"--demo predicts what is drawn or uploaded on its page; it takes no {', '.join(extra)}")
     if args.export and (extra := changed_options(parser, args, NOT_WITH_EXPORT)):
-        raise UserError(f"--export writes the model as a graph; it takes no {', '.join(extra)}")
+        raise cli.UserError(f"--export writes the model as a graph; it takes no {', '.join(extra)}")
     if not args.demo and (extra := changed_options(parser, args, ("--host", "--port"))):
-        raise UserError(f"{' and '.join(extra)} go with --demo")
-    args = resolve_data_arguments(args)
+        raise cli.UserError(f"{' and '.join(extra)} go with --demo")
+    args = data.resolve_data_arguments(args)
     if args.images is None and (args.invert != "auto" or args.show_preprocessed or args.number):
         parser.error("--invert, --number and --show-preprocessed go with --images")
     if args.images is None and args.out is None and not args.demo and not args.export:
@@ -345,10 +301,10 @@ def add_reader_arguments(parser, tta, weights):
     number of TTA variants and says what --weights defaults to."""
     group = parser.add_argument_group("prediction")
     group.add_argument("--weights", nargs="+", help=f"checkpoint files and/or folders of them (default: {weights})")
-    group.add_argument("--tta", type=positive_int, default=tta, help="number of TTA variants (1 = none)")
+    group.add_argument("--tta", type=cli.positive_int, default=tta, help="number of TTA variants (1 = none)")
     group.add_argument("--no-tta", dest="tta", action="store_const", const=1, help="plain prediction, same as --tta 1")
-    group.add_argument("--batch-size", type=positive_int, default=EVAL_BATCH_SIZE)
-    group.add_argument("--seed", type=seed_int, default=42, help="seed of the TTA variants' random shifts")
+    group.add_argument("--batch-size", type=cli.positive_int, default=data.EVAL_BATCH_SIZE)
+    group.add_argument("--seed", type=cli.seed_int, default=42, help="seed of the TTA variants' random shifts")
 
 
 def reader_for(args):
@@ -364,7 +320,7 @@ def predict_images(args, reader):
         try:
             digits.append(reader.digits(path, args.invert)[0])
             paths.append(path)
-        except UserError as error:
+        except cli.UserError as error:
             problems.append(str(error))
     if digits:
         images = torch.stack(digits)                                                  # uint8 [N, 28, 28]
@@ -378,14 +334,14 @@ def predict_images(args, reader):
             frame.insert(0, "path", [str(path) for path in paths])
             frame.insert(1, "label", top.indices[:, 0].numpy())
             frame.insert(2, "probability", top.values[:, 0].numpy().round(6))
-            write_frame(args.out, frame)
+            cli.write_frame(args.out, frame)
             print(f"wrote {args.out} ({len(paths)} rows)")
         if args.show_preprocessed:
             save_preprocessed(Path(args.show_preprocessed), paths, images)
     for problem in problems:
         print(f"error: {problem}", file=sys.stderr)
     if problems:
-        raise UserError(f"{len(problems)} of the inputs could not be predicted (each named above)")
+        raise cli.UserError(f"{len(problems)} of the inputs could not be predicted (each named above)")
 
 
 def predict_numbers(args, reader):
@@ -395,7 +351,7 @@ def predict_numbers(args, reader):
     for path in files:
         try:
             read.append((path, reader.read_number(path, args.invert)))
-        except UserError as error:
+        except cli.UserError as error:
             problems.append(str(error))
     if read:
         say_trained_on(reader.trained_on(torch.cat([number.images for _, number in read])), len(reader.ensemble))
@@ -404,14 +360,14 @@ def predict_numbers(args, reader):
             print(f"{path}: {number.text}  ({sure})")
         if args.out:
             frame = pd.concat([number_rows(path, number) for path, number in read], ignore_index=True)
-            write_frame(args.out, frame)
+            cli.write_frame(args.out, frame)
             print(f"wrote {args.out} ({len(frame)} rows, one per digit)")
         if args.show_preprocessed:
-            save_number_images(Path(args.show_preprocessed), read, args.invert)
+            save_number_images(Path(args.show_preprocessed), read)
     for problem in problems:
         print(f"error: {problem}", file=sys.stderr)
     if problems:
-        raise UserError(f"{len(problems)} of the inputs could not be read (each named above)")
+        raise cli.UserError(f"{len(problems)} of the inputs could not be read (each named above)")
 
 
 def number_rows(path, number):
@@ -427,30 +383,18 @@ def number_rows(path, number):
     return frame
 
 
-def save_number_images(folder, read, invert):
+def save_number_images(folder, read):
     """For each image: its digits as the model saw them (NAME_digitK_28x28.png, K from 1 in reading order) and the
     photo with the numbered boxes drawn (NAME_boxes.png)."""
     from PIL import Image
     names = [name.removesuffix("_28x28.png") for name in preprocessed_names([path for path, _ in read])]
     for name, (path, number) in zip(names, read, strict=True):
         for k, image in enumerate(number.images, 1):
-            with atomic_path(folder / f"{name}_digit{k}_28x28.png") as tmp:
+            with cli.atomic_path(folder / f"{name}_digit{k}_28x28.png") as tmp:
                 Image.fromarray(image.numpy()).save(tmp, format="PNG")
-        with atomic_path(folder / f"{name}_boxes.png") as tmp:
-            boxed_photo(path, number).save(tmp, format="PNG")
+        with cli.atomic_path(folder / f"{name}_boxes.png") as tmp:
+            boxed_photo(path, number.boxes, number.labels).save(tmp, format="PNG")
     print(f"wrote the digits and boxes of {len(read)} images to {folder}/")
-
-
-def boxed_photo(source, number):
-    """The photo as it was read (upright, grey) with each digit's box drawn and numbered in reading order."""
-    from PIL import Image, ImageDraw
-    photo = Image.fromarray(np.round(read_greyscale(source) * 255).astype(np.uint8)).convert("RGB")
-    draw = ImageDraw.Draw(photo)
-    width = max(1, round(max(photo.size) / 300))
-    for k, (left, top, right, bottom) in enumerate(number.boxes, 1):
-        draw.rectangle([left, top, right - 1, bottom - 1], outline=(220, 30, 30), width=width)
-        draw.text((left, max(0, top - 12)), f"{k}: {int(number.labels[k - 1])}", fill=(220, 30, 30))
-    return photo
 
 
 def preprocessed_names(paths):
@@ -464,14 +408,14 @@ def save_preprocessed(folder, paths, images):
     from PIL import Image
     names = preprocessed_names(paths)
     for name, image in zip(names, images, strict=True):
-        with atomic_path(folder / name) as tmp:
+        with cli.atomic_path(folder / name) as tmp:
             Image.fromarray(image.numpy()).save(tmp, format="PNG")
     print(f"wrote {len(set(names))} preprocessed images to {folder}/")
 
 
 # ============================================================================= machinery
 # Below: finding the checkpoints (the released model when none is named), checking options and paths before any
-# work, the ONNX export, and the draw-a-number page; all of them read through DigitReader.
+# work, and the ONNX export. The draw-a-number page (--demo) is demo.py's; it reads through DigitReader too.
 
 
 def find_checkpoints(paths):
@@ -483,21 +427,21 @@ def find_checkpoints(paths):
     found = []
     for path in map(Path, paths):
         if not path.exists():
-            raise UserError(f"{path}: no such checkpoint file or folder; make one with `make train` (pipeline A, "
-                            "about 30 minutes on 2 cores) or, in 3 minutes, `python train_cnn.py --budget 3m`, which "
-                            "writes CNN_budget_3m.pth")
-        candidates = [(p, load_checkpoint(p)) for p in checkpoint_files([path])]
+            raise cli.UserError(f"{path}: no such checkpoint file or folder; make one with `make train` (pipeline A, "
+                                "about 30 minutes on 2 cores) or, in 3 minutes, `python train_cnn.py --budget 3m`, "
+                                "which writes CNN_budget_3m.pth")
+        candidates = [(p, checkpoints.load(p)) for p in checkpoints.checkpoint_files([path])]
         if path.is_dir() and not candidates:
-            raise UserError(f"{path}: no complete checkpoint (*.pth) in this folder; train first or pass "
-                            "--weights FILE")
+            raise cli.UserError(f"{path}: no complete checkpoint (*.pth) in this folder; train first or pass "
+                                "--weights FILE")
         for candidate, checkpoint in candidates:
-            if is_complete(checkpoint):
+            if checkpoints.is_complete(checkpoint):
                 found.append((candidate, checkpoint))
             else:
                 print(f"skipping {candidate}: {UNFINISHED}")
     if not found:
-        raise UserError(f"no complete checkpoint in {' '.join(map(str, paths))}: {UNFINISHED}, or pass another "
-                        "--weights")
+        raise cli.UserError(f"no complete checkpoint in {' '.join(map(str, paths))}: {UNFINISHED}, or pass another "
+                            "--weights")
     return found
 
 
@@ -507,18 +451,20 @@ UNFINISHED = "training did not finish (rerun its training command to finish it)"
 def default_weights():
     """What a prediction uses when no model is named, said in one line on stdout: pipeline A's model in the working
     directory when it is there and finished, else the released model beside the scripts."""
-    if Path(PIPELINE_A_CHECKPOINT).is_file():
-        if is_complete(load_checkpoint(PIPELINE_A_CHECKPOINT)):
-            print(f"using {PIPELINE_A_CHECKPOINT} (pipeline A's model in this folder; --weights picks another)")
-            return Path(PIPELINE_A_CHECKPOINT)
-        print(f"skipping {PIPELINE_A_CHECKPOINT}: {UNFINISHED}")
-    if not RELEASED_MODEL.is_file():
-        raise UserError(f"no model to read with: {RELEASED_MODEL} is missing (the released model: copy the "
-                        f"repository's weights/ folder beside {Path(__file__).name}), or train one with `make train`")
-    accuracy = read_json(RELEASE_MANIFEST)["mnist_test_accuracy"]
-    print(f"using the released model weights/{RELEASED_MODEL.name} (vgg, MNIST test accuracy {accuracy}; "
+    if Path(checkpoints.PIPELINE_A_CHECKPOINT).is_file():
+        if checkpoints.is_complete(checkpoints.load(checkpoints.PIPELINE_A_CHECKPOINT)):
+            print(f"using {checkpoints.PIPELINE_A_CHECKPOINT} (pipeline A's model in this folder; --weights picks "
+                  "another)")
+            return Path(checkpoints.PIPELINE_A_CHECKPOINT)
+        print(f"skipping {checkpoints.PIPELINE_A_CHECKPOINT}: {UNFINISHED}")
+    if not checkpoints.RELEASED_MODEL.is_file():
+        raise cli.UserError(f"no model to read with: {checkpoints.RELEASED_MODEL} is missing (the released model: copy "
+                            f"the repository's weights/ folder beside {Path(__file__).name}), or train one with "
+                            "`make train`")
+    accuracy = cli.read_json(checkpoints.RELEASE_MANIFEST)["mnist_test_accuracy"]
+    print(f"using the released model weights/{checkpoints.RELEASED_MODEL.name} (vgg, MNIST test accuracy {accuracy}; "
           "--weights picks another)")
-    return RELEASED_MODEL
+    return checkpoints.RELEASED_MODEL
 
 
 # --demo serves one drawing or photo at a time: options about files and batches have nothing to act on
@@ -537,14 +483,14 @@ def changed_options(parser, args, flags):
 
 def check_paths(args):
     """Before any work: outputs writable and distinct from every input (test CSV, labels, weights, images)."""
-    inputs = {"--weights": checkpoint_files(args.weights), "--images": args.images or []}
+    inputs = {"--weights": checkpoints.checkpoint_files(args.weights), "--images": args.images or []}
     if args.images is None and args.data == "csv":
         inputs.update({"--test-csv": [args.test_csv], "--labels": [args.labels]})
-    check_outputs({"--out": [args.out] if args.out else [],
-                   "--save-probs": [args.save_probs] if args.save_probs else [],
-                   "--export": [args.export] if args.export else []}, inputs)
+    cli.check_outputs({"--out": [args.out] if args.out else [],
+                       "--save-probs": [args.save_probs] if args.save_probs else [],
+                       "--export": [args.export] if args.export else []}, inputs)
     if args.show_preprocessed:
-        check_output_folder("--show-preprocessed", args.show_preprocessed)
+        cli.check_output_folder("--show-preprocessed", args.show_preprocessed)
 
 
 # ----------------------------------------------------------------------------- ONNX export (--export)
@@ -579,18 +525,19 @@ def import_onnx():
         import onnxruntime
         import onnxscript  # noqa: F401
     except ImportError:
-        raise UserError("--export needs onnx, onnxscript and onnxruntime, which are not installed: "
-                        "pip install -r requirements-export.txt") from None
+        raise cli.UserError("--export needs onnx, onnxscript and onnxruntime, which are not installed: "
+                            "pip install -r requirements-export.txt") from None
     return onnxruntime
 
 
 def parity_digits(data_dir):
     """PARITY_DIGITS of MNIST's test digits when its files are in data_dir, else as many seeded random ones."""
     raw = Path(data_dir) / "MNIST" / "raw"
-    if all(find_idx_file(raw, stem) for stem in MNIST_FILES["test"]):
-        return load_mnist(data_dir, "test")[0][:PARITY_DIGITS], "MNIST test digits"
+    if all(data.find_idx_file(raw, stem) for stem in data.MNIST_FILES["test"]):
+        return data.load_mnist(data_dir, "test")[0][:PARITY_DIGITS], "MNIST test digits"
     generator = torch.Generator().manual_seed(0)
-    digits = torch.randint(0, 256, (PARITY_DIGITS, IMAGE_SIZE, IMAGE_SIZE), dtype=torch.uint8, generator=generator)
+    size = data.IMAGE_SIZE
+    digits = torch.randint(0, 256, (PARITY_DIGITS, size, size), dtype=torch.uint8, generator=generator)
     return digits, "random digits"
 
 
@@ -604,7 +551,7 @@ def export_onnx(reader, path, data_dir):
     digits, source = parity_digits(data_dir)
     fp32 = DigitReader(reader.paths, torch.device("cpu"), "fp32", tta=1, seed=reader.seed)
     expected = fp32.probabilities(digits)
-    with atomic_path(path) as tmp:
+    with cli.atomic_path(path) as tmp:
         with contextlib.redirect_stdout(io.StringIO()):  # torch.onnx reports its progress on stdout
             torch.onnx.export(graph, (digits[:2],), str(tmp), input_names=["digits"], output_names=["probabilities"],
                               dynamic_shapes={"digits": {0: torch.export.Dim("batch")}}, dynamo=True,
@@ -614,136 +561,15 @@ def export_onnx(reader, path, data_dir):
         difference = (probs - expected).abs().max().item()
         labels_differ = int((probs.argmax(1) != expected.argmax(1)).sum())
         if labels_differ or difference > PARITY_TOLERANCE:
-            raise UserError(f"the exported graph disagrees with PyTorch on {len(digits)} {source} ({labels_differ} "
-                            "labels "
-                            f"differ, largest probability difference {difference:.2e}, allowed "
-                            f"{PARITY_TOLERANCE:.0e}); "
-                            f"{path} was not written")
+            raise cli.UserError(f"the exported graph disagrees with PyTorch on {len(digits)} {source} ({labels_differ} "
+                                "labels "
+                                f"differ, largest probability difference {difference:.2e}, allowed "
+                                f"{PARITY_TOLERANCE:.0e}); "
+                                f"{path} was not written")
     print(f"wrote {path}: {len(reader.ensemble)} model(s), uint8 digits [N, 28, 28] -> probabilities [N, 10]; "
           f"onnxruntime matches PyTorch fp32 on {len(digits)} {source} (all labels, largest probability difference "
           f"{difference:.1e})")
 
 
-# ----------------------------------------------------------------------------- the draw-a-number page (--demo)
-
-DEMO_HOST, DEMO_PORT = "127.0.0.1", 7860
-CANVAS_SIZE = (840, 280)  # pixels; room for a number. The brush is a tenth of the height wide, as MNIST's strokes are
-MAX_UPLOAD = "50mb"  # refused before it is stored; a phone's photo of a digit is a few MB
-# The 28x28 inputs are shown 8x enlarged with every pixel a sharp square, so a thin or off-centre digit is plain to see.
-PAGE_CSS = "#seen img { width: 100%; height: 224px; object-fit: contain; image-rendering: pixelated; }"
-
-
-def import_gradio(folder):
-    """The gradio module, with analytics off and what it writes (uploads, images it serves, matplotlib's font cache)
-    kept in `folder`; a UserError when it is not installed."""
-    os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
-    os.environ["GRADIO_TEMP_DIR"] = folder  # read when gradio is imported
-    os.environ["MPLCONFIGDIR"] = folder     # gradio imports matplotlib, which would cache its fonts in the home folder
-    try:
-        import gradio
-    except ImportError:
-        raise UserError("--demo needs Gradio, which is not installed: pip install -r requirements-demo.txt") from None
-    return gradio
-
-
-def page_answer(reader, source, name):
-    """The page's outputs for one drawing or photo, read as a number: (the reading: one digit's ten probabilities,
-    or the number with how sure the model is of all its digits; the 28x28 digits the model saw, side by side; the
-    picture with the boxes; each digit's reading as a table; a message). Bad input is the message alone."""
-    try:
-        number = reader.read_number(source, name=name)
-    except UserError as error:
-        return None, None, None, "", f"**{error}**"
-    sure = number.probabilities.max(1).values
-    if len(number.labels) == 1:
-        reading = {str(d): float(p) for d, p in enumerate(number.probabilities[0])}
-    else:
-        reading = {number.text: float(sure.prod())}
-    rows = enumerate(zip(number.labels, sure, strict=True), 1)
-    table = "| digit | reads | sure |\n|---|---|---|\n" + "".join(f"| {k} | {int(d)} | {float(p):.2f} |\n"
-                                                              for k, (d, p) in rows)
-    seen = torch.cat(list(number.images), dim=1).numpy()                          # [28, 28 N]
-    return reading, seen, np.asarray(boxed_photo(source, number)), table, ""
-
-
-def demo_page(gr, predict, title):
-    """The page: a canvas and a photo upload in; the number read, the 28x28 inputs, the boxes, each digit's reading
-    and any message out. predict(source, name) gives page_answer's outputs."""
-    from PIL import Image
-    width, height = CANVAS_SIZE
-    brush = gr.Brush(default_size=height // 20, colors=["#000000"], color_mode="fixed")  # a radius
-    # With white paper to draw on, the canvas opens with the brush in hand (empty, it asks for a tool first).
-    paper = {"background": Image.new("RGB", CANVAS_SIZE, "white"), "layers": [], "composite": None}
-    with gr.Blocks(title="Draw a number", analytics_enabled=False) as page:
-        gr.Markdown(f"## Draw a number\n{title}. Draw digits with the mouse, a finger or a pen, left to right, or "
-                    "upload a photo of some.")
-        canvas = gr.Sketchpad(paper, label="Draw a number", type="pil", canvas_size=CANVAS_SIZE, brush=brush,
-                              layers=False, elem_id="canvas")
-        with gr.Row():
-            clear = gr.ClearButton(value="Clear", elem_id="clear")
-            # any file type: what is not an image gets read_greyscale's message, as with --images
-            photo = gr.File(label="or upload a photo", type="filepath", elem_id="photo")
-        with gr.Row():
-            with gr.Column(min_width=height):
-                probabilities = gr.Label(num_top_classes=10, label="Read as", elem_id="probabilities")
-                message = gr.Markdown(elem_id="message")
-            with gr.Column(min_width=height):
-                seen = gr.Image(label="What the model saw (28x28 each)", format="png", interactive=False,
-                                buttons=["download"], height=height, elem_id="seen")
-            with gr.Column(min_width=height):
-                boxes = gr.Image(label="Where it found the digits", format="png", interactive=False, height=height,
-                                 elem_id="boxes")
-                readings = gr.Markdown(elem_id="readings")
-        outputs = [probabilities, seen, boxes, readings, message]
-        clear.add([canvas, photo, *outputs])
-
-        def read_drawing(value):
-            if value is not None and value["composite"] is not None:
-                return predict(value["composite"], "the drawing")
-            if value is not None and value["background"] is not None:  # a fresh page's first stroke begun
-                return (gr.skip(),) * len(outputs)
-            return None, None, None, "", ""                   # the canvas cleared, or the API called with nothing
-
-        # Gradio's Sketchpad sends "input" as a stroke ends, before it uploads the new picture, so "input" can carry
-        # the picture before that stroke; "change" follows the upload, except for a fresh page's first stroke. On
-        # both, the last read is of the picture as drawn: always_last runs the latest one after the one in flight.
-        # So is a cleared canvas's empty answer: a reading still in flight when Clear is pressed cannot come back.
-        gr.on([canvas.input, canvas.change], read_drawing, canvas, outputs, api_name="drawing",
-              trigger_mode="always_last", show_progress="hidden")
-
-        def read_photo(path):
-            if path is None:  # the API called without a file
-                return None, None, None, "", "**no photo: upload an image file of a number or a digit**"
-            return predict(path, Path(path).name)
-
-        photo.upload(read_photo, photo, outputs, api_name="photo")
-    return page
-
-
-def check_can_serve(host, port):
-    """One line saying why, when host:port cannot be served on (Gradio would print a traceback)."""
-    try:
-        socket.create_server((host, port)).close()
-    except OSError as error:  # the port is taken, or the address is not one of this machine's
-        raise UserError(f"cannot serve on {host}:{port}: {error.strerror or error}; "
-                        "pick another --port or --host") from None
-
-
-def serve_demo(args):
-    """Serve the page until Ctrl-C; Gradio's uploads and served images live in a temporary folder removed at exit."""
-    with tempfile.TemporaryDirectory(prefix="predict_tta-demo-") as folder:
-        gr = import_gradio(folder)  # before the models load: without Gradio, that is the one line
-        reader = reader_for(args)
-        title = f"{len(reader.ensemble)} model(s) x {len(reader.variants)} TTA variant(s)"
-        predict = functools.partial(page_answer, reader)
-        page = demo_page(gr, predict, title)
-        check_can_serve(args.host, args.port)
-        _, url, _ = page.launch(server_name=args.host, server_port=args.port, share=False, run_history=False,
-                                enable_monitoring=False, mcp_server=False, max_file_size=MAX_UPLOAD, css=PAGE_CSS,
-                                quiet=True, prevent_thread_lock=True)
-        print(f"draw a number at {url} (Ctrl-C to stop)")
-        page.block_thread()
-
-
 if __name__ == "__main__":
-    run_cli(main)
+    cli.run_cli(main)

@@ -8,80 +8,33 @@ The recipe, RECIPE below (each value is a flag, grouped in --help)
     optimizer       Adam, peak rate 1e-3, batches of 128
     schedule        step: x0.5 every 10 epochs; 50 epochs, early stop after 5 without a lower validation loss
     regularization  label smoothing 0.1; an EMA of the weights (decay 0.999), which is validated, saved and used
-    result          MNIST test accuracy 0.9966 in 1,820 s on 2 Intel Xeon cores with AMX (README, Results). The
-                    best recipe known, --epochs 30 --schedule warmup-linear --lr 6e-3, reaches 0.9971 +- 0.0003 over
-                    3 seeds in about 1,400 s on 2 AMD EPYC cores; the released model in weights/ is its seed 42
     --budget 10m    the run measures its own speed, then plans its steps to end within 10 minutes, warmup-linear
-                    from a peak of 6e-3 to zero on the planned last step (README, Training to a time budget)
+                    from a peak of 6e-3 to zero on the planned last step
+The released model in weights/ is this recipe with --epochs 30 --schedule warmup-linear --lr 6e-3. What each
+recipe reaches, in what time, on which machine: the README (Results; Training to a time budget).
 
     python train_cnn.py --data-dir ../shared/data          # the recipe: CNN_best_model.pth, then the test report
     python train_cnn.py --epochs 3 --limit 2000 --retrain   # a quick smoke run
 
 In this file: the training step, the optimizer, schedule and EMA, fit (epochs, validation, early stopping), then
-main; below one banner, the machinery that keeps runs safe (lock, settings check, exact resume, budget planning).
-The loop keeps the whole data set on the device and reads its metrics once per epoch. train_kfold.py trains its
-jobs with the same functions.
+main; below one banner, the budget planner. The loop keeps the whole data set on the device and reads its metrics
+once per epoch. The files a run keeps beside its checkpoint (lock, settings check, exact resume) are
+checkpoints.py's; train_kfold.py trains its jobs with the same functions.
 """
-import contextlib
 import copy
-import hashlib
 import io
 import math
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from data import (  # the story: data, batches, augmentation, precision
-    AUGMENTATIONS,
-    EVAL_BATCH_SIZE,
-    NORMALIZATION,
-    autocast,
-    batch_indices,
-    load_data,
-    pick_device,
-    pick_precision,
-    place_model,
-    prepare_batch,
-    progress_bar,
-    stratified_split,
-    subset_on_device,
-)
-from data import (  # the machinery: checkpoints, files, command line
-    PIPELINE_A_CHECKPOINT,
-    Parser,
-    UserError,
-    add_data_arguments,
-    add_device_arguments,
-    below_one,
-    check_outputs,
-    check_state_dict,
-    duration,
-    format_duration,
-    fraction,
-    history_path,
-    image_hashes,
-    is_complete,
-    library_versions,
-    load_checkpoint,
-    model_from_checkpoint,
-    nonnegative_float,
-    positive_float,
-    positive_int,
-    quoted,
-    read_checkpoint_file,
-    read_json,
-    resolve_data_arguments,
-    resume_path,
-    run_cli,
-    save_checkpoint,
-    seed_int,
-    use_deterministic_algorithms,
-    write_json,
-)
+import augmentation
+import checkpoints
+import cli
+import data
 from models import build_model
 
 # Pipeline A's recipe: argparse's defaults, and what --epochs, --lr and --schedule resolve to when not given (their
@@ -130,18 +83,18 @@ def train_one_epoch(model, images, labels, training, settings):
     correct = torch.zeros((), device=device, dtype=torch.long)
     finite = torch.ones((), device=device, dtype=torch.bool)
     seen = 0
-    augmentation = AUGMENTATIONS[settings["augmentation"]]
-    batches = batch_indices(len(images), settings["batch_size"], training.generators["shuffle"])
+    preset = augmentation.AUGMENTATIONS[settings["augmentation"]]
+    batches = data.batch_indices(len(images), settings["batch_size"], training.generators["shuffle"])
     if settings.get("planned_steps"):  # a budget's last epoch ends on its planned step
         batches = batches[:settings["planned_steps"] - training.scheduler.last_epoch]
-    progress = progress_bar(len(batches), "train")
+    progress = data.progress_bar(len(batches), "train")
     for index in batches:
         if len(index) < 2:  # BatchNorm cannot train on a single image
             continue
         # [B, 1, 28, 28]
-        x = prepare_batch(images[index], settings["normalization"], augmentation, training.generators["augment"])
+        x = data.prepare_batch(images[index], settings["normalization"], preset, training.generators["augment"])
         y = labels[index]
-        with autocast(device, settings["precision"]):
+        with data.autocast(device, settings["precision"]):
             logits = model(x)                                                      # [B, 10]
             loss = training.criterion(logits, y)
         training.optimizer.zero_grad(set_to_none=True)
@@ -165,9 +118,9 @@ def predict_logits(model, images, normalization, precision):
     """Logits [N, 10] (float32) for uint8 images [N, 28, 28] on the model's device, in eval mode."""
     model.eval()
     outputs = []
-    for index in batch_indices(len(images), EVAL_BATCH_SIZE):
-        x = prepare_batch(images[index], normalization)
-        with autocast(images.device, precision):
+    for index in data.batch_indices(len(images), data.EVAL_BATCH_SIZE):
+        x = data.prepare_batch(images[index], normalization)
+        with data.autocast(images.device, precision):
             outputs.append(model(x).float())
     return torch.cat(outputs) if outputs else torch.zeros(0, 10, device=images.device)
 
@@ -297,9 +250,9 @@ def fit(model, train_set, val_set, run):
     epoch) and leaves the best weights loaded in `model`.
     """
     settings = run.settings
-    trained_on = training_record(train_set[0])  # every checkpoint says which images its model trained on
+    trained_on = checkpoints.training_record(train_set[0])  # every checkpoint says which images its model trained on
     training = make_training(model, settings, steps_per_epoch(len(train_set[0]), settings["batch_size"]), run.seed)
-    progress = restore_run(run, model, training)
+    progress = checkpoints.restore_run(run, model, training)
     evaluated = training.evaluated(model)
     monitor = settings["monitor"]
     patience = math.inf if settings.get("budget") else settings["patience"]  # a budget's plan is the run
@@ -309,17 +262,17 @@ def fit(model, train_set, val_set, run):
         progress["history"].append(record)
         if is_better(record[monitor], progress["best"], monitor):
             progress.update(best=record[monitor], best_epoch=progress["epoch"], stale_epochs=0)
-            save_checkpoint(run.checkpoint, checkpoint_dict(evaluated, record, settings, trained_on))
+            checkpoints.save(run.checkpoint, checkpoints.checkpoint_dict(evaluated, record, settings, trained_on))
         else:
             progress["stale_epochs"] += 1
-        save_epoch(run, model, training, progress)
+        checkpoints.save_epoch(run, model, training, progress)
         run.log(epoch_line(record, progress, training.ema is not None))
     if progress["stale_epochs"] >= patience:
         run.log(f"early stop: {monitor} did not improve for {patience} epochs")
 
     # Mark the best checkpoint complete, then drop the resume file: a run is finished only when both are done.
-    finished = mark_complete(run.checkpoint)
-    resume_path(run.checkpoint).unlink(missing_ok=True)
+    finished = checkpoints.mark_complete(run.checkpoint)
+    checkpoints.resume_path(run.checkpoint).unlink(missing_ok=True)
     model.load_state_dict(finished["model_state"])
     run.log(f"best epoch {progress['best_epoch']} ({monitor} {progress['best']:.4f}) saved to {run.checkpoint}")
     return progress["history"]
@@ -336,8 +289,8 @@ def train_and_validate(model, data_sets, training, run, epoch):
     first_step = training.scheduler.last_epoch  # LambdaLR's count of optimizer steps so far
     train_loss, train_acc, finite, seen = train_one_epoch(model, *train_set, training, settings)
     if not finite or not all_finite(model):
-        raise UserError(f"training diverged in epoch {epoch}: the loss or the weights became NaN or Inf "
-                        f"(try a lower --lr); {run.checkpoint} is not marked complete")
+        raise cli.UserError(f"training diverged in epoch {epoch}: the loss or the weights became NaN or Inf "
+                            f"(try a lower --lr); {run.checkpoint} is not marked complete")
     train_seconds = time.perf_counter() - start
     # the epoch's highest rate, not its first step's (a warm-up epoch starts at a small fraction of the peak),
     # from the schedule's own rule over the steps it just took
@@ -373,49 +326,58 @@ def all_finite(model):
     return bool(torch.stack([torch.isfinite(t).all() for t in model_tensors(model) if t.is_floating_point()]).all())
 
 
+def new_model(arch, device, seed):
+    """A freshly initialised model on the device; the seed fixes the initial weights."""
+    torch.manual_seed(seed)
+    return data.place_model(build_model(arch), device)
+
+
+
 # ----------------------------------------------------------------------------- pipeline A's command line and main
 
 def parse_args(argv=None):
-    parser = Parser(__doc__)
+    parser = cli.Parser(__doc__)
     inputs = parser.add_argument_group("data")
-    add_data_arguments(inputs, default="mnist", split="train")
-    inputs.add_argument("--val-fraction", type=fraction, default=RECIPE["val_fraction"],
+    data.add_data_arguments(inputs, default="mnist", split="train")
+    inputs.add_argument("--val-fraction", type=cli.fraction, default=RECIPE["val_fraction"],
                         help="stratified validation share of the training set")
     inputs.add_argument("--no-test-report", action="store_true",
                         help="train and validate only, never reading the test set: for trials that choose a recipe "
                              "(the same command without it reuses the model and reports)")
     add_training_arguments(parser, RECIPE, parser.add_argument_group("model and length"))
-    add_device_arguments(parser, training=True)
+    data.add_device_arguments(parser, training=True)
     files = parser.add_argument_group("files")
-    files.add_argument("--checkpoint", help=f"best-model file; reused if complete (default: {PIPELINE_A_CHECKPOINT}, "
-                                            "or with --budget CNN_budget_<budget>.pth, so neither blocks the other)")
+    files.add_argument("--checkpoint", help="best-model file; reused if complete (default: "
+                                            f"{checkpoints.PIPELINE_A_CHECKPOINT}, or with --budget "
+                                            "CNN_budget_<budget>.pth, so neither blocks the other)")
     files.add_argument("--retrain", action="store_true", help="train even if the checkpoint exists")
-    args = resolve_training_arguments(resolve_data_arguments(parser.parse_args(argv)), RECIPE)
+    args = resolve_training_arguments(data.resolve_data_arguments(parser.parse_args(argv)), RECIPE)
     if args.checkpoint is None:
-        args.checkpoint = f"CNN_budget_{format_duration(args.budget)}.pth" if args.budget else PIPELINE_A_CHECKPOINT
+        args.checkpoint = (f"CNN_budget_{cli.format_duration(args.budget)}.pth" if args.budget
+                           else checkpoints.PIPELINE_A_CHECKPOINT)
     return args
 
 
 def add_training_arguments(parser, recipe, model):
     """The training flags both pipelines share, in the groups a reader tunes by, with the pipeline's recipe as
     defaults; `model` is the script's "model and length" group, which gets the length flags after its own."""
-    model.add_argument("--epochs", type=positive_int,
+    model.add_argument("--epochs", type=cli.positive_int,
                        help=f"the schedule's length (default: {recipe['epochs']}; not with --budget)")
-    model.add_argument("--patience", type=positive_int, default=recipe["patience"],
+    model.add_argument("--patience", type=cli.positive_int, default=recipe["patience"],
                        help="early stop after this many epochs without improvement")
-    model.add_argument("--seed", type=seed_int, default=recipe["seed"],
+    model.add_argument("--seed", type=cli.seed_int, default=recipe["seed"],
                        help="the seed of the split, the initial weights, the shuffling and the augmentation")
     group = parser.add_argument_group("optimizer")
     group.add_argument("--optimizer", choices=["adam", "adamw"], default=recipe["optimizer"])
-    group.add_argument("--lr", type=positive_float,
+    group.add_argument("--lr", type=cli.positive_float,
                        help=f"peak learning rate (default: {recipe['lr']}, with --budget {BUDGET_RECIPE['lr']})")
-    group.add_argument("--batch-size", type=positive_int, default=recipe["batch_size"])
-    group.add_argument("--weight-decay", type=nonnegative_float, default=recipe["weight_decay"],
+    group.add_argument("--batch-size", type=cli.positive_int, default=recipe["batch_size"])
+    group.add_argument("--weight-decay", type=cli.nonnegative_float, default=recipe["weight_decay"],
                        help="AdamW's decoupled weight decay (not used by adam)")
     group = parser.add_argument_group("regularization")
-    group.add_argument("--augmentation", choices=AUGMENTATIONS, default=recipe["augmentation"])
-    group.add_argument("--label-smoothing", type=below_one, default=recipe["label_smoothing"])
-    group.add_argument("--ema-decay", type=below_one, default=recipe["ema_decay"],
+    group.add_argument("--augmentation", choices=augmentation.AUGMENTATIONS, default=recipe["augmentation"])
+    group.add_argument("--label-smoothing", type=cli.below_one, default=recipe["label_smoothing"])
+    group.add_argument("--ema-decay", type=cli.below_one, default=recipe["ema_decay"],
                        help="the EMA of the weights: its decay per step (warmed up from 0.1); 0 turns it off")
     group = parser.add_argument_group("schedule")
     group.add_argument("--schedule", choices=SCHEDULE_SETTINGS,
@@ -423,14 +385,14 @@ def add_training_arguments(parser, recipe, model):
                             "warmup-cosine, warmup-linear: linear warm-up over --warmup-epochs, then cosine or linear "
                             f"to 0 at the last step (default: {recipe['schedule']}; with --budget "
                             f"{BUDGET_RECIPE['schedule']}, and only these two)")
-    group.add_argument("--lr-step", type=positive_int, default=recipe["lr_step"],
+    group.add_argument("--lr-step", type=cli.positive_int, default=recipe["lr_step"],
                        help="step schedule: epochs between learning-rate cuts")
-    group.add_argument("--lr-gamma", type=positive_float, default=recipe["lr_gamma"],
+    group.add_argument("--lr-gamma", type=cli.positive_float, default=recipe["lr_gamma"],
                        help="step schedule: factor at each cut")
-    group.add_argument("--warmup-epochs", type=nonnegative_float, default=recipe["warmup_epochs"],
+    group.add_argument("--warmup-epochs", type=cli.nonnegative_float, default=recipe["warmup_epochs"],
                        help="warmup-cosine and warmup-linear: warm-up length in epochs")
     group = parser.add_argument_group("time budget")
-    group.add_argument("--budget", type=duration,
+    group.add_argument("--budget", type=cli.duration,
                        help="train for this long instead of --epochs (90s, 10m, 2h): the run measures its speed, "
                             "then plans its steps")
 
@@ -445,11 +407,11 @@ def resolve_training_arguments(args, recipe):
         return args
     args.lr = args.lr or BUDGET_RECIPE["lr"]
     if args.epochs is not None:
-        raise UserError("--budget plans the number of steps itself; give --budget or --epochs, not both")
+        raise cli.UserError("--budget plans the number of steps itself; give --budget or --epochs, not both")
     if args.schedule not in (None, *BUDGET_SCHEDULES):
-        raise UserError(f"--schedule {args.schedule} does not end at zero on a planned step; "
-                        f"with --budget use {' or '.join(BUDGET_SCHEDULES)} "
-                        f"(the default is {BUDGET_RECIPE['schedule']})")
+        raise cli.UserError(f"--schedule {args.schedule} does not end at zero on a planned step; "
+                            f"with --budget use {' or '.join(BUDGET_SCHEDULES)} "
+                            f"(the default is {BUDGET_RECIPE['schedule']})")
     args.schedule = args.schedule or BUDGET_RECIPE["schedule"]
     return args
 
@@ -461,49 +423,49 @@ def load_splits(args, device):
     --no-test-report the test set is None: MNIST's test files are not read, and a CSV's test rows are still held
     out (so the run trains on what the same command without the flag trains on) but never scored.
     """
-    images, labels = load_data(args, "train")
+    images, labels = data.load_data(args, "train")
     test = None
     if args.data == "csv":
-        kept, held_out = stratified_split(labels, args.val_fraction, args.seed)
+        kept, held_out = data.stratified_split(labels, args.val_fraction, args.seed)
         test = images[held_out], labels[held_out]
         images, labels = images[kept], labels[kept]
     elif not args.no_test_report:
-        test = load_data(args, "test")
-    train, val = stratified_split(labels, args.val_fraction, args.seed)
-    test_set = None if args.no_test_report else subset_on_device(*test, torch.arange(len(test[1])), device)
-    return (subset_on_device(images, labels, train, device), subset_on_device(images, labels, val, device),
-            test_set, data_fingerprint(images, labels))
+        test = data.load_data(args, "test")
+    train, val = data.stratified_split(labels, args.val_fraction, args.seed)
+    test_set = None if args.no_test_report else data.subset_on_device(*test, torch.arange(len(test[1])), device)
+    return (data.subset_on_device(images, labels, train, device), data.subset_on_device(images, labels, val, device),
+            test_set, checkpoints.data_fingerprint(images, labels))
 
 
 def main(argv=None):
     args = parse_args(argv)
     if args.use_deterministic_algorithms:
-        use_deterministic_algorithms()
-    device = pick_device(args.device)
-    precision = pick_precision(args.precision, device)
+        data.use_deterministic_algorithms()
+    device = data.pick_device(args.device)
+    precision = data.pick_precision(args.precision, device)
     checkpoint = Path(args.checkpoint)
-    check_outputs({"--checkpoint": [checkpoint, history_path(checkpoint), resume_path(checkpoint),
-                                    plan_path(checkpoint)]},
-                  {"--train-csv": [args.train_csv] if args.data == "csv" else []})
-    with checkpoint_lock(checkpoint):
+    cli.check_outputs({"--checkpoint": checkpoints.training_files(checkpoint)},
+                      {"--train-csv": [args.train_csv] if args.data == "csv" else []})
+    with checkpoints.checkpoint_lock(checkpoint):
         train_and_report(args, device, precision, checkpoint)
 
 
 def train_and_report(args, device, precision, checkpoint):
-    existing = existing_checkpoint(checkpoint, args.retrain)
-    if existing is not None and is_complete(existing) and existing["arch"] != "vgg":  # before the data is read
-        raise UserError(f"{checkpoint} holds a {existing['arch']} model, not pipeline A's vgg; "
-                        "pass another --checkpoint or --retrain")
+    existing = checkpoints.existing_checkpoint(checkpoint, args.retrain)
+    # before the data is read
+    if existing is not None and checkpoints.is_complete(existing) and existing["arch"] != "vgg":
+        raise cli.UserError(f"{checkpoint} holds a {existing['arch']} model, not pipeline A's vgg; "
+                            "pass another --checkpoint or --retrain")
     train_set, val_set, test_set, fingerprint = load_splits(args, device)
     settings, flags = training_settings(args, {"arch": "vgg", "data": fingerprint,
                                                "split": {"val_fraction": args.val_fraction},
                                                "monitor": "val_loss", "precision": precision})
-    run = Run(checkpoint, settings, flags, seed=args.seed, retrain=args.retrain)
+    run = checkpoints.Run(checkpoint, settings, flags, seed=args.seed, retrain=args.retrain)
     tested = "no test set (--no-test-report)" if test_set is None else f"{len(test_set[0])} test images"
     print(f"device {device}, precision {precision}, {torch.get_num_threads()} threads; "
           f"{len(train_set[0])} train / {len(val_set[0])} val / {tested}")
     adopt_saved_plan(run, existing)
-    finished = finished_checkpoint(run, existing)
+    finished = checkpoints.finished_checkpoint(run, existing)
     if finished is not None:
         model, normalization = reused_model(run, finished, device)
     else:
@@ -531,73 +493,9 @@ def train_new_model(run, device, train_set, val_set, started):
 
 def reused_model(run, finished, device):
     """(model, normalization) of the run's finished checkpoint (its contents: `finished`), said in one line."""
-    model, _ = model_from_checkpoint(run.checkpoint, device, finished)
+    model, _ = checkpoints.load_model(run.checkpoint, device, finished)
     run.log(f"using {run.checkpoint} (epoch {finished['epoch']}); --retrain to train again")
     return model, finished["normalization"]
-
-
-# ============================================================================= machinery
-# Below: what keeps a run safe and exact, which the story above calls: the lock on a checkpoint, the data
-# fingerprint and the record of training images, the run settings and their check, the resume state, finishing a
-# checkpoint, and training to a time budget. The checkpoint format itself, as every script reads it, is data.py's.
-
-
-@dataclass
-class Run:
-    """One training run: its checkpoint, its settings and which of them are flags, the model's seed, its log."""
-    checkpoint: Path
-    settings: dict
-    flags: frozenset  # the settings given on the command line, named --flag in messages
-    seed: int
-    retrain: bool = False
-    log: Callable[[str], None] = print
-    # Settings added after checkpoints were first written: a file without one was made with this value (or, for
-    # a function, the value it gives for the file's other settings), so finished models stay valid.
-    added_settings: dict = field(default_factory=dict)
-
-
-RESUME_KEYS = ("model_state", "optimizer_state", "scheduler_state", "scaler_state", "rng", "progress", "arch")
-
-
-def lock_path(checkpoint):
-    """The lock a training run holds on its checkpoint; the file stays, the lock ends with the process."""
-    return Path(checkpoint).with_suffix(".lock")
-
-
-@contextlib.contextmanager
-def checkpoint_lock(checkpoint):
-    """Hold the checkpoint's lock for a run's life; a UserError when another run holds it.
-
-    An advisory lock on a file beside the checkpoint (filelock, flock on POSIX): the system releases it
-    when the process ends, however it ends, so a killed run never leaves a stale lock behind.
-    """
-    from filelock import FileLock, Timeout
-    path = lock_path(checkpoint)
-    lock = FileLock(path, timeout=0)
-    try:
-        lock.acquire()
-    except Timeout:
-        raise UserError(f"{checkpoint} is in use by another training run (it holds {path}); "
-                        "wait for it to finish, or choose another checkpoint or output folder") from None
-    except OSError as error:
-        raise UserError(f"cannot lock {path}: {error.strerror or error}") from None
-    try:
-        yield
-    finally:
-        lock.release()
-
-
-def data_fingerprint(images, labels):
-    """A short description of a training set that changes when any image or label does."""
-    digest = hashlib.sha256(images.numpy().tobytes())
-    digest.update(labels.numpy().tobytes())
-    return f"{len(labels)} images, sha256 {digest.hexdigest()[:16]}"
-
-
-def training_record(images):
-    """What a checkpoint's trained_on holds: the sorted, distinct hashes (data.image_hashes) of the images its model
-    trained on, the validation images not counted."""
-    return torch.unique(image_hashes(images))
 
 
 def training_settings(args, run_of):
@@ -612,163 +510,14 @@ def training_settings(args, run_of):
              "augmentation", "ema_decay", *([] if budget else ["patience"]),
              *(["weight_decay"] if args.optimizer == "adamw" else []), *SCHEDULE_SETTINGS[args.schedule],
              *(["budget"] if budget else [])]
-    settings = {**run_of, "normalization": dict(NORMALIZATION), **{name: getattr(args, name) for name in flags}}
+    settings = {**run_of, "normalization": dict(data.NORMALIZATION), **{name: getattr(args, name) for name in flags}}
     if budget:
         settings.update(planned_steps=None, epochs=None, patience=None)  # fixed by the plan (see plan_budget)
     return settings, frozenset(flags)
 
 
-def settings_difference(saved, current, may_change, added_settings):
-    """(name, saved value, current value) of the first setting that differs outside may_change, else None.
 
-    First in the order of `current` (the order the run defines them in), then settings only `saved` has.
-    A setting in added_settings that `saved` lacks is read as the value runs had before it existed.
-    """
-    added = {name: value(saved) if callable(value) else value
-             for name, value in added_settings.items() if name in current and name not in saved}
-    saved = {**saved, **added}
-    for name in [*current, *(name for name in saved if name not in current)]:
-        if name not in may_change and saved.get(name) != current.get(name):
-            return name, saved.get(name), current.get(name)
-    return None
-
-
-def check_same_run(path, saved_settings, run, resuming):
-    """A checkpoint or resume file belongs to a run with these settings; one line naming the first that differs.
-
-    Allowed to differ: --patience, and --epochs under the step schedule (whose rates do not depend on it);
-    a finished run may also be used at another --precision.
-    """
-    if not isinstance(saved_settings, dict):
-        raise UserError(f"{path} records no run settings, so it cannot be checked against this run; "
-                        "pass --retrain to train it again")
-    may_change = {"patience"} | ({"epochs"} if run.settings["schedule"] == "step" else set())
-    if not resuming:
-        may_change.add("precision")
-    difference = settings_difference(saved_settings, run.settings, may_change, run.added_settings)
-    if difference:
-        name, before, now = difference
-        name = f"--{name.replace('_', '-')}" if name in run.flags else name
-        raise UserError(f"{path} was trained with {name} {quoted(before)}, this run has {quoted(now)}: "
-                        "repeat the original settings, or pass --retrain to start again")
-
-
-def existing_checkpoint(path, retrain):
-    """The contents of a run's checkpoint file, read and checked; None when there is none or under --retrain."""
-    path = Path(path)
-    return load_checkpoint(path) if path.exists() and not retrain else None
-
-
-def finished_checkpoint(run, existing):
-    """`existing` (the checkpoint file's contents, or None) when it is this run's finished model, else None (train);
-    one line when it is the finished model of other settings."""
-    if existing is None or not is_complete(existing):
-        return None
-    check_same_run(run.checkpoint, existing.get("settings"), run, resuming=False)
-    return existing
-
-
-def checkpoint_dict(model, record, settings, trained_on):
-    """A checkpoint of `model`'s weights after the epoch `record` (a history entry) describes.
-
-    trained_on: the record of the training images (training_record), validation images not counted.
-    """
-    return {"model_state": model.state_dict(), "arch": settings["arch"],
-            "normalization": dict(settings["normalization"]),
-            "precision": settings["precision"], "epoch": record["epoch"],
-            "metrics": {"val_loss": record["val_loss"], "val_accuracy": record["val_accuracy"]},
-            "settings": settings, "versions": library_versions(), "complete": False, "trained_on": trained_on}
-
-
-def mark_complete(path):
-    """Mark the checkpoint at `path` as the finished run's best; returns the checkpoint dict."""
-    checkpoint = load_checkpoint(path)
-    checkpoint["complete"] = True
-    save_checkpoint(path, checkpoint)
-    return checkpoint
-
-
-def save_epoch(run, model, training, progress):
-    """After an epoch: the resume file (everything an exact replay needs) and the history JSON."""
-    device = next(model.parameters()).device
-    state = {"model_state": model.state_dict(), "optimizer_state": training.optimizer.state_dict(),
-             "scheduler_state": training.scheduler.state_dict(), "scaler_state": training.scaler.state_dict(),
-             "rng": rng_state(training.generators, device), "progress": progress, "arch": run.settings["arch"],
-             "settings": run.settings, "average": None if training.ema is None else training.ema.state_dict()}
-    save_checkpoint(resume_path(run.checkpoint), state)
-    write_json(history_path(run.checkpoint), progress["history"])
-
-
-def restore_run(run, model, training):
-    """The progress of a new run, or of the run the resume file holds, restored into model and training.
-
-    A resume file of another run (architecture, settings, device type) is one line, before anything is loaded.
-    """
-    resume = resume_path(run.checkpoint)
-    if run.retrain:  # --retrain starts again, whatever an earlier run left
-        resume.unlink(missing_ok=True)
-    if not resume.exists():
-        return {"epoch": 0, "best": None, "best_epoch": None, "stale_epochs": 0, "history": []}
-    device = next(model.parameters()).device
-    saved = read_checkpoint_file(resume, RESUME_KEYS)
-    if saved["arch"] != run.settings["arch"]:
-        raise UserError(f"{resume}: the resume file of a {quoted(saved['arch'])} run, not {run.settings['arch']}; "
-                        "pass --retrain to start again, or another --checkpoint")
-    check_same_run(resume, saved.get("settings"), run, resuming=True)
-    check_resume_device(resume, saved["rng"], device)
-    check_state_dict(resume, saved["model_state"])
-    model.load_state_dict(saved["model_state"])
-    training.optimizer.load_state_dict(saved["optimizer_state"])
-    training.scheduler.load_state_dict(saved["scheduler_state"])
-    training.scaler.load_state_dict(saved["scaler_state"])
-    if training.ema is not None:
-        training.ema.load_state_dict(saved["average"])
-    set_rng_state(training.generators, saved["rng"], device)
-    run.log(f"resuming {run.checkpoint} after epoch {saved['progress']['epoch']} from {resume}")
-    return saved["progress"]
-
-
-def rng_state(generators, device):
-    """The random state a resumed run needs: its generators, and the one dropout draws from on its device.
-
-    Only the run's own device is saved (not every visible GPU), so a run resumes on a machine with fewer GPUs.
-    """
-    state = {name: g.get_state() for name, g in generators.items()}
-    state["device"] = device.type
-    state["torch"] = torch.get_rng_state()  # dropout on the CPU draws from the global generator
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    elif device.type == "mps":
-        state["mps"] = torch.mps.get_rng_state()
-    return state
-
-
-def check_resume_device(path, state, device):
-    """A resume file carries generator states of its device type, which no other type can take; one line if so."""
-    saved = state.get("device", "cpu")  # resume files that name no device were written on a CPU
-    if saved != device.type:
-        raise UserError(f"{path} was written by a run on {saved}, this run is on {device.type}: random generator "
-                        "states "
-                        f"do not carry across device types; resume with --device {saved}, or pass --retrain to start "
-                        "again")
-
-
-def set_rng_state(generators, state, device):
-    for name, g in generators.items():
-        g.set_state(state[name])
-    torch.set_rng_state(state["torch"])
-    if device.type == "cuda":
-        torch.cuda.set_rng_state(state["cuda"], device)
-    elif device.type == "mps":
-        torch.mps.set_rng_state(state["mps"])
-
-
-def new_model(arch, device, seed):
-    """A freshly initialised model on the device; the seed fixes the initial weights."""
-    torch.manual_seed(seed)
-    return place_model(build_model(arch), device)
-
-
+# ============================================================================= the budget planner
 # Training to a time budget: with --budget a run measures its own speed on its first steps (after a warm-up, on this
 # machine, at this precision), then fixes its number of optimizer steps so that training and its validation passes
 # end within the budget, and its schedule reaches zero on that planned step. The plan becomes part of the run's
@@ -778,10 +527,6 @@ def new_model(arch, device, seed):
 
 PLAN_KEYS = ("planned_steps", "epochs")
 WARMUP_STEPS, MEASURED_STEPS, MEASURED_ROUNDS = 3, 10, 3
-
-
-def plan_path(checkpoint):
-    return Path(checkpoint).with_suffix(".plan.json")
 
 
 def without_plan(settings):
@@ -799,8 +544,8 @@ def adopt_saved_plan(run, existing):
     if not needs_plan(run):
         return
     candidates = []
-    if plan_path(run.checkpoint).exists() and not run.retrain:
-        candidates.append(read_json(plan_path(run.checkpoint)).get("settings"))
+    if checkpoints.plan_path(run.checkpoint).exists() and not run.retrain:
+        candidates.append(cli.read_json(checkpoints.plan_path(run.checkpoint)).get("settings"))
     if existing is not None:
         candidates.append(existing.get("settings"))
     for saved in candidates:
@@ -890,21 +635,21 @@ def plan_steps(seconds, jobs):
 
 
 def budget_error(budget, spent, needed):
-    return UserError(f"--budget {format_duration(budget)} is too short for this run: measuring its speed took "
-                     f"{spent:.0f}s "
-                     f"and one step with one validation pass needs {needed:.1f}s more; give at least "
-                     f"{format_duration(math.ceil(1.5 * (spent + needed)))}")
+    return cli.UserError(f"--budget {cli.format_duration(budget)} is too short for this run: measuring its speed took "
+                         f"{spent:.0f}s "
+                         f"and one step with one validation pass needs {needed:.1f}s more; give at least "
+                         f"{cli.format_duration(math.ceil(1.5 * (spent + needed)))}")
 
 
 def fix_plan(run, per_epoch, planned_steps, speed):
     """Record the plan (`per_epoch` steps an epoch) in the run's settings and its plan file, and say it in one line."""
     run.settings.update(planned_steps=planned_steps, epochs=math.ceil(planned_steps / per_epoch))
-    write_json(plan_path(run.checkpoint), {"settings": run.settings, "measured": speed})
+    cli.write_json(checkpoints.plan_path(run.checkpoint), {"settings": run.settings, "measured": speed})
     images_per_second = run.settings["batch_size"] / speed["step_seconds"]
-    run.log(f"budget {format_duration(run.settings['budget'])}: {planned_steps} steps = "
+    run.log(f"budget {cli.format_duration(run.settings['budget'])}: {planned_steps} steps = "
             f"{planned_steps / per_epoch:.2f} epochs, at {images_per_second:.0f} img/s measured "
             f"({run.settings['precision']}); {run.settings['schedule']} to 0 at step {planned_steps}")
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    cli.run_cli(main)

@@ -9,9 +9,7 @@ The recipe, RECIPE below: pipeline A's (train_cnn.py) with these changes, each v
     optimizer       AdamW, peak rate 1e-3, weight decay 1e-4, batches of 128
     schedule        cosine to 0 by epoch over 30 epochs; early stop after 10 without a higher validation accuracy
     regularization  label smoothing 0.1; an EMA of the weights (decay 0.999)
-    result          with predict_tta.py's 4 TTA variants, Kaggle's published score 0.99689; at 3 epochs on MNIST,
-                    out of fold 0.9944 and MNIST test accuracy 0.9961 (README, Results). --archs vgg --n-folds 10
-                    --budget 105m: out of fold 0.9965, MNIST test accuracy 0.9974 (README, Training to a time budget)
+Its out-of-fold and test accuracies, and Kaggle's score of its submission: the README (Results).
 
     python train_kfold.py --train-csv data/digit-recognizer/train.csv          # all folds, both archs
     python train_kfold.py --folds 0 2 --archs resnet                            # a subset, e.g. one job per machine
@@ -20,8 +18,8 @@ The recipe, RECIPE below: pipeline A's (train_cnn.py) with these changes, each v
 Each (arch, fold) job writes models/<arch>_fold<k>.pth (train_cnn.py's checkpoint), its history and its out-of-fold
 probabilities. A completed job is skipped on the next run; an interrupted one resumes from its last epoch. When all
 jobs are done, rank 0 writes the summary: validation accuracy per fold, per architecture, and of the out-of-fold
-ensemble. In this file: the folds, one job, the summary, main; below one banner, the job files, dealing jobs to
-torchrun's ranks, and the ranks themselves.
+ensemble. In this file: the folds, one job, the summary, main; below one banner, each job's run (its files are named
+in checkpoints.py), dealing jobs to torchrun's ranks, and the ranks themselves.
 """
 import contextlib
 import datetime
@@ -36,53 +34,14 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from data import (  # the story: data and folds
-    load_data,
-    pick_device,
-    pick_precision,
-    subset_on_device,
-)
-from data import (  # the machinery: files, ranks, command line
-    Parser,
-    UserError,
-    add_data_arguments,
-    add_device_arguments,
-    check_outputs,
-    format_duration,
-    history_path,
-    is_complete,
-    load_checkpoint,
-    positive_int,
-    resolve_data_arguments,
-    resume_path,
-    run_cli,
-    share_cpu_threads,
-    use_deterministic_algorithms,
-    write_json,
-    write_numpy,
-)
+import checkpoints
+import cli
+import data
+import train_cnn
 from models import ARCH_NUMBERS, MODELS
-from train_cnn import RECIPE as PIPELINE_A_RECIPE
-from train_cnn import (
-    Run,
-    add_training_arguments,
-    adopt_saved_plan,
-    checkpoint_lock,
-    data_fingerprint,
-    existing_checkpoint,
-    finished_checkpoint,
-    needs_plan,
-    plan_budget,
-    plan_path,
-    predict_logits,
-    resolve_training_arguments,
-    reused_model,
-    train_new_model,
-    training_settings,
-)
 
 # Pipeline B's recipe: pipeline A's (its validation share aside: here the folds decide), with these changes.
-RECIPE = {**{name: value for name, value in PIPELINE_A_RECIPE.items() if name != "val_fraction"},
+RECIPE = {**{name: value for name, value in train_cnn.RECIPE.items() if name != "val_fraction"},
           "archs": ["resnet", "widecnn"], "n_folds": 5, "epochs": 30, "patience": 10,
           "optimizer": "adamw", "augmentation": "strong", "schedule": "cosine"}
 
@@ -97,14 +56,14 @@ def fold_indices(labels, n_folds, seed):
         return [(torch.from_numpy(tr), torch.from_numpy(va)) for tr, va in splitter.split(np.zeros(len(labels)),
                                                                                           labels.numpy())]
     except ValueError as error:
-        raise UserError(f"cannot split {len(labels)} images into {n_folds} stratified folds ({error})") from None
+        raise cli.UserError(f"cannot split {len(labels)} images into {n_folds} stratified folds ({error})") from None
 
 
 def job_sets(kfold, fold):
     """(train_set, val_set) of a fold on the device: the other folds, and this one."""
     train_idx, val_idx = kfold.splits[fold]
-    return (subset_on_device(kfold.images, kfold.labels, train_idx, kfold.device),
-            subset_on_device(kfold.images, kfold.labels, val_idx, kfold.device))
+    return (data.subset_on_device(kfold.images, kfold.labels, train_idx, kfold.device),
+            data.subset_on_device(kfold.images, kfold.labels, val_idx, kfold.device))
 
 
 def job_sizes(kfold, fold):
@@ -122,20 +81,21 @@ def job_seed(seed, arch, fold):
 
 def run_job(kfold, arch, fold, run, finished):
     """Train one model on the other folds (or reuse its finished checkpoint), save its out-of-fold probabilities."""
-    if finished is not None and oof_path(kfold.args.out, arch, fold).exists():
+    if finished is not None and checkpoints.oof_path(kfold.args.out, arch, fold).exists():
         run.log("complete, skipped (--retrain to train again)")
         return
     _, val_idx = kfold.splits[fold]
-    val_set = subset_on_device(kfold.images, kfold.labels, val_idx, kfold.device)
+    val_set = data.subset_on_device(kfold.images, kfold.labels, val_idx, kfold.device)
     start = time.perf_counter()
     if finished is not None:
-        model, normalization = reused_model(run, finished, kfold.device)
+        model, normalization = train_cnn.reused_model(run, finished, kfold.device)
     else:
-        model, normalization = train_new_model(run, kfold.device, *job_sets(kfold, fold), start)
-    probs = torch.softmax(predict_logits(model, val_set[0], normalization, kfold.precision), 1).cpu()  # [N_val, 10]
-    write_numpy(oof_path(kfold.args.out, arch, fold), {"indices": val_idx.numpy(),
-                                                       "labels": kfold.labels[val_idx].numpy(),
-                                                       "probs": probs.numpy()})
+        model, normalization = train_cnn.train_new_model(run, kfold.device, *job_sets(kfold, fold), start)
+    logits = train_cnn.predict_logits(model, val_set[0], normalization, kfold.precision)
+    probs = torch.softmax(logits, 1).cpu()                                                           # [N_val, 10]
+    cli.write_numpy(checkpoints.oof_path(kfold.args.out, arch, fold), {"indices": val_idx.numpy(),
+                                                                       "labels": kfold.labels[val_idx].numpy(),
+                                                                       "probs": probs.numpy()})
     accuracy = (probs.argmax(1) == kfold.labels[val_idx]).float().mean()
     run.log(f"done in {time.perf_counter() - start:.0f}s, val accuracy {accuracy:.4f}")
 
@@ -150,13 +110,13 @@ def summarize(args, labels):
     for arch in args.archs:
         arch_probs = torch.full((len(labels), 10), float("nan"))
         for fold in range(args.n_folds):
-            path = oof_path(args.out, arch, fold)
+            path = checkpoints.oof_path(args.out, arch, fold)
             if not path.exists():
                 continue
             saved = np.load(path)
             indices = torch.from_numpy(saved["indices"])
             if indices.max() >= len(labels) or not torch.equal(torch.from_numpy(saved["labels"]), labels[indices]):
-                raise UserError(f"{path} was made from other training data; use --retrain or another --out")
+                raise cli.UserError(f"{path} was made from other training data; use --retrain or another --out")
             probs = torch.from_numpy(saved["probs"])
             arch_probs[indices] = probs
             table.setdefault(arch, {})[f"fold{fold}"] = (probs.argmax(1) == labels[indices]).float().mean().item()
@@ -172,7 +132,7 @@ def summarize(args, labels):
         correct = ensemble_sum[everywhere].argmax(1) == labels[everywhere]
         summary["ensemble_out_of_fold"] = correct.float().mean().item()
         summary["ensemble_images"] = int(everywhere.sum())
-    write_json(Path(args.out) / "summary.json", summary)
+    cli.write_json(Path(args.out) / "summary.json", summary)
     print_summary(summary, args.n_folds)
 
 
@@ -190,19 +150,19 @@ def print_summary(summary, n_folds):
 # ----------------------------------------------------------------------------- pipeline B's command line and main
 
 def parse_args(argv=None):
-    parser = Parser(__doc__)
-    add_data_arguments(parser.add_argument_group("data"), default="csv", split="train")
+    parser = cli.Parser(__doc__)
+    data.add_data_arguments(parser.add_argument_group("data"), default="csv", split="train")
     model = parser.add_argument_group("model and length")
     model.add_argument("--archs", nargs="+", choices=list(MODELS), default=RECIPE["archs"])
-    model.add_argument("--n-folds", type=positive_int, default=RECIPE["n_folds"], help="number of stratified folds")
+    model.add_argument("--n-folds", type=cli.positive_int, default=RECIPE["n_folds"], help="number of stratified folds")
     model.add_argument("--folds", nargs="+", type=int, help="which folds to train (default: all)")
-    add_training_arguments(parser, RECIPE, model)
-    add_device_arguments(parser, training=True)
+    train_cnn.add_training_arguments(parser, RECIPE, model)
+    data.add_device_arguments(parser, training=True)
     files = parser.add_argument_group("files")
     files.add_argument("--out", default="models",
                        help="folder for checkpoints, histories, out-of-fold probabilities, summary")
     files.add_argument("--retrain", action="store_true", help="train jobs again even if complete")
-    args = resolve_training_arguments(resolve_data_arguments(parser.parse_args(argv)), RECIPE)
+    args = train_cnn.resolve_training_arguments(data.resolve_data_arguments(parser.parse_args(argv)), RECIPE)
     if args.n_folds < 2:
         parser.error("--n-folds must be at least 2")
     args.folds = sorted(set(args.folds if args.folds is not None else range(args.n_folds)))
@@ -215,43 +175,43 @@ def main(argv=None):
     started = time.perf_counter()
     args = parse_args(argv)
     if args.use_deterministic_algorithms:
-        use_deterministic_algorithms()
+        data.use_deterministic_algorithms()
     rank, world, local_rank = distributed_context()
-    device = pick_device(args.device, local_rank)  # under torchrun: cuda:LOCAL_RANK, made current
+    device = data.pick_device(args.device, local_rank)  # under torchrun: cuda:LOCAL_RANK, made current
     if device.type == "cpu":  # ranks on one machine share its cores instead of fighting over them
-        share_cpu_threads(int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
-    precision = pick_precision(args.precision, device)
+        data.share_cpu_threads(int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+    precision = data.pick_precision(args.precision, device)
     log = print if world == 1 else (lambda line: print(f"rank {rank}: {line}", flush=True))
 
     jobs = [(arch, fold) for arch in args.archs for fold in args.folds]
-    check_outputs({"--out": [Path(args.out) / "summary.json", *(p for job in jobs for p in job_files(args.out, *job))]},
-                  {"--train-csv": [args.train_csv] if args.data == "csv" else []})
+    outputs = [Path(args.out) / "summary.json", *(p for job in jobs for p in checkpoints.job_files(args.out, *job))]
+    cli.check_outputs({"--out": outputs}, {"--train-csv": [args.train_csv] if args.data == "csv" else []})
     mine = deal_jobs(jobs, world, {job: job_cost(args.out, *job) for job in jobs})[rank]
     with contextlib.ExitStack() as locks:  # this rank's checkpoints are its own until it ends
         for job in mine:
-            locks.enter_context(checkpoint_lock(job_checkpoint(args.out, *job)))
-        images, labels = load_data(args, "train")
+            locks.enter_context(checkpoints.checkpoint_lock(checkpoints.job_checkpoint(args.out, *job)))
+        images, labels = data.load_data(args, "train")
         kfold = KFold(args, images, labels, fold_indices(labels, args.n_folds, args.seed), device, precision, log)
         log(f"device {device}, precision {precision}, {torch.get_num_threads()} threads; {len(images)} images, "
             f"{args.n_folds} folds; jobs {', '.join(f'{a}/{f}' for a, f in mine) or 'none'}")
-        fingerprint = data_fingerprint(images, labels)
+        fingerprint = checkpoints.data_fingerprint(images, labels)
         runs = {job: job_run(kfold, *job, fingerprint) for job in mine}
         # every finished job is checked against this run's settings before any training starts
-        existing = {job: existing_checkpoint(runs[job].checkpoint, args.retrain) for job in mine}
+        existing = {job: checkpoints.existing_checkpoint(runs[job].checkpoint, args.retrain) for job in mine}
         for job in mine:
-            adopt_saved_plan(runs[job], existing[job])
-        finished = {job: finished_checkpoint(runs[job], existing[job]) for job in mine}
-        unplanned = [job for job in mine if needs_plan(runs[job]) and finished[job] is None]
+            train_cnn.adopt_saved_plan(runs[job], existing[job])
+        finished = {job: checkpoints.finished_checkpoint(runs[job], existing[job]) for job in mine}
+        unplanned = [job for job in mine if train_cnn.needs_plan(runs[job]) and finished[job] is None]
         if unplanned:
             budget_jobs = []
             for arch, fold in unplanned:  # each predicts its fold's validation images after training (out of fold)
                 sizes = job_sizes(kfold, fold)
                 budget_jobs.append((runs[(arch, fold)], sizes, functools.partial(job_sets, kfold, fold), sizes[1]))
-            plan_budget(budget_jobs, device, started)
+            train_cnn.plan_budget(budget_jobs, device, started)
         for job in mine:
             run_job(kfold, *job, runs[job], finished[job])
         if args.budget:
-            log(f"training took {time.perf_counter() - started:.0f}s of --budget {format_duration(args.budget)}")
+            log(f"training took {time.perf_counter() - started:.0f}s of --budget {cli.format_duration(args.budget)}")
 
     if world > 1:
         dist.barrier()
@@ -262,8 +222,8 @@ def main(argv=None):
 
 
 # ============================================================================= machinery
-# Below: what main runs the jobs with: the state every job shares and each job's run (train_cnn.py's run files),
-# the files a job writes, dealing the jobs over torchrun's ranks by cost, and the ranks themselves.
+# Below: what main runs the jobs with: the state every job shares and each job's run (checkpoints.Run, its files
+# named by checkpoints.job_files), dealing the jobs over torchrun's ranks by cost, and the ranks themselves.
 
 
 @dataclass
@@ -282,29 +242,15 @@ def job_run(kfold, arch, fold, fingerprint):
     """The Run of one (arch, fold) job: its checkpoint, settings (the job seed recorded) and log prefix."""
     args = kfold.args
     seed = job_seed(args.seed, arch, fold)
-    settings, flags = training_settings(args, {"arch": arch, "data": fingerprint, "split": {"n_folds": args.n_folds,
-                                                                                            "fold": fold},
-                                               "monitor": "val_accuracy", "precision": kfold.precision})
+    settings, flags = train_cnn.training_settings(args, {"arch": arch, "data": fingerprint,
+                                                         "split": {"n_folds": args.n_folds, "fold": fold},
+                                                         "monitor": "val_accuracy", "precision": kfold.precision})
     settings["job_seed"] = seed  # after --seed, from which it follows: a changed --seed is named as such
-    return Run(job_checkpoint(args.out, arch, fold), settings, flags, seed=seed, retrain=args.retrain,
-               log=lambda line: kfold.log(f"[{arch} fold {fold}] {line}"),
-               # checkpoints written before the job seed was recorded were made with this seed
-               added_settings={"job_seed": lambda saved: job_seed(saved["seed"], saved["arch"],
-                                                                  saved["split"]["fold"])})
-
-
-def job_checkpoint(out, arch, fold):
-    return Path(out) / f"{arch}_fold{fold}.pth"
-
-
-def oof_path(out, arch, fold):
-    return Path(out) / f"{arch}_fold{fold}.oof.npz"
-
-
-def job_files(out, arch, fold):
-    """Every file an (arch, fold) job writes."""
-    path = job_checkpoint(out, arch, fold)
-    return [path, history_path(path), resume_path(path), plan_path(path), oof_path(out, arch, fold)]
+    return checkpoints.Run(checkpoints.job_checkpoint(args.out, arch, fold), settings, flags, seed=seed,
+                           retrain=args.retrain, log=lambda line: kfold.log(f"[{arch} fold {fold}] {line}"),
+                           # checkpoints written before the job seed was recorded were made with this seed
+                           added_settings={"job_seed": lambda saved: job_seed(saved["seed"], saved["arch"],
+                                                                              saved["split"]["fold"])})
 
 
 # Training time per image relative to widecnn, from `make bench` on a CPU (README, Speed): deals k-fold jobs evenly.
@@ -313,8 +259,9 @@ TRAINING_COST = {"vgg": 0.5, "resnet": 2.3, "widecnn": 1.0}
 
 def job_cost(out, arch, fold):
     """TRAINING_COST of the job's architecture; nothing when it is already complete (it will be skipped)."""
-    path = job_checkpoint(out, arch, fold)
-    done = path.exists() and oof_path(out, arch, fold).exists() and is_complete(load_checkpoint(path))
+    path = checkpoints.job_checkpoint(out, arch, fold)
+    done = (path.exists() and checkpoints.oof_path(out, arch, fold).exists()
+            and checkpoints.is_complete(checkpoints.load(path)))
     return 0.0 if done else TRAINING_COST[arch]
 
 
@@ -342,4 +289,4 @@ def distributed_context():
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    cli.run_cli(main)

@@ -1,6 +1,6 @@
 """The draw-a-digit page (predict_tta.py --demo) in a subprocess, driven by headless Chromium.
 
-Shared by tests/test_demo.py and tests/screenshot_demo.py. Chromium and chromedriver are Debian's
+Shared by tests/test_demo.py and tools/screenshot_demo.py. Chromium and chromedriver are Debian's
 (apt-get install chromium chromium-driver); selenium is given the driver's path, so nothing is downloaded.
 """
 import contextlib

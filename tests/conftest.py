@@ -14,10 +14,11 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path[:0] = [str(ROOT), str(ROOT / "tools")]  # the scripts, and the tools some tests run
 
+import checkpoints  # noqa: E402
 import data  # noqa: E402
-from data import run_cli  # noqa: E402
+from cli import run_cli  # noqa: E402
 
 
 def write_idx(path, array, magic):
@@ -114,7 +115,7 @@ def small_vgg(tmp_path_factory, mnist_dir):
     folder = shared / "small_vgg"
     with FileLock(str(shared / "small_vgg.lock")):
         checkpoint = folder / "CNN_best_model.pth"
-        if not (checkpoint.exists() and data.is_complete(data.load_checkpoint(checkpoint))):
+        if not (checkpoint.exists() and checkpoints.is_complete(checkpoints.load(checkpoint))):
             folder.mkdir(exist_ok=True)
             run_script("train_cnn.py", "--data-dir", mnist_dir, "--limit", "3000", "--epochs", "2", "--batch-size",
                        "32", cwd=folder)

@@ -10,10 +10,11 @@ import pytest
 import torch
 from conftest import ROOT, assert_user_error, run_script
 
+import checkpoints
 import data
-import predict_tta
 from data import UserError
 from models import build_model
+import predict_tta
 from predict_tta import DigitReader
 
 
@@ -94,8 +95,8 @@ def test_the_readme_example_runs_as_written(small_vgg, photos, tmp_path, monkeyp
 def small_ensemble(folder, small_vgg):
     """The small trained vgg and a freshly initialised widecnn: a two-model ensemble."""
     torch.manual_seed(0)
-    data.save_checkpoint(folder / "widecnn.pth", {"model_state": build_model("widecnn").state_dict(), "arch": "widecnn",
-                                                  "normalization": data.NORMALIZATION, "epoch": 1, "complete": True})
+    checkpoints.save(folder / "widecnn.pth", {"model_state": build_model("widecnn").state_dict(), "arch": "widecnn",
+                                              "normalization": data.NORMALIZATION, "epoch": 1, "complete": True})
     return [small_vgg, folder / "widecnn.pth"]
 
 

@@ -14,6 +14,8 @@ import pytest
 import torch
 from conftest import assert_user_error, run_script, synthetic_mnist
 
+import checkpoints
+import cli
 import data
 import train_cnn
 
@@ -60,7 +62,7 @@ def test_a_step_costs_what_the_fastest_measured_round_took(monkeypatch):
                 "lr": 1e-3, "weight_decay": 0.0, "schedule": "warmup-linear", "warmup_epochs": 0.5, "epochs": None,
                 "planned_steps": None, "label_smoothing": 0.1, "ema_decay": 0.999, "normalization": data.NORMALIZATION}
     images, labels = torch.zeros(50, 28, 28, dtype=torch.uint8), torch.zeros(50, dtype=torch.long)
-    run = train_cnn.Run(Path("unused.pth"), settings, frozenset(), seed=0)
+    run = checkpoints.Run(Path("unused.pth"), settings, frozenset(), seed=0)
     speed = train_cnn.measure_speed(run, torch.device("cpu"), (images, labels), (images, labels))
     assert calls == [4 * train_cnn.WARMUP_STEPS] + [4 * train_cnn.MEASURED_STEPS] * train_cnn.MEASURED_ROUNDS
     assert speed["step_seconds"] == pytest.approx(0.5 / train_cnn.MEASURED_STEPS)
@@ -80,7 +82,7 @@ def test_the_budget_schedules_reach_zero_after_the_planned_step():
 def test_a_budget_run_trains_its_planned_steps_into_its_own_checkpoint(tmp_path, fixed_speed):
     synthetic_mnist(tmp_path / "mnist", n_train=200, n_test=20)
     result = run_script("train_cnn.py", *TINY, "--budget", "2s", cwd=tmp_path)
-    checkpoint = data.load_checkpoint(tmp_path / "CNN_budget_2s.pth")
+    checkpoint = checkpoints.load(tmp_path / "CNN_budget_2s.pth")
     settings = checkpoint["settings"]
     # 180 training images in batches of 16: 12 steps an epoch (the last batch of 4 included)
     step, epoch = 0.05, 2 * 20 * 1e-4 + 0.05
@@ -100,7 +102,7 @@ def test_a_budget_run_trains_its_planned_steps_into_its_own_checkpoint(tmp_path,
     # the default checkpoint is another file: a plain run is not refused for the budget run's settings
     assert not (tmp_path / "CNN_best_model.pth").exists()
     plain = run_script("train_cnn.py", *TINY, "--epochs", "1", cwd=tmp_path)
-    assert "CNN_best_model.pth" in plain.stdout and data.load_checkpoint(tmp_path / "CNN_best_model.pth")["complete"]
+    assert "CNN_best_model.pth" in plain.stdout and checkpoints.load(tmp_path / "CNN_best_model.pth")["complete"]
     # and the budget run is reused, not measured again
     again = run_script("train_cnn.py", *TINY, "--budget", "2s", cwd=tmp_path)
     assert "using CNN_budget_2s.pth" in again.stdout and fixed_speed == ["vgg"]
@@ -110,11 +112,11 @@ def test_a_resumed_budget_run_keeps_its_plan_on_another_machine(tmp_path, monkey
     synthetic_mnist(tmp_path / "mnist", n_train=200, n_test=20)
     args = [*TINY, "--budget", "4s"]
     def write_json_then_stop_after_the_history(path, obj):  # like Ctrl-C once the first epoch is saved
-        data.write_json(path, obj)
+        cli.write_json(path, obj)
         if str(path).endswith(".history.json"):
             raise KeyboardInterrupt
     with monkeypatch.context() as patch:
-        patch.setattr(train_cnn, "write_json", write_json_then_stop_after_the_history)
+        patch.setattr(checkpoints, "write_json", write_json_then_stop_after_the_history)
         assert run_script("train_cnn.py", *args, cwd=tmp_path, check=False).returncode == 130
     planned = json.loads((tmp_path / "CNN_budget_4s.plan.json").read_text())["settings"]["planned_steps"]
     assert planned > 12  # more than one epoch: the run was cut short
@@ -125,7 +127,7 @@ def test_a_resumed_budget_run_keeps_its_plan_on_another_machine(tmp_path, monkey
     finally:
         SPEED["step_seconds"] /= 10
     assert fixed_speed == ["vgg"] and "resuming CNN_budget_4s.pth after epoch 1" in resumed.stdout
-    assert data.load_checkpoint(tmp_path / "CNN_budget_4s.pth")["settings"]["planned_steps"] == planned
+    assert checkpoints.load(tmp_path / "CNN_budget_4s.pth")["settings"]["planned_steps"] == planned
 
 
 def test_kfold_measures_each_architecture_once_and_records_each_jobs_plan(tmp_path, fixed_speed):
@@ -136,7 +138,7 @@ def test_kfold_measures_each_architecture_once_and_records_each_jobs_plan(tmp_pa
     result = run_script("train_kfold.py", *args, cwd=tmp_path)
     assert sorted(fixed_speed) == ["vgg", "widecnn"]  # once per architecture, not per job
     paths = sorted((tmp_path / "models").glob("*.pth"))
-    plans = [data.load_checkpoint(path)["settings"]["planned_steps"] for path in paths]
+    plans = [checkpoints.load(path)["settings"]["planned_steps"] for path in paths]
     assert len(plans) == 4 and len(set(plans)) == 1 and plans[0] >= 1  # the same steps for every job
     jobs = [(4, 0.05, 2 * 60 * 1e-4 + 0.05, 60 * 1e-4)] * 4  # 60 training images a job: 4 steps an epoch
     assert plans[0] <= train_cnn.plan_steps(2.0, jobs)

@@ -11,6 +11,9 @@ from conftest import ROOT, synthetic_mnist, write_idx
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
+import augmentation
+import checkpoints
+import cli
 import data
 from data import UserError
 from models import build_model
@@ -106,7 +109,7 @@ def test_failed_download_is_a_user_error(tmp_path, monkeypatch):
 def test_scripts_print_line_by_line_into_a_pipe():
     # Python buffers a pipe's output in blocks: a log or a notebook cell would see the epochs only at the end
     environment = {key: value for key, value in os.environ.items() if key != "PYTHONUNBUFFERED"}
-    code = "import sys, data; data.run_cli(lambda: print(sys.stdout.line_buffering))"
+    code = "import sys, cli; cli.run_cli(lambda: print(sys.stdout.line_buffering))"
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=environment, capture_output=True, text=True)
     assert result.stdout.strip() == "True", result.stderr
 
@@ -270,21 +273,21 @@ def test_batched_affine_matches_torchvision(digits, angle, tx, ty, scale, shear)
                          interpolation=InterpolationMode.BILINEAR)
     def full(v):
         return torch.full((len(digits),), float(v))
-    forward = data.affine_matrices(full(angle), full(tx), full(ty), full(scale), full(shear))
-    ours = data.warp(digits, torch.linalg.inv(forward))
+    forward = augmentation.affine_matrices(full(angle), full(tx), full(ty), full(scale), full(shear))
+    ours = augmentation.warp(digits, torch.linalg.inv(forward))
     assert (ours - expected).abs().max() < 1e-3
 
 
 def test_each_sample_gets_its_own_parameters(digits):
     same = digits[:1].expand(8, -1, -1, -1)
-    out = data.augment(same, data.strong_augmentation, torch.Generator().manual_seed(0))
+    out = augmentation.augment(same, augmentation.strong_augmentation, torch.Generator().manual_seed(0))
     assert out.shape == (8, 1, 28, 28)
     assert len({round(v, 4) for v in out.sum((1, 2, 3)).tolist()}) == 8
 
 
 def test_augmentation_is_reproducible_from_the_generator_seed(digits):
     def run(seed):
-        return data.augment(digits, data.strong_augmentation, torch.Generator().manual_seed(seed))
+        return augmentation.augment(digits, augmentation.strong_augmentation, torch.Generator().manual_seed(seed))
     assert torch.equal(run(5), run(5))
     assert not torch.equal(run(5), run(6))
 
@@ -293,7 +296,7 @@ def test_augmentation_stays_within_its_ranges(digits):
     """Light augmentation moves the centre of mass by at most the translation range (plus rotation/scale slack)."""
     generator = torch.Generator().manual_seed(0)
     same = digits[3:4].expand(256, -1, -1, -1)
-    out = data.augment(same, data.light_augmentation, generator)
+    out = augmentation.augment(same, augmentation.light_augmentation, generator)
     coords = torch.arange(28.0)
     centre_x = (out.sum(2).squeeze(1) * coords).sum(1) / out.sum((1, 2, 3))
     original = (same[0, 0].sum(0) * coords).sum() / same[0].sum()
@@ -304,14 +307,16 @@ def test_augmentation_stays_within_its_ranges(digits):
 
 def test_identity_parameters_leave_images_unchanged(digits):
     n = len(digits)
-    identity = data.affine_matrices(torch.zeros(n), torch.zeros(n), torch.zeros(n), torch.ones(n), torch.zeros(n))
-    assert torch.allclose(data.warp(digits, identity), digits, atol=1e-5)
-    assert torch.allclose(data.perspective_matrices(torch.zeros(n, 4, 2)), torch.eye(3).expand(n, 3, 3), atol=1e-5)
+    zeros = torch.zeros(n)
+    identity = augmentation.affine_matrices(zeros, zeros, zeros, torch.ones(n), zeros)
+    assert torch.allclose(augmentation.warp(digits, identity), digits, atol=1e-5)
+    assert torch.allclose(augmentation.perspective_matrices(torch.zeros(n, 4, 2), 28), torch.eye(3).expand(n, 3, 3),
+                          atol=1e-5)
 
 
 def test_perspective_maps_moved_corners_back_to_the_image_corners():
     offsets = torch.tensor([[[0.2, 0.1], [0.0, 0.3], [0.1, 0.1], [0.25, 0.0]]])
-    homography = data.perspective_matrices(offsets)[0]
+    homography = augmentation.perspective_matrices(offsets, 28)[0]
     half = 13.5
     corners = torch.tensor([[-half, -half], [half, -half], [half, half], [-half, half]])
     moved = corners - torch.sign(corners) * offsets[0] * 14
@@ -377,7 +382,7 @@ def test_atomic_path_leaves_old_file_intact_on_failure(tmp_path):
     target = tmp_path / "out.json"
     target.write_text("old")
     with pytest.raises(RuntimeError):
-        with data.atomic_path(target) as tmp:
+        with cli.atomic_path(target) as tmp:
             tmp.write_text("half")
             raise RuntimeError("killed")
     assert target.read_text() == "old"
@@ -387,22 +392,22 @@ def test_atomic_path_leaves_old_file_intact_on_failure(tmp_path):
 def test_unwritable_destination_is_a_user_error(tmp_path):
     (tmp_path / "file").write_text("")
     with pytest.raises(UserError, match="cannot write"):
-        data.check_writable(tmp_path / "file" / "model.pth")
+        cli.check_writable(tmp_path / "file" / "model.pth")
     with pytest.raises(UserError, match="cannot write"):
-        data.write_json(tmp_path / "file" / "x.json", {})
+        cli.write_json(tmp_path / "file" / "x.json", {})
 
 
 def make_checkpoint(arch="vgg"):
     model = build_model(arch)
     return {"model_state": model.state_dict(), "arch": arch, "normalization": dict(data.NORMALIZATION),
             "precision": "fp32", "epoch": 1, "metrics": {"val_loss": 0.5, "val_accuracy": 0.9},
-            "versions": data.library_versions(), "complete": True}
+            "versions": checkpoints.library_versions(), "complete": True}
 
 
 def test_checkpoint_round_trip(tmp_path):
     checkpoint = make_checkpoint("widecnn")
-    data.save_checkpoint(tmp_path / "m.pth", checkpoint)
-    model, loaded = data.model_from_checkpoint(tmp_path / "m.pth", torch.device("cpu"))
+    checkpoints.save(tmp_path / "m.pth", checkpoint)
+    model, loaded = checkpoints.load_model(tmp_path / "m.pth", torch.device("cpu"))
     assert loaded["arch"] == "widecnn" and loaded["normalization"] == {"mean": 0.1307, "std": 0.3081}
     assert loaded["versions"]["torch"] == str(torch.__version__)
     for name, tensor in checkpoint["model_state"].items():
@@ -420,29 +425,29 @@ def test_checkpoint_that_would_run_code_is_refused(tmp_path, monkeypatch):
     path = tmp_path / "evil.pth"
     torch.save({"model_state": {}, "arch": "vgg", "payload": RunsCode()}, path)
     with pytest.raises(UserError, match=r"evil.pth: not a readable checkpoint \(.*(?i:global).*posix"):
-        data.load_checkpoint(path)
+        checkpoints.load(path)
     assert not (tmp_path / "pwned.txt").exists()
 
 
 def test_corrupt_and_foreign_checkpoints_are_user_errors(tmp_path):
     (tmp_path / "junk.pth").write_bytes(b"not a checkpoint at all")
     with pytest.raises(UserError, match="junk.pth: not a readable checkpoint"):
-        data.load_checkpoint(tmp_path / "junk.pth")
+        checkpoints.load(tmp_path / "junk.pth")
     torch.save({"weights": torch.zeros(3)}, tmp_path / "other.pth")
     with pytest.raises(UserError,
                        match="other.pth: not a checkpoint of this project .it needs model_state, arch, normalization"):
-        data.load_checkpoint(tmp_path / "other.pth")
+        checkpoints.load(tmp_path / "other.pth")
     with pytest.raises(UserError, match="absent.pth: no such checkpoint"):
-        data.load_checkpoint(tmp_path / "absent.pth")
+        checkpoints.load(tmp_path / "absent.pth")
 
 
 def test_weights_of_another_architecture_are_refused(tmp_path):
     checkpoint = make_checkpoint("resnet")
     checkpoint["arch"] = "vgg"
-    data.save_checkpoint(tmp_path / "mixed.pth", checkpoint)
+    checkpoints.save(tmp_path / "mixed.pth", checkpoint)
     with pytest.raises(UserError, match="mixed.pth: weights do not fit the vgg architecture"):
-        data.model_from_checkpoint(tmp_path / "mixed.pth", torch.device("cpu"))
+        checkpoints.load_model(tmp_path / "mixed.pth", torch.device("cpu"))
     checkpoint["arch"] = "lenet"
-    data.save_checkpoint(tmp_path / "unknown.pth", checkpoint)
+    checkpoints.save(tmp_path / "unknown.pth", checkpoint)
     with pytest.raises(UserError, match="unknown architecture 'lenet'"):
-        data.model_from_checkpoint(tmp_path / "unknown.pth", torch.device("cpu"))
+        checkpoints.load_model(tmp_path / "unknown.pth", torch.device("cpu"))

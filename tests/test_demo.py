@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 from browser import STROKES, chromium, demo_server, draw, missing, open_page, wait_for_answer, wait_until_idle
 from conftest import assert_user_error, run_script
-from photos import render_as_photo
+from photo_render import render_as_photo
 from PIL import Image
 
 import data

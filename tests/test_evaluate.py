@@ -9,6 +9,7 @@ import torch
 from conftest import assert_user_error, run_script
 from PIL import Image
 
+import checkpoints
 import data
 from evaluate import compute_metrics
 from models import build_model
@@ -26,8 +27,8 @@ def constant_checkpoint(tmp_path):
         last.bias.zero_()
         last.bias[CONSTANT_CLASS] = CONSTANT_LOGIT
     path = tmp_path / "constant.pth"
-    data.save_checkpoint(path, {"model_state": model.state_dict(), "arch": "vgg", "normalization": data.NORMALIZATION,
-                                "precision": "fp32", "epoch": 2, "metrics": {}, "versions": {}, "complete": True})
+    checkpoints.save(path, {"model_state": model.state_dict(), "arch": "vgg", "normalization": data.NORMALIZATION,
+                            "precision": "fp32", "epoch": 2, "metrics": {}, "versions": {}, "complete": True})
     history = [{"epoch": e, "train_loss": 1 / e, "val_loss": 1.2 / e, "train_accuracy": 0.5 + e / 10,
                 "val_accuracy": 0.45 + e / 10} for e in (1, 2, 3)]
     (tmp_path / "constant.history.json").write_text(json.dumps(history))
@@ -150,9 +151,9 @@ def test_evaluate_user_errors(tmp_path, constant_checkpoint, labelled_csv):
     assert_user_error(run_script("evaluate.py", "--weights", "empty", "--test-csv", labelled_csv, cwd=tmp_path,
                                  check=False),
                       "empty: no complete checkpoint")
-    checkpoint = data.load_checkpoint(constant_checkpoint)
+    checkpoint = checkpoints.load(constant_checkpoint)
     checkpoint["arch"] = "lenet"
-    data.save_checkpoint(tmp_path / "lenet.pth", checkpoint)
+    checkpoints.save(tmp_path / "lenet.pth", checkpoint)
     assert_user_error(run_script("evaluate.py", "--weights", "lenet.pth", "--test-csv", labelled_csv, cwd=tmp_path,
                                  check=False), "unknown architecture 'lenet'")
     data.write_images_csv(tmp_path / "unlabelled.csv", torch.zeros(3, 28, 28, dtype=torch.uint8))

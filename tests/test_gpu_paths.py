@@ -1,6 +1,6 @@
 """The CUDA and MPS paths, tested on the CPU: fake device properties, resume across machines, no host reads.
 
-Real GPUs are checked by `make gpu-check` (tests/gpu_check.py); its logic is tested here with --device cpu.
+Real GPUs are checked by `make gpu-check` (tools/gpu_check.py); its logic is tested here with --device cpu.
 """
 import json
 import subprocess
@@ -15,11 +15,13 @@ from torch.optim.swa_utils import AveragedModel
 
 from conftest import ROOT, assert_user_error, random_steps, run_script, synthetic_mnist
 
+import augmentation
+import checkpoints
 import data
-import predict_tta
-import train_cnn
 from data import UserError
 from models import build_model
+import predict_tta
+import train_cnn
 
 GPUS = {  # name: (capability, what Kaggle or a cloud offers it as)
     "Tesla P100-PCIE-16GB": (6, 0), "Tesla V100-SXM2-16GB": (7, 0), "Tesla T4": (7, 5), "NVIDIA A100-SXM4-40GB": (8, 0),
@@ -159,11 +161,11 @@ def test_the_resume_state_holds_only_the_runs_own_gpu(monkeypatch):
                         device="cuda": restored.update({torch.device(device).index: state}))
     monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: pytest.fail("every GPU's state was saved"))
     generators = train_cnn.make_generators(0, torch.device("cpu"))  # the generators' own states are the CPU's here
-    saved = train_cnn.rng_state(generators, torch.device("cuda", 1))
+    saved = checkpoints.rng_state(generators, torch.device("cuda", 1))
     assert saved["device"] == "cuda" and torch.equal(saved["cuda"], states[1])
     # resumed on a machine with one GPU: the state goes to that GPU
     FakeCuda(monkeypatch, "Tesla T4", count=1)
-    train_cnn.set_rng_state(generators, saved, torch.device("cuda", 0))
+    checkpoints.set_rng_state(generators, saved, torch.device("cuda", 0))
     assert list(restored) == [0] and torch.equal(restored[0], states[1])
 
 
@@ -173,9 +175,9 @@ def test_the_mps_generator_that_dropout_draws_from_is_saved_and_restored(monkeyp
     monkeypatch.setattr(torch.mps, "get_rng_state", lambda device="mps": mps_state)
     monkeypatch.setattr(torch.mps, "set_rng_state", lambda state, device="mps": restored.append(state))
     generators = train_cnn.make_generators(0, torch.device("cpu"))
-    saved = train_cnn.rng_state(generators, torch.device("mps"))
+    saved = checkpoints.rng_state(generators, torch.device("mps"))
     assert saved["device"] == "mps" and torch.equal(saved["mps"], mps_state)
-    train_cnn.set_rng_state(generators, saved, torch.device("mps"))
+    checkpoints.set_rng_state(generators, saved, torch.device("mps"))
     assert len(restored) == 1 and torch.equal(restored[0], mps_state)
 
 
@@ -184,13 +186,13 @@ def test_a_resume_file_from_another_device_type_is_one_line(tmp_path):
     args = ["--data-dir", mnist, "--epochs", "2", "--batch-size", "32", "--precision", "fp32"]
     run_script("train_cnn.py", *args, cwd=tmp_path)
     # a run on a GPU that stopped after its first epoch leaves a resume file like this one
-    checkpoint = data.load_checkpoint(tmp_path / "CNN_best_model.pth")
+    checkpoint = checkpoints.load(tmp_path / "CNN_best_model.pth")
     state = {"model_state": checkpoint["model_state"], "optimizer_state": {}, "scheduler_state": {}, "scaler_state": {},
              "rng": {"device": "cuda", "cuda": torch.zeros(16, dtype=torch.uint8)}, "arch": "vgg",
              "progress": {"epoch": 1}, "settings": checkpoint["settings"]}
-    data.save_checkpoint(tmp_path / "CNN_best_model.resume.pth", state)
+    checkpoints.save(tmp_path / "CNN_best_model.resume.pth", state)
     checkpoint["complete"] = False
-    data.save_checkpoint(tmp_path / "CNN_best_model.pth", checkpoint)
+    checkpoints.save(tmp_path / "CNN_best_model.pth", checkpoint)
     result = run_script("train_cnn.py", *args, cwd=tmp_path, check=False)
     assert_user_error(result, "CNN_best_model.resume.pth was written by a run on cuda, this run is on cpu",
                       "resume with --device cuda, or pass --retrain")
@@ -248,13 +250,14 @@ def old_perspective_matrices(offsets, size=28):
 
 def test_augmentation_without_host_checks_gives_the_same_images_bit_for_bit(monkeypatch):
     offsets = torch.rand(64, 4, 2, generator=torch.Generator().manual_seed(1)) * 0.3
-    assert torch.equal(data.perspective_matrices(offsets), old_perspective_matrices(offsets))
+    assert torch.equal(augmentation.perspective_matrices(offsets, 28), old_perspective_matrices(offsets))
     images = torch.rand(64, 1, 28, 28, generator=torch.Generator().manual_seed(2))
-    ours = data.augment(images, data.strong_augmentation, torch.Generator().manual_seed(3))
+    ours = augmentation.augment(images, augmentation.strong_augmentation, torch.Generator().manual_seed(3))
     # the same draws through linalg.inv and linalg.solve, which check their result on the host
     monkeypatch.setattr(torch.linalg, "inv_ex", lambda a: types.SimpleNamespace(inverse=torch.linalg.inv(a)))
-    monkeypatch.setattr(data, "perspective_matrices", old_perspective_matrices)
-    assert torch.equal(ours, data.augment(images, data.strong_augmentation, torch.Generator().manual_seed(3)))
+    monkeypatch.setattr(augmentation, "perspective_matrices", old_perspective_matrices)
+    generator = torch.Generator().manual_seed(3)
+    assert torch.equal(ours, augmentation.augment(images, augmentation.strong_augmentation, generator))
 
 
 def test_resnets_mean_pool_is_adaptive_average_pooling():
@@ -274,16 +277,15 @@ class HostReadGuard:
 
     READS = [(torch.Tensor, "item"), (torch.Tensor, "__bool__"), (torch.Tensor, "tolist"), (torch.Tensor, "cpu"),
              (torch.Tensor, "numpy"), (torch.linalg, "inv"), (torch.linalg, "solve")]
-    PROJECT = {str(ROOT / name) for name in ("data.py", "train_cnn.py", "train_kfold.py", "predict_tta.py",
-                                             "models.py")}
+    PROJECT = {str(ROOT / name) for name in ("data.py", "augmentation.py", "checkpoints.py", "train_cnn.py",
+                                             "train_kfold.py", "predict_tta.py", "models.py")}
 
     def __init__(self, monkeypatch, also_watch=()):
         self.in_loop, self.batches = False, 0
         self.watched = self.PROJECT | set(also_watch)
         for owner, name in self.READS:
             monkeypatch.setattr(owner, name, self.guarded(getattr(owner, name), name))
-        for module in (train_cnn, predict_tta):
-            monkeypatch.setattr(module, "progress_bar", self.progress_bar)
+        monkeypatch.setattr(data, "progress_bar", self.progress_bar)  # the bar of every epoch and TTA loop
 
     def guarded(self, original, name):
         def read(*args, **kwargs):
@@ -327,7 +329,7 @@ def run_epoch(precision="fp32", augmentation="strong", seed=0):
 def test_an_epoch_and_the_tta_loop_make_no_host_reads_and_compute_what_they_did(monkeypatch):
     with monkeypatch.context() as before:  # the epoch as computed before: linalg's inverse and solve, AveragedModel
         before.setattr(torch.linalg, "inv_ex", lambda a: types.SimpleNamespace(inverse=torch.linalg.inv(a)))
-        before.setattr(data, "perspective_matrices", old_perspective_matrices)
+        before.setattr(augmentation, "perspective_matrices", old_perspective_matrices)
         before.setattr(train_cnn, "EMA", AveragedModelReference)
         expected, expected_weights, _ = run_epoch()
     guard = HostReadGuard(monkeypatch)
@@ -343,7 +345,7 @@ def test_an_epoch_and_the_tta_loop_make_no_host_reads_and_compute_what_they_did(
     guard.in_loop = True
     logits = train_cnn.predict_logits(models[0][0], images, data.NORMALIZATION, "fp32")
     guard.in_loop = False
-    probs = predict_tta.ensemble_probabilities(models, images, data.TTA_VARIANTS, "fp32", seed=0, batch_size=32)
+    probs = predict_tta.ensemble_probabilities(models, images, augmentation.TTA_VARIANTS, "fp32", seed=0, batch_size=32)
     assert guard.batches == 6 + 6 + 3 and logits.shape == (96, 10) and probs.shape == (96, 10)
     assert torch.allclose(probs.sum(1), torch.ones(96), atol=1e-5)
 
@@ -356,7 +358,7 @@ def test_the_guard_catches_a_host_read_in_the_loop(monkeypatch):
     def prepare_and_read(images, *args):
         bool(images.sum() > 0)
         return prepare(images, *args)
-    monkeypatch.setattr(train_cnn, "prepare_batch", prepare_and_read)
+    monkeypatch.setattr(data, "prepare_batch", prepare_and_read)
     with pytest.raises(AssertionError, match="__bool__ called from .*test_gpu_paths.py inside the batch loop"):
         run_epoch()
 
@@ -367,7 +369,7 @@ def test_the_guard_catches_a_host_read_in_the_loop(monkeypatch):
 def test_the_gpu_check_runs_every_stage_and_reports_each(tmp_path, mnist_dir):
     out = tmp_path / "check"
     # the check's own time limit is a GPU session's; a slow CPU beside another test process may need more
-    result = subprocess.run([sys.executable, ROOT / "tests" / "gpu_check.py", "--device", "cpu", "--limit", "120",
+    result = subprocess.run([sys.executable, ROOT / "tools" / "gpu_check.py", "--device", "cpu", "--limit", "120",
                              "--time-limit", "600", "--data-dir", mnist_dir, "--out", out],
                             capture_output=True, text=True, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
@@ -412,7 +414,7 @@ def test_the_gpu_check_counts_cudas_sync_warnings_and_not_its_notice_on_turning_
 
 
 def test_a_gpu_check_cut_short_still_reports_every_stage(tmp_path, mnist_dir):
-    result = subprocess.run([sys.executable, ROOT / "tests" / "gpu_check.py", "--device", "cpu", "--time-limit", "0",
+    result = subprocess.run([sys.executable, ROOT / "tools" / "gpu_check.py", "--device", "cpu", "--time-limit", "0",
                              "--data-dir", mnist_dir, "--out", tmp_path], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     stages = json.loads((tmp_path / "gpu_check.json").read_text())["stages"]

@@ -9,6 +9,8 @@ import torch
 from conftest import ROOT, assert_user_error, run_script
 from PIL import Image
 
+import checkpoints
+import cli
 import data
 import predict_tta
 from predict_tta import DigitReader
@@ -33,10 +35,11 @@ def photo(tmp_path_factory, mnist):
 # ----------------------------------------------------------------------------- the released model
 
 def test_the_released_model_is_its_manifests_file_and_records_its_training_images():
-    manifest = json.loads(data.RELEASE_MANIFEST.read_text())
-    assert manifest["file"] == data.RELEASED_MODEL.name and data.RELEASED_MODEL.stat().st_size <= 8 * 10**6
-    checkpoint = data.load_checkpoint(data.RELEASED_MODEL)  # checks the SHA-256 first
-    assert data.is_complete(checkpoint) and checkpoint["arch"] == "vgg"
+    manifest = json.loads(checkpoints.RELEASE_MANIFEST.read_text())
+    released = checkpoints.RELEASED_MODEL
+    assert manifest["file"] == released.name and released.stat().st_size <= 8 * 10**6
+    checkpoint = checkpoints.load(checkpoints.RELEASED_MODEL)  # checks the SHA-256 first
+    assert checkpoints.is_complete(checkpoint) and checkpoint["arch"] == "vgg"
     assert len(checkpoint["trained_on"]) == 54000 and manifest["mnist_test_accuracy"] >= 0.996
     assert manifest["parity"]["labels_differ"] == 0 and manifest["parity"]["max_probability_difference"] <= 1e-3
 
@@ -46,27 +49,27 @@ def test_adding_a_pair_detector_to_the_released_model_leaves_its_digit_weights_a
 
     import release
     from models import PairDetector
-    shutil.copytree(data.RELEASED_MODEL.parent, tmp_path / "weights")
-    monkeypatch.setattr(data, "RELEASED_MODEL", tmp_path / "weights" / data.RELEASED_MODEL.name)
-    monkeypatch.setattr(data, "RELEASE_MANIFEST", tmp_path / "weights" / data.RELEASE_MANIFEST.name)
-    before = data.load_checkpoint(data.RELEASED_MODEL)
+    shutil.copytree(checkpoints.RELEASED_MODEL.parent, tmp_path / "weights")
+    monkeypatch.setattr(checkpoints, "RELEASED_MODEL", tmp_path / "weights" / checkpoints.RELEASED_MODEL.name)
+    monkeypatch.setattr(checkpoints, "RELEASE_MANIFEST", tmp_path / "weights" / checkpoints.RELEASE_MANIFEST.name)
+    before = checkpoints.load(checkpoints.RELEASED_MODEL)
     detector = PairDetector().state_dict()
-    fitted = {"pair_detector": detector, "for": str(data.RELEASED_MODEL), "marks": 12, "held_out": 3,
+    fitted = {"pair_detector": detector, "for": str(checkpoints.RELEASED_MODEL), "marks": 12, "held_out": 3,
               "held_out_misjudged": 1, "held_out_pairs": 2, "held_out_pairs_misread": 0}
-    data.save_checkpoint(tmp_path / "pairs.pth", {**fitted, "for": str(tmp_path / "pairs.pth")})
+    checkpoints.save(tmp_path / "pairs.pth", {**fitted, "for": str(tmp_path / "pairs.pth")})
     with pytest.raises(SystemExit, match="pairs.pth: trained on the digits of .*pairs.pth, not of .*vgg_mnist.pth"):
         release.add_pair_detector(argparse.Namespace(pair_detector=tmp_path / "pairs.pth", command="fit it",
                                                      commit="abc1234", remark=""))
     assert not (tmp_path / "weights" / "candidate.pth").exists()
-    data.save_checkpoint(tmp_path / "pairs.pth", fitted)
+    checkpoints.save(tmp_path / "pairs.pth", fitted)
     release.add_pair_detector(argparse.Namespace(pair_detector=tmp_path / "pairs.pth", command="fit it",
                                                  commit="abc1234", remark=""))
-    after = data.load_checkpoint(data.RELEASED_MODEL)       # its new SHA-256 is the manifest's
+    after = checkpoints.load(checkpoints.RELEASED_MODEL)       # its new SHA-256 is the manifest's
     assert all(torch.equal(tensor, after["model_state"][name]) for name, tensor in before["model_state"].items())
     stored = after["pair_detector"]
     assert stored["head.1.weight"].dtype == torch.float16 and stored["features.0.1.running_var"].dtype == torch.float32
     assert all(torch.equal(tensor.to(stored[name].dtype), stored[name]) for name, tensor in detector.items())
-    manifest = json.loads(data.RELEASE_MANIFEST.read_text())
+    manifest = json.loads(checkpoints.RELEASE_MANIFEST.read_text())
     assert manifest["pair_detector"]["held_out_misjudged"] == "1 of 3"
     assert manifest["pair_detector"]["held_out_pairs_misread"] == "0 of 2"
     assert manifest["pair_detector"]["commit"] == "abc1234"
@@ -84,7 +87,7 @@ def test_a_photo_is_read_on_a_fresh_clone_with_the_released_model(tmp_path, phot
 def test_the_reader_without_weights_uses_the_released_model_from_any_folder(tmp_path, monkeypatch, capsys, mnist):
     monkeypatch.chdir(tmp_path)
     reader = DigitReader()
-    assert reader.paths == [data.RELEASED_MODEL] and capsys.readouterr().out.startswith(RELEASED)
+    assert reader.paths == [checkpoints.RELEASED_MODEL] and capsys.readouterr().out.startswith(RELEASED)
     images, labels = mnist[1][0][:200], mnist[1][1][:200]
     assert (reader.predict(images)[0] == labels).float().mean() >= 0.98
     assert reader.trained_on(images) == {"images": 0, "of": 200, "models": 0, "unrecorded": 0}
@@ -99,16 +102,16 @@ def test_pipeline_a_model_in_the_working_folder_comes_first_and_an_unfinished_on
     shutil.copy(small_vgg, tmp_path / "CNN_best_model.pth")
     used = run_script("predict_tta.py", "--images", photo, cwd=tmp_path)
     assert used.stdout.startswith("using CNN_best_model.pth (pipeline A's model in this folder")
-    checkpoint = data.load_checkpoint(small_vgg)
-    data.save_checkpoint(tmp_path / "CNN_best_model.pth", {**checkpoint, "complete": False})
+    checkpoint = checkpoints.load(small_vgg)
+    checkpoints.save(tmp_path / "CNN_best_model.pth", {**checkpoint, "complete": False})
     skipped = run_script("predict_tta.py", "--images", photo, cwd=tmp_path).stdout.splitlines()
     assert skipped[0] == f"skipping CNN_best_model.pth: {predict_tta.UNFINISHED}" and skipped[1].startswith(RELEASED)
 
 
 def test_an_unfinished_checkpoint_is_skipped_with_the_same_line_as_a_file_or_in_a_folder(tmp_path, small_vgg, photo):
     (tmp_path / "models").mkdir()
-    checkpoint = data.load_checkpoint(small_vgg)
-    data.save_checkpoint(tmp_path / "models" / "running.pth", {**checkpoint, "complete": False})
+    checkpoint = checkpoints.load(small_vgg)
+    checkpoints.save(tmp_path / "models" / "running.pth", {**checkpoint, "complete": False})
     shutil.copy(small_vgg, tmp_path / "models" / "done.pth")
     folder = run_script("predict_tta.py", "--weights", "models", "--images", photo, cwd=tmp_path)
     assert f"skipping models/running.pth: {predict_tta.UNFINISHED}" in folder.stdout and f"{photo}: 7 " in folder.stdout
@@ -119,7 +122,7 @@ def test_an_unfinished_checkpoint_is_skipped_with_the_same_line_as_a_file_or_in_
 
 
 def test_a_copy_of_the_scripts_without_weights_says_where_the_file_goes(tmp_path, monkeypatch, photo):
-    monkeypatch.setattr(predict_tta, "RELEASED_MODEL", tmp_path / "weights" / "vgg_mnist.pth")
+    monkeypatch.setattr(checkpoints, "RELEASED_MODEL", tmp_path / "weights" / "vgg_mnist.pth")
     for script in ("predict_tta.py", "evaluate.py"):
         result = run_script(script, *(["--images", photo] if script == "predict_tta.py" else []), cwd=tmp_path,
                             check=False)
@@ -131,15 +134,15 @@ def test_a_copy_of_the_scripts_without_weights_says_where_the_file_goes(tmp_path
 def test_a_damaged_released_model_is_one_line_before_it_is_read(tmp_path, monkeypatch, photo, damage):
     (tmp_path / "weights").mkdir()
     copy = tmp_path / "weights" / "vgg_mnist.pth"
-    payload = bytearray(data.RELEASED_MODEL.read_bytes())
+    payload = bytearray(checkpoints.RELEASED_MODEL.read_bytes())
     if damage == "changed":
         payload[len(payload) // 2] ^= 1  # one bit inside the weights: torch.load alone would not notice
     else:
         payload = payload[:len(payload) // 3]
     copy.write_bytes(bytes(payload))
-    shutil.copy(data.RELEASE_MANIFEST, tmp_path / "weights" / "manifest.json")
-    monkeypatch.setattr(data, "RELEASED_MODEL", copy)
-    monkeypatch.setattr(data, "RELEASE_MANIFEST", tmp_path / "weights" / "manifest.json")
+    shutil.copy(checkpoints.RELEASE_MANIFEST, tmp_path / "weights" / "manifest.json")
+    monkeypatch.setattr(checkpoints, "RELEASED_MODEL", copy)
+    monkeypatch.setattr(checkpoints, "RELEASE_MANIFEST", tmp_path / "weights" / "manifest.json")
     result = run_script("predict_tta.py", "--weights", copy, "--images", photo, cwd=tmp_path, check=False)
     assert_user_error(result, f"{copy}: its SHA-256 is not the one in manifest.json", "git checkout -- weights/")
 
@@ -158,7 +161,7 @@ def test_make_evaluate_on_a_fresh_clone_reports_the_released_models_fair_score(t
     result = run_script("evaluate.py", "--data-dir", mnist_dir, "--out", "report", cwd=tmp_path)
     assert result.stdout.startswith(RELEASED) and "not a fair score" not in result.stdout
     metrics = json.loads((tmp_path / "report" / "metrics.json").read_text())
-    manifest = json.loads(data.RELEASE_MANIFEST.read_text())
+    manifest = json.loads(checkpoints.RELEASE_MANIFEST.read_text())
     assert metrics["fair_score"] is True and metrics["trained_on"]["images"] == 0
     assert abs(metrics["accuracy"] - manifest["mnist_test_accuracy"]) <= 0.0005  # auto precision against fp32
 
@@ -199,7 +202,7 @@ def test_a_model_trained_on_a_kaggle_train_csv_scored_on_mnists_test_set_is_not_
     # the first 300 of MNIST's training images, written as export-kaggle writes its train.csv
     data.write_images_csv(tmp_path / "train.csv", mnist[0][0][:300], mnist[0][1][:300])
     run_script("train_cnn.py", "--train-csv", "train.csv", "--epochs", "1", "--batch-size", "32", cwd=tmp_path)
-    record = data.load_checkpoint(tmp_path / "CNN_best_model.pth")["trained_on"]
+    record = checkpoints.load(tmp_path / "CNN_best_model.pth")["trained_on"]
     assert 200 < len(record) < 270  # less the CSV's held-out test rows and the validation rows
     result = run_script("evaluate.py", "--data-dir", mnist_dir, "--out", "report", cwd=tmp_path)
     assert result.stdout.startswith("using CNN_best_model.pth") and "not a fair score" not in result.stdout
@@ -213,9 +216,9 @@ def test_a_model_trained_on_a_kaggle_train_csv_scored_on_mnists_test_set_is_not_
 
 def test_a_checkpoint_without_a_record_is_read_as_before_and_noted_once(tmp_path, small_vgg, mnist):
     mixed = kaggle_like_split(tmp_path, mnist, 400, 200)
-    checkpoint = data.load_checkpoint(small_vgg)
+    checkpoint = checkpoints.load(small_vgg)
     del checkpoint["trained_on"]
-    data.save_checkpoint(tmp_path / "old.pth", checkpoint)
+    checkpoints.save(tmp_path / "old.pth", checkpoint)
     old = run_script("evaluate.py", "--weights", "old.pth", small_vgg, "--test-csv", mixed, "--out", "r", cwd=tmp_path)
     lines = old.stdout.splitlines()
     assert lines.count("note: 1 of 2 models were saved without a record of their training images, so they are not "
@@ -229,17 +232,17 @@ def test_a_checkpoint_without_a_record_is_read_as_before_and_noted_once(tmp_path
 
 
 def test_a_record_that_is_not_a_sorted_hash_tensor_is_one_line(tmp_path, small_vgg):
-    checkpoint = data.load_checkpoint(small_vgg)
-    data.save_checkpoint(tmp_path / "bad.pth", {**checkpoint, "trained_on": checkpoint["trained_on"].flip(0)})
-    with pytest.raises(data.UserError, match="bad.pth: trained_on must be a sorted int64 tensor of image hashes"):
-        data.load_checkpoint(tmp_path / "bad.pth")
+    checkpoint = checkpoints.load(small_vgg)
+    checkpoints.save(tmp_path / "bad.pth", {**checkpoint, "trained_on": checkpoint["trained_on"].flip(0)})
+    with pytest.raises(cli.UserError, match="bad.pth: trained_on must be a sorted int64 tensor of image hashes"):
+        checkpoints.load(tmp_path / "bad.pth")
 
 
 def test_image_hashes_depend_on_the_pixels_alone(mnist):
     images = mnist[1][0][:50]
-    hashes = data.image_hashes(images)
+    hashes = checkpoints.image_hashes(images)
     assert hashes.dtype == torch.int64 and hashes.shape == (50,) and len(hashes.unique()) == 50
-    assert torch.equal(data.image_hashes(images.flip(0)), hashes.flip(0))       # an image's hash, not its position
+    assert torch.equal(checkpoints.image_hashes(images.flip(0)), hashes.flip(0))   # an image's hash, not its position
     changed = images.clone()
     changed[7, 14, 14] ^= 1
-    assert (data.image_hashes(changed) != hashes).tolist() == [i == 7 for i in range(50)]
+    assert (checkpoints.image_hashes(changed) != hashes).tolist() == [i == 7 for i in range(50)]

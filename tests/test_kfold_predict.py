@@ -11,9 +11,10 @@ import pytest
 import torch
 from conftest import ROOT, assert_user_error, run_script
 
+import checkpoints
 import data
-import train_kfold
 from predict_tta import DigitReader
+import train_kfold
 
 TINY = ["--n-folds", "2", "--epochs", "1", "--batch-size", "32"]
 
@@ -42,7 +43,7 @@ def test_kfold_writes_every_job_and_a_summary(trained):
     models = folder / "models"
     for arch in ("resnet", "widecnn"):
         for fold in (0, 1):
-            checkpoint = data.load_checkpoint(models / f"{arch}_fold{fold}.pth")
+            checkpoint = checkpoints.load(models / f"{arch}_fold{fold}.pth")
             assert checkpoint["arch"] == arch and checkpoint["complete"] is True
             assert len(json.loads((models / f"{arch}_fold{fold}.history.json").read_text())) == 1
             oof = np.load(models / f"{arch}_fold{fold}.oof.npz")
@@ -62,9 +63,9 @@ def test_each_fold_records_its_own_training_images_and_an_ensemble_counts_them(t
     folds = train_kfold.fold_indices(labels, 2, 42)
     models = [folder / "models" / f"resnet_fold{fold}.pth" for fold in (0, 1)]
     for path, (train_index, _) in zip(models, folds, strict=True):
-        record = data.load_checkpoint(path)["trained_on"]
+        record = checkpoints.load(path)["trained_on"]
         assert len(record) == len(train_index)
-        assert torch.equal(record, data.image_hashes(images[train_index]).sort().values)
+        assert torch.equal(record, checkpoints.image_hashes(images[train_index]).sort().values)
     reader = DigitReader(models, "cpu")
     fold0_validation = folds[0][1]  # fold 1 trained on these, fold 0 did not
     assert reader.trained_on(images[fold0_validation]) == {"images": len(fold0_validation), "of": len(fold0_validation),
@@ -84,7 +85,7 @@ def test_job_seeds_follow_the_architecture_name_and_are_recorded(trained):
     from models import MODELS
     for arch in ("resnet", "widecnn"):
         for fold in (0, 1):
-            settings = data.load_checkpoint(folder / "models" / f"{arch}_fold{fold}.pth")["settings"]
+            settings = checkpoints.load(folder / "models" / f"{arch}_fold{fold}.pth")["settings"]
             assert settings["job_seed"] == 42 + 100 * fold + list(MODELS).index(arch)  # the seed jobs had before
     assert [train_kfold.job_seed(7, arch, 3) for arch in MODELS] == [307, 308, 309]
 
@@ -99,9 +100,9 @@ def test_a_finished_folder_written_before_job_seeds_were_recorded_is_skipped(tra
             (old / "models").mkdir(exist_ok=True)
             (old / "models" / path.name).write_bytes(path.read_bytes())
     for path in (old / "models").glob("*.pth"):  # as k-fold checkpoints were before the job seed was recorded
-        checkpoint = data.load_checkpoint(path)
+        checkpoint = checkpoints.load(path)
         del checkpoint["settings"]["job_seed"]
-        data.save_checkpoint(path, checkpoint)
+        checkpoints.save(path, checkpoint)
     result = run_script("train_kfold.py", "--train-csv", "train.csv", *TINY, cwd=old)
     assert result.stdout.count("complete, skipped") == 4 and "train loss" not in result.stdout
 
@@ -192,7 +193,7 @@ def test_killed_kfold_resumes_the_interrupted_fold_and_skips_finished_ones(kaggl
     assert "[widecnn fold 1] resuming" in result.stdout
     history = json.loads((tmp_path / "models" / "widecnn_fold1.history.json").read_text())
     assert [h["epoch"] for h in history] == [1, 2, 3]
-    assert data.load_checkpoint(tmp_path / "models" / "widecnn_fold1.pth")["complete"] is True
+    assert checkpoints.load(tmp_path / "models" / "widecnn_fold1.pth")["complete"] is True
 
 
 def test_torchrun_two_cpu_ranks_share_the_jobs(kaggle_dir, tmp_path):

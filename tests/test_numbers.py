@@ -1,4 +1,4 @@
-"""Whole numbers: finding the digits of a photo (data.find_digits), DigitReader.read_number and --images --number."""
+"""Whole numbers: finding the digits of a photo (photos.find_digits), DigitReader.read_number and --images --number."""
 import io
 
 import numpy as np
@@ -6,17 +6,20 @@ import pandas as pd
 import pytest
 import torch
 from conftest import run_script
-from number_photos import number_page
-from photos import render_as_photo
+from number_page import number_page
+from photo_render import render_as_photo
 from PIL import Image, ImageDraw
 
+import checkpoints
+import cli
 import data
+import photos
 from predict_tta import DigitReader
 
 
 def whole_only(digits):
     """A model sure of the first digit it is shown and unsure of the rest: asked about a mark and its cuts
-    (data.cut_candidates shows the whole mark first), it keeps every mark whole. For the cases built by hand."""
+    (photos.cut_candidates shows the whole mark first), it keeps every mark whole. For the cases built by hand."""
     probs = torch.full((len(digits), 10), 0.1)
     probs[0] = 0.001
     probs[0, 0] = 0.991
@@ -25,7 +28,7 @@ def whole_only(digits):
 
 @pytest.fixture(scope="module")
 def reader():
-    return DigitReader(data.RELEASED_MODEL, device="cpu", precision="fp32")   # fp32: the same on every CPU
+    return DigitReader(checkpoints.RELEASED_MODEL, device="cpu", precision="fp32")   # fp32: the same on every CPU
 
 
 @pytest.fixture(scope="module")
@@ -72,11 +75,11 @@ def test_digits_are_ordered_left_to_right_and_line_by_line(mnist_test):
     images, labels = mnist_test
     eight, three, one, four = (images[int(np.flatnonzero(labels == d)[0])] for d in (8, 3, 1, 4))
     # pasted right to left, and the right digit a little higher: still read left to right
-    found = data.find_digits(page((eight, (200, 20)), (three, (40, 40))), whole_only)
+    found = photos.find_digits(page((eight, (200, 20)), (three, (40, 40))), whole_only)
     assert found.lines == [0, 0] and 40 <= found.boxes[0][0] < found.boxes[0][2] <= 96
     assert 200 <= found.boxes[1][0] < found.boxes[1][2] <= 256
-    two_lines = data.find_digits(page((one, (150, 150)), (four, (40, 10)), (eight, (40, 150)), (three, (150, 10)),
-                                      size=(260, 240)), whole_only)
+    two_lines = photos.find_digits(page((one, (150, 150)), (four, (40, 10)), (eight, (40, 150)), (three, (150, 10)),
+                                        size=(260, 240)), whole_only)
     assert two_lines.lines == [0, 0, 1, 1]
     assert two_lines.boxes[0][0] < two_lines.boxes[1][0] and two_lines.boxes[2][0] < two_lines.boxes[3][0]
     assert max(b[3] for b in two_lines.boxes[:2]) < min(b[1] for b in two_lines.boxes[2:])
@@ -91,7 +94,7 @@ def test_pieces_of_one_digit_are_joined():
     pen.line([(190, 40), (190, 110)], fill=0, width=6)
     pen.line([(250, 40), (250, 70)], fill=0, width=6)                 # a 1 broken in the middle
     pen.line([(250, 74), (250, 104)], fill=0, width=6)
-    found = data.find_digits(paper, whole_only)
+    found = photos.find_digits(paper, whole_only)
     assert len(found.boxes) == 3
     assert found.boxes[0][1] <= 28 and found.boxes[0][3] >= 106       # the 5 with its bar
     assert found.boxes[1][0] <= 158 and found.boxes[1][2] >= 192      # the 4's two strokes
@@ -112,7 +115,7 @@ def test_a_digit_broken_across_its_middle_and_one_written_flat_are_kept():
     pen.line([(390, 50), (310, 50), (310, 70), (390, 70), (390, 85), (310, 85)], fill=0, width=6)  # a 5, flat
     pen.line([(440, 50), (440, 110)], fill=0, width=6)                # a 1 under a long bar, too wide to join it
     pen.line([(430, 30), (545, 30)], fill=0, width=6)
-    found = data.find_digits(paper, whole_only)
+    found = photos.find_digits(paper, whole_only)
     assert len(found.boxes) == 5, found.boxes
     assert found.boxes[4][1] >= 45                                     # the 1, its bar dropped
     assert found.boxes[2][1] <= 30 and found.boxes[2][3] >= 110       # the 3's halves, joined
@@ -125,7 +128,7 @@ def test_a_digit_broken_across_its_middle_and_one_written_flat_are_kept():
     pen.line([(180, 50), (260, 50)], fill=0, width=6)
     pen.line([(180, 70), (260, 70), (260, 85), (180, 85)], fill=0, width=6)
     pen.line([(276, 30), (294, 30), (262, 110)], fill=0, width=6)
-    found = data.find_digits(paper, whole_only)
+    found = photos.find_digits(paper, whole_only)
     assert len(found.boxes) == 4, found.boxes
     assert found.boxes[2][0] <= 180 and found.boxes[2][2] >= 260      # kept: over none of the others
 
@@ -135,7 +138,7 @@ def test_a_digit_broken_across_its_middle_and_one_written_flat_are_kept():
         pen.line([(left, 30), (left + 30, 30), (left + 10, 110)], fill=0, width=6)
     pen.line([(256, 60), (290, 60)], fill=0, width=6)                 # shares a third of its columns with the body
     pen.line([(240, 66), (240, 80), (262, 80), (268, 92), (262, 104), (238, 104)], fill=0, width=6)
-    found = data.find_digits(paper, whole_only)
+    found = photos.find_digits(paper, whole_only)
     assert len(found.boxes) == 3, found.boxes
     assert found.boxes[2][1] <= 58 and found.boxes[2][3] >= 106       # bar and body, joined
 
@@ -146,7 +149,7 @@ def test_touching_digits_are_split(reader, mnist_test):
     two, zero, seven = (images[k] for k in picks)
     # the 2 and the 0 overlap by 4 px (2 at 28 px): one blob of ink
     photo = page((two, (40, 30)), (zero, (40 + 36, 30)), (seven, (200, 30)))
-    assert len(data.find_digits(photo, whole_only).boxes) == 2       # the parts read unsure: the blob stays whole
+    assert len(photos.find_digits(photo, whole_only).boxes) == 2       # the parts read unsure: the blob stays whole
     number = reader.read_number(photo)                                # the model's readings choose the cut
     assert len(number.boxes) == 3 and number.text.endswith("07"), number.text
     (left, _, right, _), (left0, _, right0, _) = number.boxes[:2]
@@ -168,17 +171,17 @@ def test_a_pair_detector_decides_whether_touching_digits_are_cut_and_where(reade
         asked.clear()
         return read
     # only the detector's odds count: cut when it says the mark holds two digits
-    monkeypatch.setattr(data, "SPLIT_WEIGHTS_PAIR", (0.0,) * 10 + (1.0, 0.0))
-    assert len(data.find_digits(photo, reader.probabilities, pair=pair(-5.0, 2, 0)).boxes) == 2
+    monkeypatch.setattr(photos, "SPLIT_WEIGHTS_PAIR", (0.0,) * 10 + (1.0, 0.0))
+    assert len(photos.find_digits(photo, reader.probabilities, detector=pair(-5.0, 2, 0)).boxes) == 2
     blob, marks_asked = asked[0], len(asked)           # the mark at its own aspect: wider than tall, as written
     assert blob.shape == (1, 32, 64) and blob.dtype == torch.uint8 and all(len(fields) == 1 for fields in asked)
     rows, columns = np.flatnonzero(blob[0].amax(1)), np.flatnonzero(blob[0].amax(0))
     assert rows[-1] - rows[0] + 1 in (27, 28, 29) and 40 <= columns[-1] - columns[0] + 1 <= 60
     # only its reading of the pair chooses the cut: the one whose parts the classifier reads as it does
-    monkeypatch.setattr(data, "CUT_WEIGHTS_PAIR", (0.0,) * 10 + (1.0,))
+    monkeypatch.setattr(photos, "CUT_WEIGHTS_PAIR", (0.0,) * 10 + (1.0,))
     chosen = {}
     for left, right in ((2, 0), (1, 1)):
-        found = data.find_digits(photo, reader.probabilities, pair=pair(5.0, left, right))
+        found = photos.find_digits(photo, reader.probabilities, detector=pair(5.0, left, right))
         assert len(found.boxes) == 3 and len(asked) == marks_asked and torch.equal(asked[0], blob)  # parts not asked
         chosen[left, right] = found.boxes[:2]
         read = reader.probabilities(found.images[:2]).argmax(1).tolist()
@@ -200,7 +203,7 @@ def test_ruled_lines_are_removed_and_specks_dropped(reader, mnist_test):
         photo = page(*[(digit, (40 + 90 * k, 30)) for k, digit in enumerate(digits)], line=row)
         speckled = np.asarray(photo).copy()
         speckled[10, 10] = speckled[100, 300] = speckled[12, 200:202] = 0
-        found = data.find_digits(Image.fromarray(speckled), whole_only)
+        found = photos.find_digits(Image.fromarray(speckled), whole_only)
         assert len(found.boxes) == 3 and all(right - left < 60 for left, _, right, _ in found.boxes), row
         assert reader.read_number(Image.fromarray(speckled)).text == "471"
 
@@ -213,7 +216,7 @@ def test_a_lone_noise_pixel_is_paper_not_ink(mnist_test):
     digits = [images[int(np.flatnonzero(labels == d)[1])] for d in (4, 7, 1)]
     noisy = np.asarray(page(*[(digit, (40 + 90 * k, 30)) for k, digit in enumerate(digits)])).copy()
     noisy[10, 10] = 128
-    found = data.find_digits(Image.fromarray(noisy), whole_only)
+    found = photos.find_digits(Image.fromarray(noisy), whole_only)
     assert len(found.boxes) == 3 and all(right - left < 60 for left, _, right, _ in found.boxes), found.boxes
 
 
@@ -223,8 +226,8 @@ def test_a_faint_digit_beside_a_dark_one_is_stretched_as_if_alone(mnist_test):
     images, labels = mnist_test
     three = images[int(np.flatnonzero(labels == 3)[0])]
     faint = (three.float() * 0.45).round().to(torch.uint8)            # a grey pen: 45% of the dark one's contrast
-    found = data.find_digits(page((three, (40, 30)), (faint, (160, 30))), whole_only)
-    alone = data.preprocess_image(page((faint, (160, 30)))).float()
+    found = photos.find_digits(page((three, (40, 30)), (faint, (160, 30))), whole_only)
+    alone = photos.preprocess_image(page((faint, (160, 30)))).float()
     assert len(found.boxes) == 2 and found.images[1].max() >= 250
     assert found.images[1].float().sum() >= 0.9 * alone.sum(), (found.images[1].float().sum(), alone.sum())
 
@@ -248,13 +251,13 @@ def test_no_digit_and_too_many_marks_are_one_line(reader, tmp_path):
         x, y = 30 + (k % 14) * 54, 30 + (k // 14) * 72
         pen.ellipse([x, y, x + 22, y + 40], outline=0, width=5)
     dots.save(tmp_path / "dots.png")
-    with pytest.raises(data.UserError, match=r"blank.png: no digit found"):
+    with pytest.raises(cli.UserError, match=r"blank.png: no digit found"):
         reader.read_number(tmp_path / "blank.png")
     for read in (reader.read_number, reader.predict):                 # an open PIL image has no name of its own
-        with pytest.raises(data.UserError, match=r"^the image: no digit found"):
+        with pytest.raises(cli.UserError, match=r"^the image: no digit found"):
             read(Image.new("L", (200, 100), "white"))
-    with pytest.raises(data.UserError, match=r"^\S*dots.png: 70 digit-sized marks, more than a number has "
-                                             r"\(at most 64\): not a number$"):
+    with pytest.raises(cli.UserError, match=r"^\S*dots.png: 70 digit-sized marks, more than a number has "
+                       r"\(at most 64\): not a number$"):
         reader.read_number(tmp_path / "dots.png")
 
 
@@ -268,7 +271,7 @@ def test_number_on_the_command_line(mnist_test, tmp_path):
                                               height=40)
         (tmp_path / f"{name}.jpg").write_bytes(jpeg)
     (tmp_path / "notes.png").write_text("not an image")
-    result = run_script("predict_tta.py", "--weights", data.RELEASED_MODEL, "--precision", "fp32", "--images",
+    result = run_script("predict_tta.py", "--weights", checkpoints.RELEASED_MODEL, "--precision", "fp32", "--images",
                         "meter.jpg", "sums.jpg", "notes.png", "--number", "--out", "digits.csv",
                         "--show-preprocessed", "seen", cwd=tmp_path, check=False)
     assert result.returncode == 2 and result.stderr.splitlines()[-1] == ("error: 1 of the inputs could not be read "

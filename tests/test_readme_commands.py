@@ -6,6 +6,7 @@ import pandas as pd
 import pytest
 from conftest import ROOT, run_script, synthetic_mnist
 
+import checkpoints
 import data
 
 QUICK = ["--epochs", "1", "--batch-size", "32"]
@@ -78,7 +79,7 @@ def test_budget_commands(workspace, mnist_dir):
                           "--n-folds", "10", "--folds", "0", "--optimizer", "adam", "--augmentation", "light",
                           "--batch-size", "32", "--budget", "20s", "--out", "budget_models", cwd=workspace)
     assert "[vgg fold 0] budget 20s:" in ensemble.stdout and "training took" in ensemble.stdout
-    settings = data.load_checkpoint(workspace / "budget_models" / "vgg_fold0.pth")["settings"]
+    settings = checkpoints.load(workspace / "budget_models" / "vgg_fold0.pth")["settings"]
     assert settings["schedule"] == "warmup-linear" and settings["augmentation"] == "light"
     assert settings["planned_steps"] >= 1
 

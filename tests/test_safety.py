@@ -14,9 +14,12 @@ import torch
 from conftest import ROOT, assert_user_error, run_script, synthetic_mnist
 from PIL import Image
 
+import checkpoints
+import cli
 import data
 from data import UserError
 from models import PairDetector, build_model
+import photos
 
 # ----------------------------------------------------------------------------- checkpoints
 
@@ -45,23 +48,23 @@ def nan_weights():
     ({"model_state": nan_weights()}, "the weights are not finite (head.1.weight holds NaN or Inf)"),
 ])
 def test_checkpoint_fields_are_checked_when_loaded(tmp_path, changes, message):
-    data.save_checkpoint(tmp_path / "m.pth", checkpoint(**changes))
+    checkpoints.save(tmp_path / "m.pth", checkpoint(**changes))
     with pytest.raises(UserError, match=f"m.pth: {message[:30].replace('(', '.').replace(')', '.')}") as caught:
-        data.load_checkpoint(tmp_path / "m.pth")
+        checkpoints.load(tmp_path / "m.pth")
     assert message in str(caught.value) and "\n" not in str(caught.value)
 
 
 def test_a_pair_detector_that_does_not_fit_is_one_line(tmp_path):
     from predict_tta import DigitReader
     detector = PairDetector().state_dict()
-    data.save_checkpoint(tmp_path / "m.pth", checkpoint(pair_detector=detector))
+    checkpoints.save(tmp_path / "m.pth", checkpoint(pair_detector=detector))
     assert len(DigitReader(tmp_path / "m.pth", device="cpu").pair_detectors) == 1
     cases = [(checkpoint(pair_detector={**detector, "head.1.weight": torch.zeros(64, 512)}),
               "its pair detector does not fit models.PairDetector (size mismatch for head.1.weight"),
              (checkpoint(pair_detector={**detector, "head.4.bias": torch.tensor([float("inf")])}),
               "the weights are not finite (head.4.bias holds NaN or Inf)")]
     for broken, message in cases:
-        data.save_checkpoint(tmp_path / "m.pth", broken)
+        checkpoints.save(tmp_path / "m.pth", broken)
         with pytest.raises(UserError) as caught:
             DigitReader(tmp_path / "m.pth", device="cpu")
         assert message in str(caught.value) and "\n" not in str(caught.value)
@@ -70,15 +73,15 @@ def test_a_pair_detector_that_does_not_fit_is_one_line(tmp_path):
 def test_checkpoint_without_epoch_is_not_one_of_ours(tmp_path):
     broken = checkpoint()
     del broken["epoch"]
-    data.save_checkpoint(tmp_path / "m.pth", broken)
+    checkpoints.save(tmp_path / "m.pth", broken)
     with pytest.raises(UserError, match="it needs model_state, arch, normalization, epoch"):
-        data.load_checkpoint(tmp_path / "m.pth")
+        checkpoints.load(tmp_path / "m.pth")
 
 
 def test_a_nan_model_in_a_models_folder_stops_prediction_naming_it(tmp_path):
     (tmp_path / "models").mkdir()
-    data.save_checkpoint(tmp_path / "models" / "good.pth", checkpoint())
-    data.save_checkpoint(tmp_path / "models" / "bad.pth", checkpoint(model_state=nan_weights()))
+    checkpoints.save(tmp_path / "models" / "good.pth", checkpoint())
+    checkpoints.save(tmp_path / "models" / "bad.pth", checkpoint(model_state=nan_weights()))
     data.write_images_csv(tmp_path / "test.csv", torch.zeros(5, 28, 28, dtype=torch.uint8))
     result = run_script("predict_tta.py", "--test-csv", "test.csv", "--weights", "models", cwd=tmp_path, check=False)
     assert_user_error(result, "bad.pth: the weights are not finite")
@@ -89,7 +92,7 @@ def test_finite_weights_with_non_finite_outputs_are_refused_before_writing(tmp_p
     state = build_model("vgg").state_dict()
     state["head.2.bias"][:] = 1e30                       # finite, but the logits overflow to Inf, softmax to NaN
     state["head.5.weight"][:] = 1e9
-    data.save_checkpoint(tmp_path / "huge.pth", checkpoint(model_state=state))
+    checkpoints.save(tmp_path / "huge.pth", checkpoint(model_state=state))
     data.write_images_csv(tmp_path / "test.csv", torch.full((5, 28, 28), 200, dtype=torch.uint8))
     (tmp_path / "submission.csv").write_text("ImageId,Label\n1,7\n")
     result = run_script("predict_tta.py", "--test-csv", "test.csv", "--weights", "huge.pth", "--no-tta",
@@ -100,7 +103,7 @@ def test_finite_weights_with_non_finite_outputs_are_refused_before_writing(tmp_p
 
 def test_a_resume_file_of_another_architecture_is_refused(tmp_path):
     synthetic_mnist(tmp_path / "mnist", n_train=200)
-    data.save_checkpoint(tmp_path / "CNN_best_model.resume.pth", {
+    checkpoints.save(tmp_path / "CNN_best_model.resume.pth", {
         "model_state": build_model("resnet").state_dict(), "optimizer_state": {}, "scheduler_state": {},
         "scaler_state": {}, "rng": {}, "progress": {}, "arch": "resnet"})
     assert_user_error(run_script("train_cnn.py", "--data-dir", "mnist", cwd=tmp_path, check=False),
@@ -115,7 +118,7 @@ def test_an_output_that_is_an_input_is_refused_before_any_work(tmp_path):
     data.write_images_csv(tmp_path / "train.csv", torch.zeros(40, 28, 28, dtype=torch.uint8), torch.arange(40) % 10)
     data.write_images_csv(tmp_path / "test.csv", torch.zeros(5, 28, 28, dtype=torch.uint8))
     data.write_images_csv(tmp_path / "predictions.csv", torch.zeros(5, 28, 28, dtype=torch.uint8), torch.arange(5))
-    data.save_checkpoint(tmp_path / "m.pth", checkpoint())
+    checkpoints.save(tmp_path / "m.pth", checkpoint())
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
     for script, args, message in (
         ("train_cnn.py", ["--train-csv", "train.csv", "--checkpoint", "train.csv"],
@@ -140,7 +143,7 @@ def test_an_output_that_is_an_input_is_refused_before_any_work(tmp_path):
 def test_a_folder_as_an_output_file_is_refused_before_any_work(tmp_path):
     synthetic_mnist(tmp_path / "mnist", n_train=40)
     data.write_images_csv(tmp_path / "test.csv", torch.zeros(5, 28, 28, dtype=torch.uint8))
-    data.save_checkpoint(tmp_path / "m.pth", checkpoint())
+    checkpoints.save(tmp_path / "m.pth", checkpoint())
     (tmp_path / "folder").mkdir()
     for script, args in (("train_cnn.py", ["--data-dir", "mnist", "--checkpoint", "folder"]),
                          ("predict_tta.py", ["--test-csv", "test.csv", "--weights", "m.pth", "--out", "folder"]),
@@ -163,7 +166,7 @@ def test_atomic_writes_clean_the_leftovers_of_killed_writers_only(tmp_path):
     other = tmp_path / f".other.pth.{dead.stdout.strip()}.xyz.tmp"         # another file's: not ours to remove
     for path in (orphan, alive, other):
         path.write_text("partial")
-    data.write_json(target, {"ok": 1})
+    cli.write_json(target, {"ok": 1})
     assert not orphan.exists() and alive.exists() and other.exists()
 
 
@@ -284,9 +287,9 @@ def test_huge_images_are_refused_from_their_header(tmp_path):
     (tmp_path / "100mp.png").write_bytes(png_header(10_000, 10_000))     # below PIL's own error limit
     (tmp_path / "400mp.png").write_bytes(png_header(20_000, 20_000))     # above it: PIL's DecompressionBombError
     with pytest.raises(UserError, match=r"100mp.png: 10000x10000 pixels, more than a photo of a digit needs"):
-        data.preprocess_image(tmp_path / "100mp.png")
+        photos.preprocess_image(tmp_path / "100mp.png")
     with pytest.raises(UserError, match="400mp.png: not a readable image"):
-        data.preprocess_image(tmp_path / "400mp.png")
+        photos.preprocess_image(tmp_path / "400mp.png")
 
 
 def upright_seven():
@@ -309,8 +312,8 @@ def test_phone_photos_are_turned_the_right_way_up(tmp_path, orientation, transpo
     exif = Image.Exif()
     exif[0x0112] = orientation                 # the camera stored the pixels turned; the tag says how to turn them back
     upright.transpose(transpose).save(tmp_path / "phone.jpg", quality=95, exif=exif)
-    expected = data.preprocess_image(tmp_path / "upright.jpg").float()
-    turned = data.preprocess_image(tmp_path / "phone.jpg").float()
+    expected = photos.preprocess_image(tmp_path / "upright.jpg").float()
+    turned = photos.preprocess_image(tmp_path / "phone.jpg").float()
     assert (turned - expected).abs().mean() < 4                # the same digit, up to JPEG noise
     raw = np.asarray(Image.open(tmp_path / "phone.jpg").convert("L").resize((28, 28)), dtype=np.float32)
     assert raw.shape == (28, 28)

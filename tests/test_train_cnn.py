@@ -10,6 +10,7 @@ import pytest
 import torch
 from conftest import ROOT, assert_user_error, run_script, synthetic_mnist
 
+import checkpoints
 import data
 import train_cnn
 
@@ -21,7 +22,7 @@ def test_one_epoch_writes_checkpoint_and_history_and_beats_chance(tmp_path, mnis
     args = ["--data-dir", mnist_dir, "--epochs", "1", "--limit", "600", "--batch-size", "16"]
     result = run_script("train_cnn.py", *args, cwd=tmp_path)
     assert "540 train / 60 val / 600 test images" in result.stdout
-    checkpoint = data.load_checkpoint(tmp_path / "CNN_best_model.pth")
+    checkpoint = checkpoints.load(tmp_path / "CNN_best_model.pth")
     assert checkpoint["arch"] == "vgg" and checkpoint["complete"] is True and checkpoint["epoch"] == 1
     assert checkpoint["normalization"] == {"mean": 0.1307, "std": 0.3081}
     assert set(checkpoint["metrics"]) == {"val_loss", "val_accuracy"}
@@ -73,15 +74,15 @@ def test_killed_run_resumes_where_it_stopped_and_matches_an_uninterrupted_run(tm
     process.send_signal(signal.SIGKILL)
     process.wait()
     assert resume_file.exists(), "the run ended before its first epoch was saved"
-    assert data.load_checkpoint(folder / "CNN_best_model.pth")["complete"] is False
+    assert checkpoints.load(folder / "CNN_best_model.pth")["complete"] is False
 
     resumed = run_script("train_cnn.py", *args, cwd=folder)
     assert "resuming CNN_best_model.pth after epoch" in resumed.stdout
     assert history_losses(folder) == history_losses(tmp_path / "straight")
-    resumed_checkpoint = data.load_checkpoint(folder / "CNN_best_model.pth")
+    resumed_checkpoint = checkpoints.load(folder / "CNN_best_model.pth")
     assert resumed_checkpoint["complete"] is True
     assert torch.equal(resumed_checkpoint["trained_on"],
-                       data.load_checkpoint(tmp_path / "straight" / "CNN_best_model.pth")["trained_on"])
+                       checkpoints.load(tmp_path / "straight" / "CNN_best_model.pth")["trained_on"])
     assert not resume_file.exists()
 
 
@@ -108,7 +109,7 @@ def test_a_trial_never_reads_the_test_set_and_the_same_command_reports_later(tmp
     assert "270 train / 30 val / no test set (--no-test-report)" in trial.stdout and "test loss" not in trial.stdout
     assert trial.stdout.splitlines()[-1] == ("test set not read (--no-test-report); CNN_best_model.pth is the model "
                                              "chosen by validation")
-    assert data.is_complete(data.load_checkpoint(tmp_path / "CNN_best_model.pth"))
+    assert checkpoints.is_complete(checkpoints.load(tmp_path / "CNN_best_model.pth"))
 
     for path in (mnist_dir / "MNIST" / "raw").glob("t10k-*"):
         shutil.copy(path, raw)
@@ -141,9 +142,9 @@ def test_user_errors_are_one_line_with_exit_code_2(tmp_path):
 
 def test_checkpoint_of_another_architecture_is_refused(tmp_path, mnist_dir):
     from models import build_model
-    data.save_checkpoint(tmp_path / "CNN_best_model.pth", {"model_state": build_model("resnet").state_dict(),
-                                                           "arch": "resnet", "normalization": data.NORMALIZATION,
-                                                           "complete": True, "epoch": 1})
+    checkpoints.save(tmp_path / "CNN_best_model.pth", {"model_state": build_model("resnet").state_dict(),
+                                                       "arch": "resnet", "normalization": data.NORMALIZATION,
+                                                       "complete": True, "epoch": 1})
     assert_user_error(run_script("train_cnn.py", "--data-dir", mnist_dir, "--limit", "100", cwd=tmp_path, check=False),
                       "holds a resnet model, not pipeline A's vgg")
 
@@ -171,16 +172,16 @@ def test_a_model_finished_before_the_recipe_table_is_reused_by_its_command(tmp_p
     """The released model was trained at the commit before RECIPE and the help groups (its manifest names it): today's
     code makes the same settings of its command, so the finished model is reused, not retrained, and a resume file of
     that run, which records the same settings, is resumed on the machine that wrote it."""
-    manifest = json.loads(data.RELEASE_MANIFEST.read_text())
+    manifest = json.loads(checkpoints.RELEASE_MANIFEST.read_text())
     argv = manifest["command"].split()[2:]  # after "python train_cnn.py"
     argv[argv.index("--data-dir") + 1] = str(mnist_dir)
-    saved = data.load_checkpoint(data.RELEASED_MODEL)["settings"]
+    saved = checkpoints.load(checkpoints.RELEASED_MODEL)["settings"]
     args = train_cnn.parse_args(argv)
     settings, _ = train_cnn.training_settings(args, {"arch": "vgg", "data": saved["data"], "monitor": "val_loss",
                                                      "split": {"val_fraction": args.val_fraction},
                                                      "precision": saved["precision"]})
     assert settings == saved
-    shutil.copy(data.RELEASED_MODEL, tmp_path / "CNN_best_model.pth")
+    shutil.copy(checkpoints.RELEASED_MODEL, tmp_path / "CNN_best_model.pth")
     result = run_script("train_cnn.py", *argv, cwd=tmp_path)
     assert "using CNN_best_model.pth (epoch 30)" in result.stdout and "train loss" not in result.stdout
     assert result.stdout.splitlines()[-1].startswith("test loss") and "accuracy 0.997" in result.stdout

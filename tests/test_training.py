@@ -6,10 +6,12 @@ import pytest
 import torch
 from conftest import assert_user_error, random_steps, run_script, synthetic_mnist
 
+import checkpoints
+import cli
 import data
+from models import build_model
 import train_cnn
 import train_kfold
-from models import build_model
 from train_kfold import TRAINING_COST
 
 STEPS = 10  # optimizer steps per epoch in these tests
@@ -106,12 +108,12 @@ def test_averaged_weights_are_the_ones_saved_validated_and_loaded(tmp_path):
     synthetic_mnist(tmp_path / "mnist", n_train=200, n_test=20)
     run_script("train_cnn.py", "--data-dir", "mnist", "--epochs", "2", "--batch-size", "16", "--ema-decay", "0.9",
                "--precision", "fp32", cwd=tmp_path)
-    checkpoint = data.load_checkpoint(tmp_path / "CNN_best_model.pth")
+    checkpoint = checkpoints.load(tmp_path / "CNN_best_model.pth")
     assert checkpoint["settings"]["ema_decay"] == 0.9
     history = __import__("json").loads((tmp_path / "CNN_best_model.history.json").read_text())
     assert all("raw_val_accuracy" in h for h in history)       # the plain weights, validated beside the average
     assert any(h["raw_val_loss"] != h["val_loss"] for h in history)
-    model, _ = data.model_from_checkpoint(tmp_path / "CNN_best_model.pth", torch.device("cpu"))
+    model, _ = checkpoints.load_model(tmp_path / "CNN_best_model.pth", torch.device("cpu"))
     assert set(model.state_dict()) == set(checkpoint["model_state"])
 
 
@@ -151,15 +153,15 @@ def test_a_diverging_run_stops_and_marks_nothing_complete(tmp_path):
                         cwd=tmp_path, check=False)
     assert_user_error(result, "training diverged in epoch 1", "NaN or Inf", "(try a lower --lr)")
     checkpoint = tmp_path / "CNN_best_model.pth"
-    assert not checkpoint.exists() or not data.load_checkpoint(checkpoint)["complete"]
+    assert not checkpoint.exists() or not checkpoints.load(checkpoint)["complete"]
 
 
 def interrupt_after_first_epoch(monkeypatch):
     """Make the next run stop like Ctrl-C right after its first epoch's resume file is written."""
     def write_json_then_stop(path, obj):
-        data.write_json(path, obj)
+        cli.write_json(path, obj)
         raise KeyboardInterrupt
-    monkeypatch.setattr(train_cnn, "write_json", write_json_then_stop)
+    monkeypatch.setattr(checkpoints, "write_json", write_json_then_stop)  # the history, written by save_epoch
 
 
 def test_a_run_resumed_with_other_settings_is_refused_naming_the_setting(tmp_path, monkeypatch):
@@ -191,6 +193,6 @@ def test_a_checkpoint_without_settings_is_refused_with_advice_to_retrain(tmp_pat
     checkpoint = {"model_state": build_model("vgg").state_dict(), "arch": "vgg",
                   "normalization": dict(data.NORMALIZATION),
                   "epoch": 3, "complete": True}
-    data.save_checkpoint(tmp_path / "CNN_best_model.pth", checkpoint)
+    checkpoints.save(tmp_path / "CNN_best_model.pth", checkpoint)
     result = run_script("train_cnn.py", "--data-dir", "mnist", cwd=tmp_path, check=False)
     assert_user_error(result, "CNN_best_model.pth records no run settings", "pass --retrain to train it again")

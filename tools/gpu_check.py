@@ -3,7 +3,7 @@
 Stages, each written to OUT/gpu_check.json as soon as it ends (a run cut short still reports what it reached),
 with the output of every command it runs in OUT/gpu_check.log:
   device         GPU name, compute capability, memory, torch and CUDA versions, the precision `auto` picks
-  bench          tests/bench.py's epoch against the compute ceiling, per architecture (img/s)
+  bench          tools/bench.py's epoch against the compute ceiling, per architecture (img/s)
   sync           one training epoch (auto precision and fp16) and one TTA pass with torch.cuda.set_sync_debug_mode
                  "warn" inside their batch loops: the warnings are counted (the code's promise: 0)
   pipeline_a     train_cnn.py for 2 epochs in the auto precision and in fp16 (the gradient scaler): test accuracy, time
@@ -13,7 +13,7 @@ with the output of every command it runs in OUT/gpu_check.log:
   resume         the same run killed after its first epoch, run again: resumed, and equal to the first, uninterrupted?
 
     make gpu-check PYTHON=python3                     # on the GPU machine, MNIST's .gz files in data/MNIST/raw
-    python tests/gpu_check.py --device cpu --limit 120 --out /tmp/check   # the same logic on a CPU (the test runs this)
+    python tools/gpu_check.py --device cpu --limit 120 --out /tmp/check   # the same logic on a CPU (the test runs this)
 """
 import json
 import os
@@ -32,6 +32,9 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
+import augmentation  # noqa: E402
+import checkpoints  # noqa: E402
+import cli  # noqa: E402
 import bench  # noqa: E402
 import data  # noqa: E402
 import predict_tta  # noqa: E402
@@ -54,7 +57,7 @@ class Check:
         self.device = None  # set by the device stage; the others need it
 
     def save(self):
-        data.write_json(self.out / "gpu_check.json", self.report)
+        cli.write_json(self.out / "gpu_check.json", self.report)
 
     def log(self, text):
         with open(self.log_path, "a") as f:
@@ -171,8 +174,7 @@ def sync_stage(check):
     count = check.args.limit or 12_800
     images, labels = images[:count].to(device), labels[:count].to(device)
     counter = SyncCounter(device)
-    originals = train_cnn.progress_bar, predict_tta.progress_bar
-    train_cnn.progress_bar = predict_tta.progress_bar = counter.progress_bar
+    original, data.progress_bar = data.progress_bar, counter.progress_bar
     result = {"sync_debug_mode": device.type == "cuda", "images": count}
     try:
         for precision in dict.fromkeys([data.pick_precision("auto", device), "fp16"]):
@@ -187,9 +189,9 @@ def sync_stage(check):
         ensemble = [(model.eval(), data.NORMALIZATION, "vgg"), (train_cnn.new_model("widecnn", device, 1).eval(),
                                                                 data.NORMALIZATION, "widecnn")]
         result["tta_sync_warnings"] = counter.count(lambda: predict_tta.ensemble_probabilities(
-            ensemble, images[:2048], data.TTA_VARIANTS, data.pick_precision("auto", device), seed=0))
+            ensemble, images[:2048], augmentation.TTA_VARIANTS, data.pick_precision("auto", device), seed=0))
     finally:
-        train_cnn.progress_bar, predict_tta.progress_bar = originals
+        data.progress_bar = original
     result["sync_warnings"] = sum(v for k, v in result.items() if k.endswith("_sync_warnings"))
     result["sync_messages"] = sorted(set(counter.messages))[:20]
     return result
@@ -245,8 +247,8 @@ def torchrun_stage(check):
 
 def weights_equal(first, second):
     """True when two checkpoints hold the same weights, bit for bit."""
-    second = data.load_checkpoint(second)["model_state"]
-    return all(torch.equal(tensor, second[name]) for name, tensor in data.load_checkpoint(first)["model_state"].items())
+    second = checkpoints.load(second)["model_state"]
+    return all(torch.equal(tensor, second[name]) for name, tensor in checkpoints.load(first)["model_state"].items())
 
 
 def deterministic_run(check):
@@ -274,7 +276,7 @@ def resume_stage(check):
         time.sleep(0.01)
     process.send_signal(signal.SIGKILL)
     process.wait()
-    killed_after = (data.read_checkpoint_file(resume_file, train_cnn.RESUME_KEYS)["progress"]["epoch"]
+    killed_after = (checkpoints.read(resume_file, checkpoints.RESUME_KEYS)["progress"]["epoch"]
                     if resume_file.exists() else None)
     stdout, _ = check.script(*command[1:], "--checkpoint", "resumed.pth")
     return {"killed_after_epoch": killed_after, "resumed": "resuming resumed.pth" in stdout,
@@ -287,12 +289,12 @@ STAGE_FUNCTIONS = {"device": device_stage, "bench": bench_stage, "sync": sync_st
 
 
 def parse_args(argv=None):
-    p = data.Parser(__doc__)
+    p = cli.Parser(__doc__)
     p.add_argument("--data-dir", default=data.DEFAULT_DATA_DIR,
                    help="folder holding MNIST/raw/*.gz (env MNIST_DATA_DIR)")
     p.add_argument("--device", default="auto", help="auto, cuda, cuda:N (or cpu, to test this script)")
     p.add_argument("--out", default="gpu-check", help="folder for gpu_check.json, gpu_check.log and the runs' files")
-    p.add_argument("--limit", type=data.positive_int,
+    p.add_argument("--limit", type=cli.positive_int,
                    help="at most this many images per run (a quick check of the logic)")
     p.add_argument("--time-limit", type=float, default=230,
                    help="seconds; stages not begun by then are reported as not run")
@@ -311,4 +313,4 @@ def main(argv=None):
 
 if __name__ == "__main__":
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
-    data.run_cli(main)
+    cli.run_cli(main)

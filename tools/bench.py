@@ -12,7 +12,7 @@ Each kind of measurement runs in its own process and reports its peak RSS (ours 
 a few tens of MB). Prints a table, writes JSON.
 This file is not collected by pytest (its name does not start with test_): speed is measured here, not asserted.
 
-    python tests/bench.py --data-dir ../shared/data --out bench.json
+    python tools/bench.py --data-dir ../shared/data --out bench.json
 """
 import argparse
 import datetime
@@ -33,6 +33,8 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
+import augmentation  # noqa: E402
+import cli  # noqa: E402
 import data  # noqa: E402
 import train_cnn  # noqa: E402
 from models import build_model  # noqa: E402
@@ -139,7 +141,7 @@ def measure_augmentation(images, batch_size, generator):
     """Seconds the light augmentation alone takes over one epoch of these images."""
     start = time.perf_counter()
     for index in data.batch_indices(len(images), batch_size):
-        data.to_unit_float(images[index], data.light_augmentation, generator)
+        data.to_unit_float(images[index], augmentation.light_augmentation, generator)
     synchronize(images.device)
     return time.perf_counter() - start
 
@@ -181,8 +183,8 @@ def measure_inference(archs, precision, device, images_count, data_dir, folds):
     plain = [(new_model("vgg", device).eval(), data.NORMALIZATION, "vgg")]
     ensemble = [(new_model(arch, device).eval(), data.NORMALIZATION, arch) for arch in archs for _ in range(folds)]
     results = {}
-    for name, models, variants in (("plain", plain, data.TTA_VARIANTS[:1]), ("tta_ensemble", ensemble,
-                                                                             data.TTA_VARIANTS)):
+    for name, models, variants in (("plain", plain, augmentation.TTA_VARIANTS[:1]), ("tta_ensemble", ensemble,
+                                                                                     augmentation.TTA_VARIANTS)):
         ensemble_probabilities(models, images[:256], variants, precision, seed=0)  # warm-up
         start = time.perf_counter()
         ensemble_probabilities(models, images, variants, precision, seed=0)
@@ -332,4 +334,4 @@ def main():
 
 
 if __name__ == "__main__":
-    data.run_cli(main)
+    cli.run_cli(main)

@@ -1,6 +1,6 @@
 """Make the released model, weights/vgg_mnist.pth, and its manifest from a finished pipeline A checkpoint.
 
-    python tests/release.py --checkpoint ~/runs/release/CNN_best_model.pth --data-dir ../shared/data \
+    python tools/release.py --checkpoint ~/runs/release/CNN_best_model.pth --data-dir ../shared/data \
         --commit 6d75e51 --training-seconds 1500 --command "python train_cnn.py ..."
 
 The weights are stored in half precision (BatchNorm's running statistics stay fp32), after a parity check on
@@ -8,9 +8,9 @@ MNIST's 10,000 test images: the copy, loaded back into the fp32 model and predic
 the fp32 checkpoint gives, and no probability may differ by more than 1e-3; otherwise nothing is written. The
 manifest records the file's SHA-256 (checked whenever the file is loaded), how it was made, and its test accuracy.
 
-    python tests/release.py --pair-detector /tmp/pair_detector.pth --commit 1234abc --command "python tests/..."
+    python tools/release.py --pair-detector /tmp/pair_detector.pth --commit 1234abc --command "python tools/..."
 
-adds a pair detector (tests/number_photos.py --fit-pairs) to the released model instead, in fp16 like the rest: its
+adds a pair detector (tools/number_pages.py --fit-pairs) to the released model instead, in fp16 like the rest: its
 digit weights stay as they are, byte for byte, and so does every digit it reads; the manifest records the detector.
 """
 import argparse
@@ -23,6 +23,8 @@ from pathlib import Path
 
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import checkpoints  # noqa: E402
+import cli  # noqa: E402
 import data  # noqa: E402
 from predict_tta import DigitReader  # noqa: E402
 
@@ -61,15 +63,16 @@ def main():
     if args.checkpoint is None or args.training_seconds is None:
         p.error("--checkpoint and --training-seconds are required (or --pair-detector)")
 
-    target = data.RELEASED_MODEL
+    target = checkpoints.RELEASED_MODEL
     candidate = target.with_name("candidate.pth")
-    data.check_outputs({"weights/": [target, candidate, data.RELEASE_MANIFEST]}, {"--checkpoint": [args.checkpoint]})
-    checkpoint = data.load_checkpoint(args.checkpoint)
-    if not data.is_complete(checkpoint) or checkpoint["arch"] != "vgg" or "trained_on" not in checkpoint:
+    cli.check_outputs({"weights/": [target, candidate, checkpoints.RELEASE_MANIFEST]},
+                      {"--checkpoint": [args.checkpoint]})
+    checkpoint = checkpoints.load(args.checkpoint)
+    if not checkpoints.is_complete(checkpoint) or checkpoint["arch"] != "vgg" or "trained_on" not in checkpoint:
         sys.exit(f"{args.checkpoint}: not a finished vgg checkpoint with a record of its training images")
     images, labels = data.load_mnist(args.data_dir, "test")
     target.parent.mkdir(exist_ok=True)
-    data.save_checkpoint(candidate, {**checkpoint, "model_state": half_precision(checkpoint["model_state"])})
+    checkpoints.save(candidate, {**checkpoint, "model_state": half_precision(checkpoint["model_state"])})
     try:
         full = DigitReader(args.checkpoint, "cpu", "fp32").probabilities(images)
         half = DigitReader(candidate, "cpu", "fp32").probabilities(images)
@@ -103,34 +106,34 @@ def main():
         "precision": "fp16 weights, fp32 BatchNorm statistics; loaded into fp32",
         "parity": {"labels_differ": labels_differ, "max_probability_difference": float(f"{difference:.2e}"),
                    "images": len(images)},
-        "versions": data.library_versions(),
+        "versions": checkpoints.library_versions(),
         "note": "committed only here, replaced only when the recipe improves; every version stays in git's history",
     }
-    data.write_json(data.RELEASE_MANIFEST, manifest)
+    cli.write_json(checkpoints.RELEASE_MANIFEST, manifest)
     print(f"wrote {target} ({manifest['bytes'] / 1e6:.1f} MB, sha256 {manifest['sha256'][:16]}...), MNIST test "
           "accuracy "
-          f"{accuracy:.4f}, and {data.RELEASE_MANIFEST}")
+          f"{accuracy:.4f}, and {checkpoints.RELEASE_MANIFEST}")
 
 
 def add_pair_detector(args):
     """The released model with the pair detector added in fp16, its digit weights untouched; the manifest updated."""
-    target, candidate = data.RELEASED_MODEL, data.RELEASED_MODEL.with_name("candidate.pth")
-    data.check_outputs({"weights/": [target, candidate, data.RELEASE_MANIFEST]},
-                       {"--pair-detector": [args.pair_detector]})
-    released = data.load_checkpoint(target)
-    fitted = data.read_checkpoint_file(args.pair_detector, ("pair_detector", "for", "marks", "held_out",
-                                                            "held_out_misjudged", "held_out_pairs",
-                                                            "held_out_pairs_misread"))
-    if not data.same_file(fitted["for"], target):         # numbers of the digits it did not train on tune and measure
+    target, candidate = checkpoints.RELEASED_MODEL, checkpoints.RELEASED_MODEL.with_name("candidate.pth")
+    cli.check_outputs({"weights/": [target, candidate, checkpoints.RELEASE_MANIFEST]},
+                      {"--pair-detector": [args.pair_detector]})
+    released = checkpoints.load(target)
+    fitted = checkpoints.read(args.pair_detector, ("pair_detector", "for", "marks", "held_out",
+                                                   "held_out_misjudged", "held_out_pairs",
+                                                   "held_out_pairs_misread"))
+    if not cli.same_file(fitted["for"], target):         # numbers of the digits it did not train on tune and measure
         sys.exit(f"{args.pair_detector}: trained on the digits of {fitted['for']}, not of {target}; nothing written")
-    data.save_checkpoint(candidate, {**released, "pair_detector": half_precision(fitted["pair_detector"])})
+    checkpoints.save(candidate, {**released, "pair_detector": half_precision(fitted["pair_detector"])})
     try:
-        data.pair_detector_from_checkpoint(candidate, "cpu", data.load_checkpoint(candidate))   # it loads, or one line
+        checkpoints.load_pair_detector(candidate, "cpu", checkpoints.load(candidate))   # it loads, or one line
     except BaseException:
         candidate.unlink()
         raise
     candidate.replace(target)
-    manifest = data.read_json(data.RELEASE_MANIFEST)
+    manifest = cli.read_json(checkpoints.RELEASE_MANIFEST)
     manifest.update(sha256=hashlib.sha256(target.read_bytes()).hexdigest(), bytes=target.stat().st_size)
     manifest["pair_detector"] = {
         "what": "models.PairDetector: does a mark hold two touching digits, and which (for --number: whether to "
@@ -140,10 +143,10 @@ def add_pair_detector(args):
         "held_out_pairs_misread": f"{fitted['held_out_pairs_misread']} of {fitted['held_out_pairs']}",
         "precision": "fp16 weights, fp32 BatchNorm statistics; loaded into fp32",
         **({"remark": args.remark} if args.remark else {})}
-    data.write_json(data.RELEASE_MANIFEST, manifest)
+    cli.write_json(checkpoints.RELEASE_MANIFEST, manifest)
     print(f"added the pair detector to {target} ({manifest['bytes'] / 1e6:.1f} MB, sha256 "
-          f"{manifest['sha256'][:16]}...) and {data.RELEASE_MANIFEST}")
+          f"{manifest['sha256'][:16]}...) and {checkpoints.RELEASE_MANIFEST}")
 
 
 if __name__ == "__main__":
-    data.run_cli(main)
+    cli.run_cli(main)

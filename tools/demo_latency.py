@@ -6,7 +6,7 @@ weights) with 1 and 4 TTA variants, and the 10-model ensemble (5 resnet + 5 wide
 ensemble's checkpoints are random-init ones in the project's format, written to a temporary folder: the time
 does not depend on the weights. Not collected by pytest (its name does not start with test_).
 
-    OMP_NUM_THREADS=2 python tests/demo_latency.py --repeats 50
+    OMP_NUM_THREADS=2 python tools/demo_latency.py --repeats 50
 """
 import argparse
 import statistics
@@ -16,15 +16,18 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 import torch  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
 
+import checkpoints  # noqa: E402
 import data  # noqa: E402
+import photos  # noqa: E402
 from browser import STROKES  # noqa: E402
+from demo import CANVAS_SIZE, page_answer  # noqa: E402
 from models import build_model  # noqa: E402
-from predict_tta import CANVAS_SIZE, DigitReader, page_answer  # noqa: E402
+from predict_tta import DigitReader  # noqa: E402
 
 
 def drawing(strokes, size=CANVAS_SIZE):
@@ -45,8 +48,8 @@ def random_checkpoints(folder, archs):
     for i, arch in enumerate(archs):
         torch.manual_seed(i)
         path = Path(folder) / f"{arch}_{i}.pth"
-        data.save_checkpoint(path, {"model_state": build_model(arch).state_dict(), "arch": arch,
-                                    "normalization": data.NORMALIZATION, "epoch": 1, "complete": True})
+        checkpoints.save(path, {"model_state": build_model(arch).state_dict(), "arch": arch,
+                                "normalization": data.NORMALIZATION, "epoch": 1, "complete": True})
         paths.append(path)
     return paths
 
@@ -83,7 +86,7 @@ def main():
                   f"{number.probabilities.max():.2f})")
         start = time.perf_counter()
         for _ in range(args.repeats):
-            data.preprocess_image(image, name="the drawing")
+            photos.preprocess_image(image, name="the drawing")
         print(f"{'preprocessing alone':<20} {1000 * (time.perf_counter() - start) / args.repeats:7.1f} ms mean")
 
 

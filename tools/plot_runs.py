@@ -3,7 +3,7 @@
 Each argument is HISTORY[=LABEL][@TEST_ACCURACY]: a finished run's test accuracy is drawn as one point at its end.
 The README's "Accuracy by budget" figure comes from this script (docs/measurements.md has the command).
 
-    python tests/plot_runs.py --out docs/budget.png runs/a/CNN.history.json=a@0.9962 runs/b/CNN.history.json=b
+    python tools/plot_runs.py --out docs/budget.png runs/a/CNN.history.json=a@0.9962 runs/b/CNN.history.json=b
 """
 import re
 import sys
@@ -18,7 +18,7 @@ import matplotlib.ticker  # noqa: E402
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-import data  # noqa: E402
+import cli  # noqa: E402
 
 
 def parse_run(text):
@@ -29,14 +29,14 @@ def parse_run(text):
 
 
 def main():
-    parser = data.Parser(__doc__)
+    parser = cli.Parser(__doc__)
     parser.add_argument("runs", nargs="+", help="HISTORY[=LABEL][@TEST_ACCURACY]")
     parser.add_argument("--out", default="runs.png")
     args = parser.parse_args()
     figure, axes = plt.subplots(figsize=(8, 5), dpi=120)
     for text in args.runs:
         path, label, test = parse_run(text)
-        history = data.read_json(path)
+        history = cli.read_json(path)
         minutes, elapsed = [], 0.0
         for record in history:
             elapsed += record["seconds"]
@@ -53,10 +53,10 @@ def main():
     axes.set_title("validation accuracy per epoch (lines); test accuracy of each finished run (stars)")
     axes.grid(alpha=0.3)
     axes.legend(fontsize=8)
-    with data.atomic_path(args.out) as tmp:
+    with cli.atomic_path(args.out) as tmp:
         figure.savefig(tmp, format="png", bbox_inches="tight")
     print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":
-    data.run_cli(main)
+    cli.run_cli(main)

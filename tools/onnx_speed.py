@@ -5,7 +5,7 @@ with predict_tta.py's own export (parity checked), in one run: PyTorch eager in 
 PyTorch in the precision --precision auto picks here. The checkpoints are freshly initialised ones in a temporary
 folder: the time does not depend on the weights. Not collected by pytest: speed is measured here, not asserted.
 
-    python tests/onnx_speed.py --data-dir ../shared/data --repeats 200
+    python tools/onnx_speed.py --data-dir ../shared/data --repeats 200
 """
 import contextlib
 import io
@@ -20,6 +20,8 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
+import checkpoints  # noqa: E402
+import cli  # noqa: E402
 import data  # noqa: E402
 import predict_tta  # noqa: E402
 from bench import machine_description  # noqa: E402
@@ -31,8 +33,8 @@ def random_checkpoints(folder, archs):
     for i, arch in enumerate(archs):
         torch.manual_seed(i)
         paths.append(Path(folder) / f"{arch}_{i}.pth")
-        data.save_checkpoint(paths[-1], {"model_state": build_model(arch).state_dict(), "arch": arch,
-                                         "normalization": data.NORMALIZATION, "epoch": 1, "complete": True})
+        checkpoints.save(paths[-1], {"model_state": build_model(arch).state_dict(), "arch": arch,
+                                     "normalization": data.NORMALIZATION, "epoch": 1, "complete": True})
     return paths
 
 
@@ -53,9 +55,9 @@ def measure(predict, digits, repeats):
 
 
 def main():
-    parser = data.Parser(__doc__)
+    parser = cli.Parser(__doc__)
     parser.add_argument("--data-dir", default=data.DEFAULT_DATA_DIR, help="MNIST's test digits are the inputs")
-    parser.add_argument("--repeats", type=data.positive_int, default=200, help="single-digit predictions timed")
+    parser.add_argument("--repeats", type=cli.positive_int, default=200, help="single-digit predictions timed")
     args = parser.parse_args()
     onnxruntime = predict_tta.import_onnx()
     digits = data.load_mnist(args.data_dir, "test")[0][:256]
@@ -85,4 +87,4 @@ def main():
 
 
 if __name__ == "__main__":
-    data.run_cli(main)
+    cli.run_cli(main)

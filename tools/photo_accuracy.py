@@ -1,9 +1,7 @@
-"""Make 'photos' of MNIST digits: dark ink on light coloured paper, rescaled, off-centre, noisy, as a camera gives.
-
-The tests import render_as_photo. Run as a script, it measures how well a model reads such photos through
+"""How well a model reads MNIST's test digits rendered as photos (tests/photo_render.py), through
 `predict_tta.py --images`, against the same digits given directly and against photos only resized to 28x28:
 
-    python tests/photos.py --weights CNN_best_model.pth --data-dir ../shared/data --count 200
+    python tools/photo_accuracy.py --weights CNN_best_model.pth --data-dir ../shared/data --count 200
 """
 import argparse
 import subprocess
@@ -15,26 +13,11 @@ import numpy as np
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 import data  # noqa: E402
-
-
-def render_as_photo(digit, rng, size=(200, 150), scale=4.0, noise=0.04):
-    """uint8 [28, 28] MNIST digit -> an RGB PIL image of it drawn dark on light paper somewhere in a larger canvas."""
-    width, height = size
-    side = int(28 * scale)
-    ink = np.asarray(Image.fromarray(digit).resize((side, side), Image.BICUBIC), dtype=np.float32) / 255
-    paper = np.array([0.93, 0.90, 0.80]) + rng.uniform(-0.05, 0.05, 3)        # off-white, slightly tinted
-    pen = np.array([0.10, 0.12, 0.35]) + rng.uniform(-0.05, 0.05, 3)          # dark blue ink
-    canvas = np.ones((height, width, 3)) * paper
-    canvas += rng.normal(0, noise, canvas.shape)                              # sensor noise and paper texture
-    margin = 10
-    top = rng.integers(margin, height - side - margin + 1)
-    left = rng.integers(margin, width - side - margin + 1)
-    region = canvas[top:top + side, left:left + side]
-    canvas[top:top + side, left:left + side] = region * (1 - ink[..., None]) + pen * ink[..., None]
-    return Image.fromarray((np.clip(canvas, 0, 1) * 255).astype(np.uint8), mode="RGB")
+from augmentation import TTA_VARIANTS  # noqa: E402
+from photo_render import render_as_photo  # noqa: E402
 
 
 def main():
@@ -61,7 +44,7 @@ def main():
                     "--out", str(folder / "predictions.csv")], check=True, stdout=subprocess.DEVNULL)
     through_images = pd.read_csv(folder / "predictions.csv")["label"].to_numpy() == labels.numpy()
 
-    reader = DigitReader(args.weights, "cpu", tta=len(data.TTA_VARIANTS))
+    reader = DigitReader(args.weights, "cpu", tta=len(TTA_VARIANTS))
 
     def correct(batch):  # uint8 [N, 28, 28] -> how many the ensemble reads right, with predict_tta.py's TTA
         return int((reader.probabilities(batch).argmax(1) == labels).sum())

@@ -3,7 +3,7 @@
 Not collected by pytest (its name does not start with test_). Needs requirements-demo.txt, chromium and
 chromium-driver. The server and the browser keep their files in a temporary folder; only --out is written.
 
-    python tests/screenshot_demo.py --weights CNN_best_model.pth --out demo.png
+    python tools/screenshot_demo.py --weights CNN_best_model.pth --out demo.png
 """
 import argparse
 import io
@@ -13,12 +13,11 @@ from pathlib import Path
 
 from PIL import Image
 
-from browser import STROKES, chromium, demo_server, draw, missing, open_page, wait_for_answer
-
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-import data  # noqa: E402
+import cli  # noqa: E402
+from browser import STROKES, chromium, demo_server, draw, missing, open_page, wait_for_answer  # noqa: E402
 
 
 def main():
@@ -29,7 +28,7 @@ def main():
     p.add_argument("--width", type=int, default=900, help="width of the saved PNG in pixels")
     args = p.parse_args()
     if problem := missing():
-        raise data.UserError(problem)
+        raise cli.UserError(problem)
     with tempfile.TemporaryDirectory() as folder:
         with demo_server(args.weights, Path(folder) / "server") as url, \
                 chromium(Path(folder) / "browser", width=1200, height=860) as driver:
@@ -44,4 +43,4 @@ def main():
 
 
 if __name__ == "__main__":
-    data.run_cli(main)
+    cli.run_cli(main)

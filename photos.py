@@ -1,0 +1,576 @@
+"""People's images to MNIST-like digits: a photo or drawing of one digit, or of a whole number.
+
+MNIST's recipe, which every image goes through before a model sees it: white ink on black, the digit's bounding box
+scaled to fit 20x20 keeping its aspect ratio, then placed in a 28x28 field with its centre of mass at the centre.
+In this file: reading an image file safely (size limits, EXIF, transparency), one digit (preprocess_image), finding
+the image files a command names, then the digits of a whole number (find_digits: lines of writing, marks, touching
+digits cut apart, with the fitted weights that decide it), and the photo with its digits' boxes drawn. Models and
+their weights are not here: find_digits asks a classifier (and a pair detector) it is given.
+"""
+import contextlib
+import itertools
+import math
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from cli import UserError, brief
+from data import IMAGE_SIZE
+
+# ----------------------------------------------------------------------------- one digit
+
+MAX_IMAGE_PIXELS = 50 * 10**6  # above this, refused before decoding: 50 megapixels is already 200 MB as float
+
+DECODE_SIZE = 2048             # a JPEG larger than this on both sides is decoded at a reduced scale
+
+INK_THRESHOLD = 0.25  # after the contrast stretch, fainter pixels are paper texture or noise
+
+MIN_INK_PIXELS = 12   # fewer than this above the threshold: no digit in the image
+NO_DIGIT = "no digit found (the image is blank or has too little contrast)"
+
+def image_name(source, name=None):
+    """What messages call an image: `name` when given, else its path, else "the image" (an open PIL image)."""
+    if name is not None:
+        return name
+    return source if isinstance(source, (str, Path)) else "the image"
+
+
+def read_greyscale(source, name=None):
+    """An image file (or an open PIL image) -> float [H, W] in 0..1, the way it is meant to be seen.
+
+    Guards every image read: the size is checked from the header before anything is decoded (a large JPEG
+    is decoded at a reduced scale instead), a phone's EXIF orientation is applied, and transparency is
+    composited onto white paper. Messages call the image `name` (default: image_name's).
+    """
+    from PIL import Image, ImageOps, UnidentifiedImageError
+    name = image_name(source, name)
+    try:
+        with warnings.catch_warnings():  # PIL warns from 89 megapixels on; the cap below is stricter and one line
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            opened = Image.open(source) if isinstance(source, (str, Path)) else contextlib.nullcontext(source)
+        with opened as image:
+            # JPEG only: decode at 1/2, 1/4 or 1/8 scale when that is enough
+            image.draft("RGB", (DECODE_SIZE, DECODE_SIZE))
+            if image.width * image.height > MAX_IMAGE_PIXELS:
+                raise UserError(f"{name}: {image.width}x{image.height} pixels, more than a photo of a digit needs "
+                                f"(at most {MAX_IMAGE_PIXELS // 10**6} megapixels); scale it down")
+            image = ImageOps.exif_transpose(image)
+            if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
+                paper = Image.new("RGBA", image.size, "white")
+                image = Image.alpha_composite(paper, image.convert("RGBA"))
+            grey = np.asarray(image.convert("L"), dtype=np.float32) / 255
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError, SyntaxError) as error:
+        raise UserError(f"{name}: not a readable image ({brief(error)})") from None
+    return grey
+
+def border_pixels(image):
+    return np.concatenate([image[0], image[-1], image[:, 0], image[:, -1]])
+
+def ink_on_black(grey, invert="auto"):
+    """White ink on black as MNIST has it; 'auto' inverts when the border (the paper) is light."""
+    if invert == "yes" or (invert == "auto" and np.median(border_pixels(grey)) > 0.5):
+        return 1 - grey
+    return grey
+
+def remove_background(image):
+    """Stretch contrast from the paper's level to the darkest ink, then drop what is fainter than the threshold."""
+    paper = np.median(border_pixels(image))
+    return above_threshold(np.clip((image - paper) / max(image.max() - paper, 1e-6), 0, 1))
+
+def above_threshold(stretched):
+    """remove_background's threshold: what is fainter than INK_THRESHOLD is paper, the rest is stretched to 0..1."""
+    return np.clip((stretched - INK_THRESHOLD) / (1 - INK_THRESHOLD), 0, 1)
+
+
+def crop_to_ink(image, name):
+    """The bounding box of the ink; an image without enough ink is an error named after the image."""
+    top, bottom, left, right = ink_box(image, name)
+    return image[top:bottom, left:right]
+
+
+def ink_box(image, name):
+    """(top, bottom, left, right) of the ink, the ends exclusive; too little ink is an error named after the image."""
+    ink = image > 0
+    if ink.sum() < MIN_INK_PIXELS:
+        raise UserError(f"{name}: {NO_DIGIT}")
+    rows, columns = np.flatnonzero(ink.any(1)), np.flatnonzero(ink.any(0))
+    return rows[0], rows[-1] + 1, columns[0], columns[-1] + 1
+
+def fit_in_box(image, box=20):
+    """Resize so the longer side is `box` pixels, keeping the aspect ratio (antialiased when shrinking)."""
+    height, width = image.shape
+    scale = box / max(height, width)
+    size = (max(1, round(height * scale)), max(1, round(width * scale)))
+    tensor = torch.from_numpy(np.ascontiguousarray(image))[None, None]  # [1, 1, H, W]
+    return F.interpolate(tensor, size=size, mode="bilinear", antialias=True,
+                         align_corners=False)[0, 0].clamp_(0, 1).numpy()
+
+def centre_by_mass(image, size=IMAGE_SIZE):
+    """Paste into a size x size black field with the centre of mass at the field's centre."""
+    height, width = image.shape
+    total = image.sum()
+    centre_y = (image.sum(1) * np.arange(height)).sum() / total
+    centre_x = (image.sum(0) * np.arange(width)).sum() / total
+    top = int(np.clip(round((size - 1) / 2 - centre_y), 0, size - height))
+    left = int(np.clip(round((size - 1) / 2 - centre_x), 0, size - width))
+    field = np.zeros((size, size), dtype=np.float32)
+    field[top:top + height, left:left + width] = image
+    return field
+
+def preprocess_image(source, invert="auto", name=None):
+    """An image file or a PIL image of a digit -> uint8 [28, 28] as an MNIST sample looks (normalization comes later).
+
+    Messages call the image `name` (default: the path, or "the image"), e.g. "the drawing" for the page's
+    canvas.
+    """
+    name = image_name(source, name)
+    return mnist_digit(crop_to_ink(remove_background(ink_on_black(read_greyscale(source, name), invert)), name))
+
+
+def mnist_digit(ink):
+    """The ink of one digit, cropped to it (float [h, w] 0..1) -> uint8 [28, 28] fitted in 20x20 and centred by mass."""
+    field = centre_by_mass(fit_in_box(ink))
+    return torch.from_numpy(np.round(field * 255).astype(np.uint8))
+
+
+# ----------------------------------------------------------------------------- finding image files
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
+
+
+def find_images(paths):
+    """(image files, problems): folders are searched (not recursively) for image files; problems name bad paths."""
+    files, problems = [], []
+    for path in map(Path, paths):
+        if path.is_dir():
+            found = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+            if not found:
+                problems.append(f"{path}: no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) in this folder")
+            # a FIFO or device named like an image would block the read forever: only regular files are read
+            problems += [f"{p}: not a regular file, skipped" for p in found if not p.is_file()]
+            files += [p for p in found if p.is_file()]
+        elif path.is_file():
+            files.append(path)
+        elif path.exists():
+            problems.append(f"{path}: not a regular file or folder, skipped")
+        else:
+            problems.append(f"{path}: no such file or folder")
+    return files, problems
+
+
+# ----------------------------------------------------------------------------- the digits of a number in a photo
+
+# The usual recipe: threshold the page once, label the ink's connected components, join the pieces of one digit,
+# drop specks and ruled lines, split digits that touch, order them left to right and line by line, then give each
+# digit MNIST's preprocessing on its own, its contrast stretched to its own darkest ink. Lengths are in units of the
+# writing's height, measured from the page.
+
+MAX_DIGITS = 64            # more digit-sized marks than this is not a number
+FAINT_INK = 0.12           # smoothed ink above this joins the pieces of a digit (below INK_THRESHOLD)
+SPECK = 0.15               # components smaller than this many heights squared are specks of dirt or noise
+RULED_LINE = 2.0           # a horizontal run of ink this many heights long is a ruled line (no digit stroke is)
+JOIN_GAP = 0.15            # pieces of one digit: over each other, at most this far apart, together a digit tall
+JOIN_HEIGHT = 1.3
+SMALL, NEAR, JOIN_WIDTH = 0.5, 0.3, 1.2   # fragments: under half a height tall, joined within 0.3 heights
+JOIN_SHARE = 0.25          # two fragments over each other share this much of the narrower's columns (a 5's bar leans)
+FLAT = 0.8                 # a fragment this many heights wide that joins nothing is a digit written flat
+SPLIT_ASPECT = 0.6         # marks this wide for their height may hold touching digits
+CUT_CANDIDATES = 16        # cuts tried across the middle 60% of a mark's width,
+CUT_SLANTS = (-0.27, 0, 0.27)  # each upright and slanted 15 degrees either way
+# Two logistic models fitted on numbers of MNIST training digits (python tools/number_pages.py --fit-split
+# --data-dir ../shared/data): which cut of a mark is right, from cut_candidates' features, and whether the mark holds
+# two digits, from split_features at that cut (bias first; its threshold chosen on other training numbers). With a
+# pair detector (models.PairDetector: the released model has one), they are CUT_WEIGHTS_PAIR and SPLIT_WEIGHTS_PAIR,
+# which weigh its reading of the mark too (split_features).
+CUT_WEIGHTS = (0.252, 0.393, 0.350, 0.292, -7.236, -0.309, 0.023, 0.616, -1.265, 1.470)
+SPLIT_WEIGHTS = (-8.078, 7.221, -0.266, 0.550, -1.983, -0.951, -0.140, 4.299, 0.247, 1.128)
+CUT_WEIGHTS_PAIR = (-3.037, -3.217, 1.375, 1.462, 0.742, -0.102, 0.412, -0.232, -0.255, -0.470, 7.123)
+SPLIT_WEIGHTS_PAIR = (-2.021, 0.089, -0.182, -0.348, -0.398, -0.171, -0.359, 0.250, -0.299, 0.398, 1.330, -0.046)
+
+
+@dataclass
+class FoundDigits:
+    """The digits of a photo in reading order: images uint8 [N, 28, 28], MNIST-like; for each its box
+    (left, top, right, bottom; the ends exclusive, in the photo's pixels) and its line (0 first)."""
+    images: torch.Tensor
+    boxes: list
+    lines: list
+
+
+def find_digits(source, classify, invert="auto", name=None, detector=None):
+    """A photo or drawing of a number (a path or PIL image) -> FoundDigits, left to right, line by line.
+
+    `classify` (uint8 digits [M, 28, 28] -> probabilities [M, 10]) helps decide which marks hold touching digits
+    and where to cut them, and the pair `detector` (marks as pair_field gives them, uint8 [M, 32, 64] -> (log-odds [M]
+    that each holds two touching digits, the probabilities [M, 2, 10] of its left and right digit if it does); None
+    for models without one) too. A photo in which one mark is found, with no ruled line removed, gives exactly
+    preprocess_image's digit: one digit alone reads as --images reads it. No digit, or more than MAX_DIGITS, is one
+    line (UserError).
+    """
+    name = image_name(source, name)
+    grey, ink, ruled, marks = find_marks(source, invert, name)
+    if len(marks) == 1 and not ruled:
+        alone = remove_background(grey)                                  # preprocess_image's path from here
+        top, bottom, left, right = ink_box(alone, name)
+        return FoundDigits(mnist_digit(alone[top:bottom, left:right])[None], [(left, top, right, bottom)], [0])
+    rows = [split_touching(row, ink, classify, detector) for row in reading_lines(marks)]
+    digits = [(k, mark) for k, row in enumerate(rows) for mark in row]
+    images = torch.stack([mnist_digit(own_contrast(mark.ink(ink))) for _, mark in digits])
+    return FoundDigits(images, [mark.box_ltrb for _, mark in digits], [k for k, _ in digits])
+
+
+def own_contrast(ink):
+    """A digit's ink on the page (float [h, w], above_threshold's 0..1) stretched to its own darkest pixel, as
+    remove_background stretches a photo of one digit: a digit written fainter or thinner than the page's darkest
+    reads as it would alone, not dimmed (thin strokes lose most to JPEG and blur)."""
+    level = np.where(ink > 0, INK_THRESHOLD + (1 - INK_THRESHOLD) * ink, 0)   # the page's level before the threshold
+    return above_threshold(level / level.max())
+
+
+def find_marks(source, invert="auto", name=None):
+    """(white-on-black grey [H, W], the ink 0..1 less ruled lines, whether a ruled line was removed, the marks: one
+    per digit, or per group of touching digits) for a photo; no digit or more than MAX_DIGITS is a UserError."""
+    from scipy import ndimage
+    name = image_name(source, name)
+    grey = ink_on_black(read_greyscale(source, name), invert)
+    stretched = even_out_lighting(grey)                                  # float [H, W] 0..1
+    ink = above_threshold(stretched)                                     # 0 where paper
+    ink_box(ink, name)                                                   # too little ink: "no digit found"
+    # A digit's pieces stay one component where faint ink joins them: the smoothed ink above a lower threshold,
+    # where it holds ink above the threshold. Label 0 is the paper: a noise pixel above the threshold that smoothing
+    # leaves faint must not make the whole page ink.
+    faint = ndimage.gaussian_filter(stretched, 1.0) > FAINT_INK
+    labels, _ = ndimage.label(faint, np.ones((3, 3)))
+    mask = np.isin(labels, np.setdiff1d(labels[ink > 0], [0]))
+    height = writing_height(ndimage.label(mask, np.ones((3, 3)))[0])
+    ruled_lines = long_runs(mask, RULED_LINE * height)
+    if ruled_lines.any():
+        mask = remove_lines(mask, ruled_lines)
+        ink = np.where(mask, ink, 0)
+    labels, _ = ndimage.label(mask, np.ones((3, 3)))
+    pieces = [Mark(labels[box] == k + 1, box) for k, box in enumerate(ndimage.find_objects(labels))]
+    pieces = [piece.trimmed(ink) for piece in pieces if piece.ink_area(ink) >= (SPECK * height) ** 2]
+    marks = join_pieces(pieces, height)
+    if not marks:
+        raise UserError(f"{name}: {NO_DIGIT}")
+    if len(marks) > MAX_DIGITS:
+        raise UserError(f"{name}: {len(marks)} digit-sized marks, more than a number has (at most {MAX_DIGITS}): "
+                        "not a number")
+    return grey, ink, bool(ruled_lines.any()), marks
+
+
+def even_out_lighting(grey):
+    """White ink on black [H, W] -> the ink stretched to 0..1 above the paper's level, which is fitted as a smooth
+    surface over the whole page (so a lighting gradient is followed) and subtracted."""
+    height, width = grey.shape
+    small = F.interpolate(torch.from_numpy(grey)[None, None], size=(min(height, 64), min(width, 64)),
+                          mode="area")[0, 0].numpy()                      # [h, w] <= 64x64
+    terms = quadratic_terms(*small.shape)
+    paper = small <= np.median(small)                                    # the paper, first guess: the darker half
+    for _ in range(3):
+        coefficients = np.linalg.lstsq(terms[paper], small[paper], rcond=None)[0]
+        residual = small - terms @ coefficients
+        paper = residual <= 0.15 * max(residual.max(), 1e-6)
+    lifted = np.clip(grey - quadratic_terms(height, width) @ coefficients, 0, None)
+    return (lifted / max(lifted.max(), 1e-6)).astype(np.float32)
+
+
+def quadratic_terms(height, width):
+    """float [height, width, 6]: 1, x, y, x^2, xy, y^2 over the page, x and y from 0 to 1."""
+    ys, xs = np.mgrid[0:1:height * 1j, 0:1:width * 1j]
+    return np.stack([np.ones_like(xs), xs, ys, xs * xs, xs * ys, ys * ys], -1)
+
+
+def writing_height(labels):
+    """The height of the writing in pixels: the 75th percentile of the large components' heights (a fifth of the
+    largest's area or more): a digit in pieces (a 5's bar, a broken stroke) brings lower heights with it."""
+    from scipy import ndimage
+    boxes = ndimage.find_objects(labels)
+    areas = np.bincount(labels.ravel())[1:]
+    large = areas >= 0.2 * areas.max()
+    return float(np.percentile([box[0].stop - box[0].start for box, big in zip(boxes, large, strict=True) if big], 75))
+
+
+def long_runs(mask, length):
+    """bool [H, W]: the pixels of horizontal runs of ink at least `length` long (gaps of one or two pixels bridged)."""
+    from scipy import ndimage
+    bridged = ndimage.binary_closing(mask, np.ones((1, 5)))
+    edges = np.diff(np.pad(bridged, ((0, 0), (1, 1))).astype(np.int8), axis=1)
+    starts, ends = np.argwhere(edges == 1), np.argwhere(edges == -1)   # row by row, in the same order
+    runs = np.zeros_like(mask)
+    for (row, start), (_, end) in zip(starts, ends, strict=True):
+        if end - start >= length:
+            runs[row, start:end] = True
+    return runs & mask
+
+
+def remove_lines(mask, ruled_lines):
+    """The ink less its ruled lines, except where a digit's stroke crosses one (ink just above and just below)."""
+    from scipy import ndimage
+    thickness = max(1, int(np.ceil(ruled_lines.sum() / max(ruled_lines.any(0).sum(), 1))))  # pixels per column of line
+    rest = mask & ~ruled_lines
+    crossings = ndimage.binary_closing(rest, np.ones((thickness + 3, 1))) & ruled_lines
+    return rest | crossings
+
+
+class Mark:
+    """Some of a photo's ink: its own pixels (bool, inside its box) and where that box lies (rows, columns slices)."""
+
+    def __init__(self, pixels, box):
+        self.pixels, self.box = pixels, box
+        self.top, self.bottom = box[0].start, box[0].stop
+        self.left, self.right = box[1].start, box[1].stop
+        self.area = int(pixels.sum())
+
+    @property
+    def height(self):
+        return self.bottom - self.top
+
+    @property
+    def width(self):
+        return self.right - self.left
+
+    @property
+    def box_ltrb(self):
+        return (int(self.left), int(self.top), int(self.right), int(self.bottom))
+
+    def ink(self, ink):
+        """The page's ink inside this mark's pixels: float [h, w]."""
+        return np.where(self.pixels, ink[self.box], 0)
+
+    def ink_area(self, ink):
+        return int((self.ink(ink) > 0).sum())
+
+    def trimmed(self, ink):
+        """This mark with its pixels and box cut down to where it has ink above the threshold."""
+        return self.part(self.pixels & (ink[self.box] > 0))
+
+    def joined(self, other):
+        top, left = min(self.top, other.top), min(self.left, other.left)
+        bottom, right = max(self.bottom, other.bottom), max(self.right, other.right)
+        pixels = np.zeros((bottom - top, right - left), dtype=bool)
+        for mark in (self, other):
+            pixels[mark.top - top:mark.bottom - top, mark.left - left:mark.right - left] |= mark.pixels
+        return Mark(pixels, (slice(top, bottom), slice(left, right)))
+
+    def cut(self, column, slant):
+        """(left part, right part) of this mark cut along a line through `column` at mid-height, leaning right by
+        `slant` px per px upwards; None for a part without pixels."""
+        ys, xs = np.mgrid[0:self.height, 0:self.width]
+        left = xs < column + slant * (self.height / 2 - ys)
+        return self.part(self.pixels & left), self.part(self.pixels & ~left)
+
+    def part(self, pixels):
+        """The mark made of these of its pixels (bool, its box's shape), its box cut down to them; None for none."""
+        if not pixels.any():
+            return None
+        rows, cols = np.flatnonzero(pixels.any(1)), np.flatnonzero(pixels.any(0))
+        box = (slice(self.top + rows[0], self.top + rows[-1] + 1), slice(self.left + cols[0], self.left + cols[-1] + 1))
+        return Mark(pixels[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1], box)
+
+
+def join_pieces(pieces, height):
+    """Marks, one per digit: pieces over each other (a 5's bar, a 4 in two strokes, a broken stroke) are joined when
+    they overlap sideways by half the narrower one, lie at most JOIN_GAP heights apart and make at most JOIN_HEIGHT
+    heights together."""
+    marks = sorted(pieces, key=lambda mark: mark.left)
+    joined = True
+    while joined:
+        joined = False
+        for i, j in itertools.combinations(range(len(marks)), 2):
+            a, b = marks[i], marks[j]
+            gap = max(a.top, b.top) - min(a.bottom, b.bottom)
+            tall = max(a.bottom, b.bottom) - min(a.top, b.top)
+            if over_each_other(a, b) and gap <= JOIN_GAP * height and tall <= JOIN_HEIGHT * height:
+                marks[i] = a.joined(b)
+                del marks[j]
+                joined = True
+                break
+    return join_fragments(marks, height)
+
+
+def join_fragments(marks, height):
+    """Marks less than SMALL heights tall (a bar, a tail, a broken stroke's end): two over each other (sharing
+    JOIN_SHARE of the narrower one's columns: a slanted 5's bar leans off its body) that are a digit tall together
+    are one digit (a small 5, or a digit broken across its middle); the rest are joined to the nearest mark when it is
+    at most NEAR heights away and the two are at most a digit wide and JOIN_HEIGHT tall together. A fragment that
+    joins nothing is dropped (over or under a digit, a bar or a tail too far out), unless it is FLAT heights wide or
+    more and beside the others (over none of them, though a slanted neighbour may reach over its end): a digit written
+    flat (a wide 5 or 2)."""
+    whole = [m for m in marks if m.height >= SMALL * height]
+    fragments = [m for m in marks if m.height < SMALL * height]
+    for a, b in itertools.combinations(fragments, 2):
+        joined = a.joined(b)
+        if (a in fragments and b in fragments and over_each_other(a, b, JOIN_SHARE)
+                and joined.width <= JOIN_WIDTH * height and SMALL * height <= joined.height <= JOIN_HEIGHT * height):
+            whole.append(joined)
+            fragments = [m for m in fragments if m is not a and m is not b]
+    for fragment in sorted(fragments, key=lambda m: -m.area):
+        near = [(distance, k) for k, m in enumerate(whole) if (distance := box_distance(m, fragment)) <= NEAR * height]
+        for _, k in sorted(near):
+            joined = whole[k].joined(fragment)
+            if joined.width <= JOIN_WIDTH * height and joined.height <= JOIN_HEIGHT * height:
+                whole[k] = joined
+                break
+        else:
+            if fragment.width >= FLAT * height and not any(over_each_other(fragment, m) for m in whole):
+                whole.append(fragment)
+    return sorted(whole, key=lambda mark: mark.left)
+
+
+def sideways_overlap(a, b):
+    """How many columns two marks share (negative: the gap between them)."""
+    return min(a.right, b.right) - max(a.left, b.left)
+
+
+def over_each_other(a, b, share=0.5):
+    """Whether two marks share at least this share of the narrower one's columns: one above the other."""
+    return sideways_overlap(a, b) >= share * min(a.width, b.width)
+
+
+def box_distance(a, b):
+    """The distance between two marks' boxes, 0 where they overlap."""
+    return math.hypot(max(0, a.left - b.right, b.left - a.right), max(0, a.top - b.bottom, b.top - a.bottom))
+
+
+def reading_lines(marks):
+    """The marks in lines of writing, top line first, each left to right: a mark belongs to the line above when it
+    overlaps that line's rows by a quarter of its own height."""
+    lines = []
+    for mark in sorted(marks, key=lambda m: (m.top + m.bottom) / 2):
+        if lines and mark.top < lines[-1]["bottom"] - 0.25 * mark.height:
+            lines[-1]["marks"].append(mark)
+            lines[-1]["bottom"] = max(lines[-1]["bottom"], mark.bottom)
+        else:
+            lines.append({"marks": [mark], "bottom": mark.bottom})
+    return [sorted(line["marks"], key=lambda m: (m.left + m.right) / 2) for line in lines]
+
+
+def split_touching(marks, ink, classify, detector=None):
+    """A line's marks, with those that hold touching digits cut into them (split_mark), each judged against the
+    typical height of the line's other marks (its own when it is alone)."""
+    heights = np.array([mark.height for mark in marks])
+    return [digit for k, mark in enumerate(marks)
+            for digit in split_mark(mark, ink, classify, np.median(np.delete(heights, k)) if len(marks) > 1
+                                    else mark.height, detector)]
+
+
+def split_mark(mark, ink, classify, height, detector=None):
+    """[mark], or its digits when it holds touching ones: cut at its best cut (best_cut) when a logistic model of
+    the cut's features says the mark holds two digits (SPLIT_WEIGHTS; with a pair detector SPLIT_WEIGHTS_PAIR, which
+    weighs its reading of the mark too). Without a detector each part is tried again; with one the two parts are
+    final: its cut leaves a part wider than a digit more often, and the parts tried again split more single digits
+    than they found third digits (docs/measurements.md)."""
+    features, parts = best_cut(mark, ink, classify, height, detector)
+    if parts is None:
+        return [mark]
+    weights = SPLIT_WEIGHTS if detector is None else SPLIT_WEIGHTS_PAIR
+    if np.dot(weights[1:], features) + weights[0] <= 0:
+        return [mark]
+    if detector is not None:
+        return list(parts)
+    return [digit for part in parts for digit in split_mark(part, ink, classify, height)]
+
+
+def best_cut(mark, ink, classify, height, detector=None):
+    """(split_features at the cut that CUT_WEIGHTS rank first among cut_candidates (CUT_WEIGHTS_PAIR with a pair
+    detector), that cut's (left part, right part)); (None, None) when the mark has no cuts to try."""
+    cuts = cut_candidates(mark, ink, classify, height, detector)
+    if cuts is None:
+        return None, None
+    weights = CUT_WEIGHTS if cuts.odds is None else CUT_WEIGHTS_PAIR
+    best = int(np.argmax(cuts.features @ np.asarray(weights)))
+    return split_features(mark, height, cuts, best), cuts.parts[best]
+
+
+@dataclass
+class Cuts:
+    """The ways to cut one mark in two, as cut_candidates tried them, C of them."""
+    parts: list              # [(left part, right part)]: Marks
+    whole: np.ndarray        # float64 [10]: the classifier's probabilities for the whole mark
+    part_probs: np.ndarray   # float64 [C, 2, 10]: its probabilities for each cut's two parts
+    features: np.ndarray     # float64 [C, 10], or [C, 11] with a pair detector: what CUT_WEIGHTS weigh
+    odds: float | None       # the pair detector's log-odds that the mark holds two digits; None without one
+
+
+def mark_cuts(mark):
+    """[(place, slant, (left part, right part))]: the mark cut at CUT_CANDIDATES places across its middle 60% (as a
+    share of its width), each upright and slanted (CUT_SLANTS); cuts that leave a part empty are left out."""
+    return [(place, slant, parts) for place in np.linspace(0.2, 0.8, CUT_CANDIDATES) for slant in CUT_SLANTS
+            if None not in (parts := mark.cut(place * mark.width, slant))]
+
+
+def cut_candidates(mark, ink, classify, height, detector=None):
+    """Cuts: the ways to cut a mark at least SPLIT_ASPECT as wide as it is tall in two, at CUT_CANDIDATES places
+    across its middle 60%, each upright and slanted (CUT_SLANTS); None for a narrower mark. Each cut's features: for
+    each part how sure the classifier is (log-odds) and by how much over its second choice (log-ratio); how far the
+    cut lies from the middle and whether it slants; the parts' heights and widths for the line's `height`; with a pair
+    `detector` (as find_digits takes it), the log-probability that the parts read as the detector reads the mark's two
+    digits."""
+    if mark.width < SPLIT_ASPECT * mark.height:
+        return None
+    cuts = mark_cuts(mark)
+    if not cuts:
+        return None
+    parts = [pair for _, _, pair in cuts]
+    images = torch.stack([mnist_digit(mark.ink(ink))] + [mnist_digit(part.ink(ink)) for pair in parts for part in pair])
+    probs = np.asarray(classify(images), dtype=np.float64).clip(1e-6, 1 - 1e-6)   # [1 + 2C, 10]
+    whole, part_probs = probs[0], probs[1:].reshape(len(parts), 2, 10)
+    second, first = np.moveaxis(np.sort(part_probs, -1)[..., -2:], -1, 0)           # [C, 2] each
+    where = np.array([(abs(place - 0.5), slant != 0) for place, slant, _ in cuts], dtype=np.float64)
+    sizes = np.array([(part.height, part.width) for pair in parts for part in pair]).reshape(len(parts), 4) / height
+    features = np.column_stack([logit(first), np.log(first / second), where, sizes])
+    if detector is None:
+        return Cuts(parts, whole, part_probs, features, None)
+    odds, digits = detector(pair_field(mark.ink(ink))[None])                        # [1], [1, 2, 10]
+    agree = np.log((part_probs * np.asarray(digits[0], dtype=np.float64)).sum(-1).clip(1e-12)).sum(-1)   # [C]
+    return Cuts(parts, whole, part_probs, np.column_stack([features, agree]), float(odds[0]))
+
+
+def split_features(mark, height, cuts, k):
+    """float [9] for SPLIT_WEIGHTS at the k-th of `cuts`: the mark's width for the line's `height` and for its own; how
+    sure the classifier is of the whole (log-odds) and by how much over its second choice (log-ratio); of both parts
+    together and of the less sure part (log-odds); the smaller part's height for the line's; the parts' smaller and
+    summed log-ratios. With a pair detector, float [11] for SPLIT_WEIGHTS_PAIR: then its log-odds for the mark and
+    how well the cut's parts agree with its reading."""
+    second, first = np.sort(cuts.whole)[-2:]
+    part_second, part_first = np.sort(cuts.part_probs[k], -1)[:, -2:].T              # [2] each
+    margins = np.log(part_first / part_second)
+    features = np.array([np.log(mark.width / height), np.log(mark.width / mark.height), logit(first),
+                         np.log(first / second), logit(part_first.prod()), logit(part_first.min()),
+                         min(part.height for part in cuts.parts[k]) / height, margins.min(), margins.sum()])
+    return features if cuts.odds is None else np.append(features, [cuts.odds, cuts.features[k, -1]])
+
+
+def pair_field(ink, height=32, width=64):
+    """The ink of a mark, cropped to it (float [h, w] 0..1) -> uint8 [32, 64]: as large as fits 28 rows and 60
+    columns, its aspect ratio kept (where mnist_digit squeezes a wide mark into a digit's box), centred."""
+    scale = min((height - 4) / ink.shape[0], (width - 4) / ink.shape[1])
+    fitted = fit_in_box(ink, round(max(ink.shape) * scale))
+    top, left = (height - fitted.shape[0]) // 2, (width - fitted.shape[1]) // 2
+    field = np.zeros((height, width), dtype=np.float32)
+    field[top:top + fitted.shape[0], left:left + fitted.shape[1]] = fitted
+    return torch.from_numpy(np.round(field * 255).astype(np.uint8))
+
+
+def logit(p):
+    return np.log(p / (1 - p))
+
+
+# ----------------------------------------------------------------------------- the boxes found, drawn
+
+def boxed_photo(source, boxes, labels):
+    """The photo as it was read (upright, grey) with each digit's box (left, top, right, bottom) drawn and numbered in
+    reading order, with its label."""
+    from PIL import Image, ImageDraw
+    photo = Image.fromarray(np.round(read_greyscale(source) * 255).astype(np.uint8)).convert("RGB")
+    draw = ImageDraw.Draw(photo)
+    width = max(1, round(max(photo.size) / 300))
+    for k, (left, top, right, bottom) in enumerate(boxes, 1):
+        draw.rectangle([left, top, right - 1, bottom - 1], outline=(220, 30, 30), width=width)
+        draw.text((left, max(0, top - 12)), f"{k}: {int(labels[k - 1])}", fill=(220, 30, 30))
+    return photo
