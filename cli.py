@@ -84,6 +84,7 @@ def checked(convert, accepts, expected, name):
 
 MAX_SEED = 2**32 - 1000  # numpy and scikit-learn take seeds below 2**32; runs derive a few seeds above --seed
 positive_int = checked(int, lambda v: v > 0, "a positive integer", "positive_int")
+nonnegative_int = checked(int, lambda v: v >= 0, "a whole number >= 0", "nonnegative_int")
 seed_int = checked(int, lambda v: 0 <= v < MAX_SEED, f"an integer in 0..{MAX_SEED - 1}", "seed_int")
 port_number = checked(int, lambda v: 1 <= v <= 65535, "a port number in 1..65535", "port_number")
 positive_float = checked(float, lambda v: math.isfinite(v) and v > 0, "a positive number", "positive_float")

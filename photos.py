@@ -27,7 +27,21 @@ MAX_IMAGE_PIXELS = 50 * 10**6  # above this, refused before decoding: 50 megapix
 
 DECODE_SIZE = 2048             # a JPEG larger than this on both sides is decoded at a reduced scale
 
-INK_THRESHOLD = 0.25  # after the contrast stretch, fainter pixels are paper texture or noise
+INK_THRESHOLD = 0.25  # after the contrast stretch, fainter pixels are paper texture or noise...
+LOW_INK = 0.10        # ...unless they join ink above it: a thin or faint stroke of the digit (hysteresis)
+SPECK_SHARE = 0.02    # a piece of ink smaller than this share of the largest is a speck of dirt or noise
+# Each pixel is weighed against the darkest ink within LOCAL_WINDOW of the digit's height around it: below 45% of that
+# it is paper (the blurred halo beside a stroke), from 75% on full ink. A thin stroke, which blur and JPEG leave
+# fainter than a broad one, is then as much ink as the broad one (chosen on the dev set, tools/dev_set.py).
+LOCAL_WINDOW, LOCAL_RAMP = 0.35, (0.45, 0.75)
+# MNIST's median stroke width as a share of the digit's height: the first 3,000 MNIST training digits through
+# digit_ink's steps up to the width, measured by stroke_width (10th to 90th percentile: 0.088 to 0.172;
+# docs/measurements.md). A digit's strokes are brought to it, at WORK_HEIGHT pixels, unless they are within
+# STROKE_BAND of it: a hairline is thickened, a broad pen thinned (never so far that the digit loses half its ink or
+# falls apart).
+MNIST_STROKE = 0.125
+WORK_HEIGHT = 64
+STROKE_BAND = (0.8, 1.25)
 
 MIN_INK_PIXELS = 12   # fewer than this above the threshold: no digit in the image
 NO_DIGIT = "no digit found (the image is blank or has too little contrast)"
@@ -76,20 +90,89 @@ def ink_on_black(grey, invert="auto"):
         return 1 - grey
     return grey
 
-def remove_background(image):
-    """Stretch contrast from the paper's level to the darkest ink, then drop what is fainter than the threshold."""
-    paper = np.median(border_pixels(image))
-    return above_threshold(np.clip((image - paper) / max(image.max() - paper, 1e-6), 0, 1))
+def preprocess_image(source, invert="auto", name=None):
+    """An image file or a PIL image of a digit -> uint8 [28, 28] as an MNIST sample looks (normalization comes later).
+
+    Messages call the image `name` (default: the path, or "the image"), e.g. "the drawing" for the page's
+    canvas.
+    """
+    name = image_name(source, name)
+    stretched = even_out_lighting(ink_on_black(read_greyscale(source, name), invert))
+    return mnist_digit(digit_ink(stretched, name)[0])
+
+
+def digit_ink(stretched, name):
+    """(the digit's ink, cropped to it: float [h, w] in 0..1, its strokes of MNIST's width; its box (left, top, right,
+    bottom) in the image, the ends exclusive) from a photo's ink stretched to 0..1 over its paper (even_out_lighting).
+    Too little ink is an error named after the image."""
+    mask = joined_ink(stretched)
+    if (mask & (stretched > INK_THRESHOLD)).sum() < MIN_INK_PIXELS:
+        raise UserError(f"{name}: {NO_DIGIT}")
+    rows, columns = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
+    top, bottom, left, right = rows[0], rows[-1] + 1, columns[0], columns[-1] + 1
+    ink = against_local_ink(np.where(mask, stretched, 0)[top:bottom, left:right])
+    return at_mnist_stroke(ink), (int(left), int(top), int(right), int(bottom))
+
+
+def joined_ink(stretched):
+    """bool [H, W]: the pixels above LOW_INK that join ink above INK_THRESHOLD (hysteresis), less specks (pieces under
+    SPECK_SHARE of the largest)."""
+    from scipy import ndimage
+    labels, count = ndimage.label(stretched > LOW_INK, np.ones((3, 3)))
+    strong = np.bincount(labels[stretched > INK_THRESHOLD], minlength=count + 1)
+    area = np.bincount(labels.ravel(), minlength=count + 1)
+    strong[0] = area[0] = 0                                              # label 0 is the paper
+    return ((strong > 0) & (area >= SPECK_SHARE * area.max()))[labels]
+
+
+def against_local_ink(ink):
+    """A digit's ink (float [h, w], 0 off the digit) -> 0..1: each pixel against the darkest ink within LOCAL_WINDOW
+    of the height around it, through LOCAL_RAMP."""
+    from scipy import ndimage
+    local = ndimage.maximum_filter(ink, size=max(3, round(LOCAL_WINDOW * ink.shape[0])))
+    low, high = LOCAL_RAMP
+    return np.clip((ink / np.maximum(local, 1e-6) - low) / (high - low), 0, 1).astype(np.float32)
+
+
+def at_mnist_stroke(ink):
+    """The ink (float [h, w] 0..1) at WORK_HEIGHT on its longer side, its strokes brought to MNIST_STROKE of its height
+    unless within STROKE_BAND of it, cropped again."""
+    from scipy import ndimage
+    size = [max(1, round(side * WORK_HEIGHT / max(ink.shape))) for side in ink.shape]
+    ink = np.pad(resized(ink, size) if size[0] >= ink.shape[0] else max_pooled(ink, size), 8)
+    strokes = ink > 0.5
+    if strokes.any():
+        width = stroke_width(strokes)
+        rows = np.flatnonzero(strokes.any(1))
+        target = MNIST_STROKE * (rows[-1] - rows[0] + 1)
+        if width < STROKE_BAND[0] * target:
+            ink = ndimage.grey_dilation(ink, footprint=disk(max(1, round((target - width) / 2))))
+        elif width > STROKE_BAND[1] * target:
+            thinner = ndimage.grey_erosion(ink, footprint=disk(max(1, round((width - target) / 2))))
+            kept = thinner > 0.5
+            if kept.sum() >= 0.5 * strokes.sum() and ndimage.label(kept)[1] <= ndimage.label(strokes)[1]:
+                ink = thinner
+    rows, columns = np.flatnonzero(ink.max(1) > 0.05), np.flatnonzero(ink.max(0) > 0.05)
+    return ink[rows[0]:rows[-1] + 1, columns[0]:columns[-1] + 1]
+
+
+def stroke_width(strokes):
+    """The median width in pixels of a digit's strokes (bool [h, w]): twice their depth along their middle, where the
+    distance to the paper peaks."""
+    from scipy import ndimage
+    depth = ndimage.distance_transform_edt(strokes)
+    middle = strokes & (depth >= ndimage.maximum_filter(depth, 3))
+    return 2 * float(np.median(depth[middle]))
+
+
+def disk(radius):
+    y, x = np.mgrid[-radius:radius + 1, -radius:radius + 1]
+    return x * x + y * y <= radius * radius + 0.5
+
 
 def above_threshold(stretched):
-    """remove_background's threshold: what is fainter than INK_THRESHOLD is paper, the rest is stretched to 0..1."""
+    """What is fainter than INK_THRESHOLD is paper, the rest is stretched to 0..1 (a page's ink, for finding marks)."""
     return np.clip((stretched - INK_THRESHOLD) / (1 - INK_THRESHOLD), 0, 1)
-
-
-def crop_to_ink(image, name):
-    """The bounding box of the ink; an image without enough ink is an error named after the image."""
-    top, bottom, left, right = ink_box(image, name)
-    return image[top:bottom, left:right]
 
 
 def ink_box(image, name):
@@ -100,14 +183,26 @@ def ink_box(image, name):
     rows, columns = np.flatnonzero(ink.any(1)), np.flatnonzero(ink.any(0))
     return rows[0], rows[-1] + 1, columns[0], columns[-1] + 1
 
-def fit_in_box(image, box=20):
-    """Resize so the longer side is `box` pixels, keeping the aspect ratio (antialiased when shrinking)."""
-    height, width = image.shape
-    scale = box / max(height, width)
-    size = (max(1, round(height * scale)), max(1, round(width * scale)))
-    tensor = torch.from_numpy(np.ascontiguousarray(image))[None, None]  # [1, 1, H, W]
-    return F.interpolate(tensor, size=size, mode="bilinear", antialias=True,
+
+def resized(image, size):
+    """float [h, w] -> float size (height, width), bilinear and antialiased when shrinking, clamped to 0..1."""
+    tensor = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None, None]  # [1, 1, H, W]
+    return F.interpolate(tensor, size=tuple(size), mode="bilinear", antialias=True,
                          align_corners=False)[0, 0].clamp_(0, 1).numpy()
+
+
+def max_pooled(image, size):
+    """float [h, w] -> float size, smaller: each pixel the darkest ink it covers, so that no stroke, however thin,
+    fades when the digit shrinks."""
+    tensor = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None, None]
+    return F.adaptive_max_pool2d(tensor, tuple(size))[0, 0].numpy()
+
+
+def fit_in_box(image, box=20):
+    """Resize so the longer side is `box` pixels, keeping the aspect ratio."""
+    scale = box / max(image.shape)
+    return resized(image, [max(1, round(side * scale)) for side in image.shape])
+
 
 def centre_by_mass(image, size=IMAGE_SIZE):
     """Paste into a size x size black field with the centre of mass at the field's centre."""
@@ -121,20 +216,33 @@ def centre_by_mass(image, size=IMAGE_SIZE):
     field[top:top + height, left:left + width] = image
     return field
 
-def preprocess_image(source, invert="auto", name=None):
-    """An image file or a PIL image of a digit -> uint8 [28, 28] as an MNIST sample looks (normalization comes later).
-
-    Messages call the image `name` (default: the path, or "the image"), e.g. "the drawing" for the page's
-    canvas.
-    """
-    name = image_name(source, name)
-    return mnist_digit(crop_to_ink(remove_background(ink_on_black(read_greyscale(source, name), invert)), name))
-
 
 def mnist_digit(ink):
     """The ink of one digit, cropped to it (float [h, w] 0..1) -> uint8 [28, 28] fitted in 20x20 and centred by mass."""
     field = centre_by_mass(fit_in_box(ink))
     return torch.from_numpy(np.round(field * 255).astype(np.uint8))
+
+
+def even_out_lighting(grey):
+    """White ink on black [H, W] -> the ink stretched to 0..1 above the paper's level, which is fitted as a smooth
+    surface over the whole page (so a lighting gradient is followed) and subtracted."""
+    height, width = grey.shape
+    small = F.interpolate(torch.from_numpy(grey)[None, None], size=(min(height, 64), min(width, 64)),
+                          mode="area")[0, 0].numpy()                      # [h, w] <= 64x64
+    terms = quadratic_terms(*small.shape)
+    paper = small <= np.median(small)                                    # the paper, first guess: the darker half
+    for _ in range(3):
+        coefficients = np.linalg.lstsq(terms[paper], small[paper], rcond=None)[0]
+        residual = small - terms @ coefficients
+        paper = residual <= 0.15 * max(residual.max(), 1e-6)
+    lifted = np.clip(grey - quadratic_terms(height, width) @ coefficients, 0, None)
+    return (lifted / max(lifted.max(), 1e-6)).astype(np.float32)
+
+
+def quadratic_terms(height, width):
+    """float [height, width, 6]: 1, x, y, x^2, xy, y^2 over the page, x and y from 0 to 1."""
+    ys, xs = np.mgrid[0:1:height * 1j, 0:1:width * 1j]
+    return np.stack([np.ones_like(xs), xs, ys, xs * xs, xs * ys, ys * ys], -1)
 
 
 # ----------------------------------------------------------------------------- finding image files
@@ -212,28 +320,31 @@ def find_digits(source, classify, invert="auto", name=None, detector=None):
     line (UserError).
     """
     name = image_name(source, name)
-    grey, ink, ruled, marks = find_marks(source, invert, name)
+    stretched, ink, ruled, marks = find_marks(source, invert, name)
     if len(marks) == 1 and not ruled:
-        alone = remove_background(grey)                                  # preprocess_image's path from here
-        top, bottom, left, right = ink_box(alone, name)
-        return FoundDigits(mnist_digit(alone[top:bottom, left:right])[None], [(left, top, right, bottom)], [0])
+        alone, box = digit_ink(stretched, name)                          # preprocess_image's path from here
+        return FoundDigits(mnist_digit(alone)[None], [box], [0])
     rows = [split_touching(row, ink, classify, detector) for row in reading_lines(marks)]
     digits = [(k, mark) for k, row in enumerate(rows) for mark in row]
-    images = torch.stack([mnist_digit(own_contrast(mark.ink(ink))) for _, mark in digits])
+    images = torch.stack([mark_digit(mark, ink) for _, mark in digits])
     return FoundDigits(images, [mark.box_ltrb for _, mark in digits], [k for k, _ in digits])
 
 
-def own_contrast(ink):
-    """A digit's ink on the page (float [h, w], above_threshold's 0..1) stretched to its own darkest pixel, as
-    remove_background stretches a photo of one digit: a digit written fainter or thinner than the page's darkest
-    reads as it would alone, not dimmed (thin strokes lose most to JPEG and blur)."""
-    level = np.where(ink > 0, INK_THRESHOLD + (1 - INK_THRESHOLD) * ink, 0)   # the page's level before the threshold
-    return above_threshold(level / level.max())
+def mark_digit(mark, ink):
+    """uint8 [28, 28]: the digit of one mark on a page (ink: the page's, above_threshold's 0..1), stretched to its own
+    darkest pixel (so a digit written fainter than the page's darkest reads as it would alone) and its strokes brought
+    to MNIST's width, as preprocess_image brings a photo's. Its ink is the page's thresholded ink, not digit_ink's
+    weighed against the ink near it: weighed so, the parts of touching digits cut apart read worse (131 against 136 of
+    150 touching training numbers, docs/measurements.md)."""
+    level = np.where(mark.pixels, ink[mark.box], 0)
+    level = np.where(level > 0, INK_THRESHOLD + (1 - INK_THRESHOLD) * level, 0)  # the page's level before the threshold
+    return mnist_digit(at_mnist_stroke(above_threshold(level / level.max())))
 
 
 def find_marks(source, invert="auto", name=None):
-    """(white-on-black grey [H, W], the ink 0..1 less ruled lines, whether a ruled line was removed, the marks: one
-    per digit, or per group of touching digits) for a photo; no digit or more than MAX_DIGITS is a UserError."""
+    """(the ink stretched over the paper [H, W] (even_out_lighting), the ink 0..1 less ruled lines, whether a ruled
+    line was removed, the marks: one per digit, or per group of touching digits) for a photo; no digit or more than
+    MAX_DIGITS is a UserError."""
     from scipy import ndimage
     name = image_name(source, name)
     grey = ink_on_black(read_greyscale(source, name), invert)
@@ -260,29 +371,7 @@ def find_marks(source, invert="auto", name=None):
     if len(marks) > MAX_DIGITS:
         raise UserError(f"{name}: {len(marks)} digit-sized marks, more than a number has (at most {MAX_DIGITS}): "
                         "not a number")
-    return grey, ink, bool(ruled_lines.any()), marks
-
-
-def even_out_lighting(grey):
-    """White ink on black [H, W] -> the ink stretched to 0..1 above the paper's level, which is fitted as a smooth
-    surface over the whole page (so a lighting gradient is followed) and subtracted."""
-    height, width = grey.shape
-    small = F.interpolate(torch.from_numpy(grey)[None, None], size=(min(height, 64), min(width, 64)),
-                          mode="area")[0, 0].numpy()                      # [h, w] <= 64x64
-    terms = quadratic_terms(*small.shape)
-    paper = small <= np.median(small)                                    # the paper, first guess: the darker half
-    for _ in range(3):
-        coefficients = np.linalg.lstsq(terms[paper], small[paper], rcond=None)[0]
-        residual = small - terms @ coefficients
-        paper = residual <= 0.15 * max(residual.max(), 1e-6)
-    lifted = np.clip(grey - quadratic_terms(height, width) @ coefficients, 0, None)
-    return (lifted / max(lifted.max(), 1e-6)).astype(np.float32)
-
-
-def quadratic_terms(height, width):
-    """float [height, width, 6]: 1, x, y, x^2, xy, y^2 over the page, x and y from 0 to 1."""
-    ys, xs = np.mgrid[0:1:height * 1j, 0:1:width * 1j]
-    return np.stack([np.ones_like(xs), xs, ys, xs * xs, xs * ys, ys * ys], -1)
+    return stretched, ink, bool(ruled_lines.any()), marks
 
 
 def writing_height(labels):

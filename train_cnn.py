@@ -10,8 +10,11 @@ The recipe, RECIPE below (each value is a flag, grouped in --help)
     regularization  label smoothing 0.1; an EMA of the weights (decay 0.999), which is validated, saved and used
     --budget 10m    the run measures its own speed, then plans its steps to end within 10 minutes, warmup-linear
                     from a peak of 6e-3 to zero on the planned last step
-The released model in weights/ is this recipe with --epochs 30 --schedule warmup-linear --lr 6e-3. What each
-recipe reaches, in what time, on which machine: the README (Results; Training to a time budget).
+The released model in weights/ is this recipe with --epochs 30 --schedule warmup-linear --lr 6e-3. For other people's
+writing, --augmentation writers adds other pens, hands and cameras (augmentation.py: strokes finer and broader,
+elastic distortion, blur, coarse resolution, faint ink) and --typefaces N drawings in handwriting typefaces
+(typefaces.py's training half) to MNIST's digits; the benchmark recipes train on MNIST alone. What each recipe
+reaches, in what time, on which machine: the README (Results; Training to a time budget; Other people's writing).
 
     python train_cnn.py --data-dir ../shared/data          # the recipe: CNN_best_model.pth, then the test report
     python train_cnn.py --epochs 3 --limit 2000 --retrain   # a quick smoke run
@@ -35,6 +38,7 @@ import augmentation
 import checkpoints
 import cli
 import data
+import typefaces
 from models import build_model
 
 # Pipeline A's recipe: argparse's defaults, and what --epochs, --lr and --schedule resolve to when not given (their
@@ -341,6 +345,9 @@ def parse_args(argv=None):
     data.add_data_arguments(inputs, default="mnist", split="train")
     inputs.add_argument("--val-fraction", type=cli.fraction, default=RECIPE["val_fraction"],
                         help="stratified validation share of the training set")
+    inputs.add_argument("--typefaces", type=cli.nonnegative_int, default=0,
+                        help="add this many drawings of each digit in each training-half handwriting typeface "
+                             "(typefaces.py; fetched with npm the first time) to the training set; 0: MNIST alone")
     inputs.add_argument("--no-test-report", action="store_true",
                         help="train and validate only, never reading the test set: for trials that choose a recipe "
                              "(the same command without it reuses the model and reports)")
@@ -433,8 +440,12 @@ def load_splits(args, device):
         test = data.load_data(args, "test")
     train, val = data.stratified_split(labels, args.val_fraction, args.seed)
     test_set = None if args.no_test_report else data.subset_on_device(*test, torch.arange(len(test[1])), device)
-    return (data.subset_on_device(images, labels, train, device), data.subset_on_device(images, labels, val, device),
-            test_set, checkpoints.data_fingerprint(images, labels))
+    train_set = data.subset_on_device(images, labels, train, device)
+    if args.typefaces:  # other hands beside MNIST's writers, for training only: validation stays MNIST's
+        drawn = [t.to(device) for t in typefaces.training_digits(args.typefaces, args.seed)]
+        train_set = tuple(torch.cat(pair) for pair in zip(train_set, drawn, strict=True))
+    return (train_set, data.subset_on_device(images, labels, val, device), test_set,
+            checkpoints.data_fingerprint(images, labels))
 
 
 def main(argv=None):
@@ -509,7 +520,7 @@ def training_settings(args, run_of):
     flags = ["seed", "optimizer", "lr", "schedule", *([] if budget else ["epochs"]), "batch_size", "label_smoothing",
              "augmentation", "ema_decay", *([] if budget else ["patience"]),
              *(["weight_decay"] if args.optimizer == "adamw" else []), *SCHEDULE_SETTINGS[args.schedule],
-             *(["budget"] if budget else [])]
+             *(["budget"] if budget else []), *(["typefaces"] if getattr(args, "typefaces", 0) else [])]
     settings = {**run_of, "normalization": dict(data.NORMALIZATION), **{name: getattr(args, name) for name in flags}}
     if budget:
         settings.update(planned_steps=None, epochs=None, patience=None)  # fixed by the plan (see plan_budget)

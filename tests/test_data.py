@@ -1,3 +1,4 @@
+import dataclasses
 import gzip
 import os
 import subprocess
@@ -312,6 +313,49 @@ def test_identity_parameters_leave_images_unchanged(digits):
     assert torch.allclose(augmentation.warp(digits, identity), digits, atol=1e-5)
     assert torch.allclose(augmentation.perspective_matrices(torch.zeros(n, 4, 2), 28), torch.eye(3).expand(n, 3, 3),
                           atol=1e-5)
+
+
+def test_the_presets_draw_the_random_numbers_they_drew_before_the_writers_changes(digits):
+    """strong: the affine's five draws, then the perspective's two, and nothing more (runs resume exactly)."""
+    n, generator = len(digits), torch.Generator().manual_seed(7)
+    out = augmentation.augment(digits, augmentation.strong_augmentation, generator)
+    replay = torch.Generator().manual_seed(7)
+    draws = [torch.rand(n, generator=replay) for _ in range(5)]
+    offsets, chosen = torch.rand(n, 4, 2, generator=replay) * 0.2, torch.rand(n, 1, 1, generator=replay) < 0.5
+    forward = augmentation.affine_matrices(draws[0] * 30 - 15, (draws[1] * 0.2 - 0.1) * 28, (draws[2] * 0.2 - 0.1) * 28,
+                                           draws[3] * 0.2 + 0.9, draws[4] * 20 - 10)
+    inverse = torch.linalg.inv(forward) @ augmentation.perspective_matrices(offsets * chosen, 28)
+    assert torch.allclose(out, augmentation.warp(digits, inverse), atol=1e-5)
+    assert torch.equal(generator.get_state(), replay.get_state())
+
+
+def test_the_writers_changes_each_do_their_job(digits):
+    ink = digits.sum((1, 2, 3))
+    for change in (-1.0, 1.0):                           # finer and broader pens: less and more ink
+        stroked = augmentation.restroke(digits, torch.full((4,), change), 1.0).sum((1, 2, 3))
+        assert ((stroked - ink) * change > 0.1 * ink).all()
+    assert torch.allclose(augmentation.restroke(digits, torch.zeros(4), 1.0).sum((1, 2, 3)), ink, rtol=0.05)
+    only = dataclasses.replace(augmentation.Augmentation(), elastic=34.0)
+    bent = augmentation.augment(digits, only, torch.Generator().manual_seed(0))
+    assert not torch.allclose(bent, digits, atol=0.05)
+    field = augmentation.elastic_field(64, 28, only, torch.Generator().manual_seed(0))    # [64, 28, 28, 2] pixels
+    size = field.square().mean().sqrt()
+    assert 0.5 < size < 3                                   # a pixel or two, as Simard et al.'s alpha 34, sigma 4
+    assert (field[:, 1:] - field[:, :-1]).abs().mean() < 0.2 * size   # smooth: neighbours move together
+    faint = augmentation.augment(digits, dataclasses.replace(augmentation.Augmentation(), contrast=0.6),
+                                 torch.Generator().manual_seed(0))
+    level = faint.amax((1, 2, 3)) / digits.amax((1, 2, 3))
+    assert ((level >= 0.6 - 1e-6) & (level <= 1 + 1e-6)).all() and level.min() < 0.95
+    blurred = augmentation.gaussian_blur(digits, 1.0)
+    assert (blurred.amax((1, 2, 3)) < digits.amax((1, 2, 3))).all()
+    assert torch.allclose(blurred.sum((1, 2, 3)), ink, rtol=0.01)          # blur spreads ink, loses none inside
+    coarse = augmentation.augment(digits, dataclasses.replace(augmentation.Augmentation(), coarse=1.0),
+                                  torch.Generator().manual_seed(0))
+    half = torch.nn.functional.interpolate(torch.nn.functional.avg_pool2d(digits, 2), size=(28, 28), mode="bilinear")
+    assert torch.allclose(coarse, half, atol=1e-6)
+    out = augmentation.augment(digits, augmentation.writers_augmentation, torch.Generator().manual_seed(3))
+    again = augmentation.augment(digits, augmentation.writers_augmentation, torch.Generator().manual_seed(3))
+    assert out.shape == digits.shape and torch.equal(out, again) and 0 <= out.min() and out.max() <= 1 + 1e-6
 
 
 def test_perspective_maps_moved_corners_back_to_the_image_corners():
