@@ -31,7 +31,7 @@ class Augmentation:
     elastic: float = 0.0           # elastic distortion (Simard et al. 2003): alpha, the strength in pixels...
     elastic_sigma: float = 4.0     # ...and sigma, the smoothness of its random field, in pixels
     blur: float = 0.0              # Gaussian blur, sigma in pixels uniform in [0, b]
-    coarse: float = 0.0            # probability that a sample is seen at half its resolution (a small, coarse photo)
+    coarse: float = 0.0            # probability that a sample is seen at 2/3 of its resolution (a small, coarse photo)
     contrast: float = 1.0          # the ink's darkest level, uniform in [c, 1]
 
 light_augmentation = Augmentation(rotation=(-10, 10), translate=0.1, scale=(0.9, 1.1))
@@ -41,9 +41,9 @@ strong_augmentation = Augmentation(rotation=(-15, 15), translate=0.1, scale=(0.9
 
 # For the released reader: strong's geometry, and other pens, hands and cameras (chosen on validation and the dev set
 # of other writers' digits, docs/measurements.md).
-writers_augmentation = Augmentation(rotation=(-15, 15), translate=0.1, scale=(0.85, 1.1), shear=10, perspective=0.2,
-                                    perspective_p=0.5, stroke=1.0, elastic=34.0, elastic_sigma=4.0, blur=1.0,
-                                    coarse=0.2, contrast=0.6)
+writers_augmentation = Augmentation(rotation=(-15, 15), translate=0.1, scale=(0.9, 1.1), shear=10, perspective=0.2,
+                                    perspective_p=0.5, stroke=0.7, elastic=16.0, elastic_sigma=4.0, blur=0.5,
+                                    coarse=0.1, contrast=0.8)
 
 AUGMENTATIONS = {"none": None, "light": light_augmentation, "strong": strong_augmentation,
                  "writers": writers_augmentation}
@@ -140,9 +140,10 @@ def augment(images, augmentation, generator):
     x = warp(x, inverse, displacement)
     if blur is not None:   # each sample between itself and the most blurred, by its sigma
         x = torch.lerp(x, gaussian_blur(x, aug.blur), (blur / aug.blur).view(-1, 1, 1, 1))
-    if coarse is not None:
-        half = F.interpolate(F.avg_pool2d(x, 2), size=x.shape[-2:], mode="bilinear", align_corners=False)
-        x = torch.where(coarse.view(-1, 1, 1, 1), half, x)
+    if coarse is not None:   # seen at two thirds of the resolution, then brought back
+        small = F.interpolate(x, size=round(size * 2 / 3), mode="bilinear", antialias=True, align_corners=False)
+        x = torch.where(coarse.view(-1, 1, 1, 1), F.interpolate(small, size=(size, size), mode="bilinear",
+                                                                 align_corners=False), x)
     if contrast is not None:
         x = x * contrast.view(-1, 1, 1, 1)
     return x

@@ -45,12 +45,12 @@ def test_pens_are_finer_and_broader():
 
 def test_the_uci_half_runs_from_the_command_line_and_prints_its_table(tmp_path):
     result = subprocess.run([sys.executable, ROOT / "tools" / "dev_set.py", "--sources", "uci", "--tta", "1",
-                             "--weights", checkpoints.RELEASED_MODEL, "--scratch", tmp_path], capture_output=True,
-                            text=True)
+                             "--limit", "100", "--weights", checkpoints.RELEASED_MODEL, "--scratch", tmp_path],
+                            capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
-    row = next(line for line in result.stdout.splitlines() if line.startswith("| UCI digits, even half | 899 |"))
+    row = next(line for line in result.stdout.splitlines() if line.startswith("| UCI digits, even half | 100 |"))
     assert float(row.split("|")[3].strip(" %")) > 80
-    assert len(list(tmp_path.glob("uci_*.jpg"))) == 899
+    assert len(list(tmp_path.glob("uci_*.jpg"))) == 100
 
 
 def test_without_npm_a_typeface_is_one_line_naming_it(tmp_path, monkeypatch):

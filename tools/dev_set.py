@@ -122,6 +122,7 @@ def main():
                                                 "model)")
     p.add_argument("--sources", nargs="+", choices=["uci", "typefaces"], default=["uci", "typefaces"])
     p.add_argument("--per-digit", type=cli.positive_int, default=6, help="photos of each digit in each typeface")
+    p.add_argument("--limit", type=cli.positive_int, help="read only the first N photos of each source: a quick look")
     p.add_argument("--tta", type=cli.positive_int, default=len(TTA_VARIANTS), help="as --images (its default)")
     p.add_argument("--seed", type=cli.seed_int, default=0)
     p.add_argument("--typefaces-dir", default=typefaces.DEFAULT_CACHE,
@@ -131,10 +132,10 @@ def main():
     from predict_tta import DigitReader
 
     cli.check_output_folder("--scratch", args.scratch)
-    photos = uci_photos(args.seed) if "uci" in args.sources else []
+    photos = uci_photos(args.seed)[:args.limit] if "uci" in args.sources else []
     if "typefaces" in args.sources:
         fonts = typefaces.load_fonts(typefaces.fetch(typefaces.DEV_FAMILIES, args.typefaces_dir))
-        photos += typeface_photos(typefaces.DEV_FAMILIES, fonts, args.per_digit, args.seed)
+        photos += typeface_photos(typefaces.DEV_FAMILIES, fonts, args.per_digit, args.seed)[:args.limit]
     reader = DigitReader(args.weights, tta=args.tta)
     start = time.perf_counter()
     read = read_photos(reader, photos, Path(args.scratch))
