@@ -152,7 +152,12 @@ def at_mnist_stroke(ink):
             kept = thinner > 0.5
             if kept.sum() >= 0.5 * strokes.sum() and ndimage.label(kept)[1] <= ndimage.label(strokes)[1]:
                 ink = thinner
-    rows, columns = np.flatnonzero(ink.max(1) > 0.05), np.flatnonzero(ink.max(0) > 0.05)
+    return cropped(ink)
+
+
+def cropped(ink, level=0.05):
+    """float [h, w] cut down to the rows and columns that hold ink above `level`."""
+    rows, columns = np.flatnonzero(ink.max(1) > level), np.flatnonzero(ink.max(0) > level)
     return ink[rows[0]:rows[-1] + 1, columns[0]:columns[-1] + 1]
 
 

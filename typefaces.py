@@ -116,7 +116,7 @@ def digit_ink(font, digit, pen=0.0):
     canvas = Image.new("L", (2 * size, 2 * size), 0)
     ImageDraw.Draw(canvas).text((size // 2, size // 2), str(digit), font=font, fill=255)
     ink = np.asarray(canvas, dtype=np.float32) / 255
-    ink = crop(ink)
+    ink = photos.cropped(ink)
     if pen:
         inside = ink > 0.5
         reach = abs(pen) * ink.shape[0]
@@ -125,10 +125,5 @@ def digit_ink(font, digit, pen=0.0):
         else:         # only what lies deeper than `reach` inside the stroke stays, down to a stroke 2 px wide
             depth = ndimage.distance_transform_edt(inside)
             ink = np.minimum(ink, np.clip(depth - min(reach, depth.max() - 1) + 0.5, 0, 1))
-        ink = crop(np.pad(ink, 1))
+        ink = photos.cropped(np.pad(ink, 1))
     return ink.astype(np.float32)
-
-
-def crop(ink, level=0.05):
-    rows, columns = np.flatnonzero(ink.max(1) > level), np.flatnonzero(ink.max(0) > level)
-    return ink[rows[0]:rows[-1] + 1, columns[0]:columns[-1] + 1]
