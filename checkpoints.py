@@ -4,13 +4,14 @@ files that keep a training run safe and exact.
 The format: a dict of plain types and tensors, so that torch.load(weights_only=True) reads it and a downloaded file
 cannot run code.
     model_state    the model's plain state_dict (the EMA weights when the EMA is on)
-    arch           a name in models.MODELS
+    arch           a name in models.MODELS, or models.LINE_READER for a line reader (train_reader.py)
     normalization  {"mean": float, "std": float}: what the model's inputs were standardized with
     epoch          the epoch these weights are from
     precision, metrics {"val_loss", "val_accuracy"}, settings (what defines the run), versions
     complete       True once the run that writes it has finished
     trained_on     optional: the record of the images the model trained on (see image_hashes); older files lack it
     pair_detector  optional: the state_dict of a models.PairDetector, for --number (the released model has one)
+    line_reader    optional: the state_dict of a models.LineReader, for --number (read instead of cutting marks)
 
 Beside NAME.pth (their names in one place, below): NAME.history.json (one record per epoch), and while training runs,
 NAME.resume.pth (the exact state to resume from), NAME.lock (held for the run's life) and, for a --budget run,
@@ -31,7 +32,7 @@ import torch
 
 from cli import UserError, atomic_path, brief, quoted, read_json, same_file, write_json
 from data import NUM_PIXELS, place_model
-from models import MODELS, PairDetector, build_model
+from models import LINE_READER, MODELS, LineReader, PairDetector, build_model
 
 # ----------------------------------------------------------------------------- the checkpoint format
 
@@ -83,8 +84,8 @@ def load(path):
 def check_checkpoint_fields(path, checkpoint):
     """Each field of the format has the type and range it must have; the weights are finite."""
     arch, normalization, epoch = checkpoint["arch"], checkpoint["normalization"], checkpoint["epoch"]
-    if not isinstance(arch, str) or arch not in MODELS:
-        raise UserError(f"{path}: unknown architecture {quoted(arch)} (known: {', '.join(MODELS)})")
+    if not isinstance(arch, str) or arch not in (*MODELS, LINE_READER):
+        raise UserError(f"{path}: unknown architecture {quoted(arch)} (known: {', '.join((*MODELS, LINE_READER))})")
     if not (isinstance(normalization, dict) and set(normalization) == {"mean", "std"}
             and all(isinstance(v, (int, float)) and math.isfinite(v) for v in normalization.values())
             and normalization["std"] > 0):
@@ -93,8 +94,9 @@ def check_checkpoint_fields(path, checkpoint):
     if not isinstance(epoch, int) or isinstance(epoch, bool) or epoch < 0:
         raise UserError(f"{path}: epoch must be a whole number, found {quoted(epoch)}")
     check_state_dict(path, checkpoint["model_state"])
-    if "pair_detector" in checkpoint:
-        check_state_dict(path, checkpoint["pair_detector"])
+    for carried in ("pair_detector", "line_reader"):
+        if carried in checkpoint:
+            check_state_dict(path, checkpoint[carried])
     record = checkpoint.get("trained_on")
     if record is not None and not (torch.is_tensor(record) and record.dtype == torch.int64 and record.dim() == 1
                                    and bool((record[1:] > record[:-1]).all())):
@@ -116,6 +118,8 @@ def load_model(path, device, checkpoint=None):
     """Build the checkpoint's architecture and load its weights: (model in eval mode, checkpoint dict)."""
     checkpoint = checkpoint or load(path)
     arch = checkpoint["arch"]
+    if arch not in MODELS:
+        raise UserError(f"{path}: a line reader (train_reader.py), not a digit classifier; give it as --reader")
     model = build_model(arch)
     try:
         model.load_state_dict(checkpoint["model_state"])
@@ -136,6 +140,21 @@ def load_pair_detector(path, device, checkpoint):
         raise UserError(f"{path}: its pair detector does not fit models.PairDetector "
                         f"({brief(error, lambda lines: lines[1 if len(lines) > 1 else 0])})") from None
     return detector.to(device).eval()
+
+
+def load_line_reader(path, device, checkpoint):
+    """The models.LineReader in eval mode that a checkpoint is (train_reader.py's) or carries (the released model's),
+    or None when it has none."""
+    state = checkpoint["model_state"] if checkpoint["arch"] == LINE_READER else checkpoint.get("line_reader")
+    if state is None:
+        return None
+    reader = LineReader()
+    try:
+        reader.load_state_dict(state)
+    except RuntimeError as error:
+        raise UserError(f"{path}: its line reader does not fit models.LineReader "
+                        f"({brief(error, lambda lines: lines[1 if len(lines) > 1 else 0])})") from None
+    return reader.to(device).eval()
 
 
 def image_hashes(images):

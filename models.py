@@ -179,6 +179,53 @@ class PairDetector(nn.Module):
         return self.head(features.mean(2)).squeeze(1), self.reader(features).view(-1, 2, 10)
 
 
+class LineReader(nn.Module):
+    """A line of handwritten digits -> the logits of each column of frames [B, T, 11] (class 0 is CTC's blank, k + 1
+    the digit k) from the line's ink, float [B, 1, HEIGHT, W] in 0..1 at a fixed height, one frame per STRIDE columns
+    (T = W // STRIDE).
+
+    The CRNN of Shi, Bai and Yao (2015), narrow for ten classes: a convolutional trunk that halves the height four
+    times and the width twice, then a bidirectional GRU over the columns, trained with CTC (train_reader.py). It
+    decides where the digits are; `--number` reads each line of writing with it (photos.read_line).
+    """
+    HEIGHT, STRIDE, CLASSES = 32, 4, 11
+
+    def __init__(self, width=16, hidden=64):
+        super().__init__()
+        self.features = nn.Sequential(
+            conv_bn(1, width, nn.ReLU), nn.MaxPool2d(2),                                          # 16 x 16 x W/2
+            conv_bn(width, 2 * width, nn.ReLU), nn.MaxPool2d(2),                                  # 32 x 8 x W/4
+            conv_bn(2 * width, 4 * width, nn.ReLU), conv_bn(4 * width, 4 * width, nn.ReLU),
+            nn.MaxPool2d((2, 1)),                                                                 # 64 x 4 x W/4
+            conv_bn(4 * width, 4 * width, nn.ReLU), nn.MaxPool2d((2, 1)),                          # 64 x 2 x W/4
+        )
+        self.sequence = nn.GRU(4 * width * 2, hidden, batch_first=True, bidirectional=True)
+        self.classes = nn.Linear(2 * hidden, self.CLASSES)
+
+    def forward(self, x):
+        features = self.features(x)                          # [B, C, 2, T]
+        columns = features.flatten(1, 2).transpose(1, 2)     # [B, T, 2C]
+        return self.classes(self.sequence(columns)[0])       # [B, T, 11]
+
+    @staticmethod
+    def decode(logits, widths):
+        """Greedy CTC decoding of logits [B, T, 11] for lines `widths` [B] px wide: for each line, its digits as
+        (digit, first frame, last frame), left to right; a digit's frames are the run of frames that said it."""
+        best = logits.argmax(-1)                                             # [B, T]
+        read = []
+        for classes, width in zip(best.tolist(), widths.tolist(), strict=True):
+            digits, previous = [], 0
+            for frame, label in enumerate(classes[:max(1, width // LineReader.STRIDE)]):
+                if label and label == previous:
+                    digits[-1] = (digits[-1][0], digits[-1][1], frame)
+                elif label:
+                    digits.append((label - 1, frame, frame))
+                previous = label
+            read.append(digits)
+        return read
+
+
+LINE_READER = "line-reader"  # a checkpoint's arch when it is a LineReader (train_reader.py), not a classifier
 MODELS = {"vgg": VGG, "resnet": ResNet, "widecnn": WideCNN}
 # A fixed number per architecture, part of each k-fold job's seed: a new architecture takes the next one.
 ARCH_NUMBERS = {"vgg": 0, "resnet": 1, "widecnn": 2}

@@ -8,6 +8,7 @@ digits cut apart, with the fitted weights that decide it), and the photo with it
 their weights are not here: find_digits asks a classifier (and a pair detector) it is given.
 """
 import contextlib
+import functools
 import itertools
 import math
 import warnings
@@ -20,6 +21,7 @@ import torch.nn.functional as F
 
 from cli import UserError, brief
 from data import IMAGE_SIZE
+from models import LineReader
 
 # ----------------------------------------------------------------------------- one digit
 
@@ -137,9 +139,19 @@ def against_local_ink(ink):
 def at_mnist_stroke(ink):
     """The ink (float [h, w] 0..1) at WORK_HEIGHT on its longer side, its strokes brought to MNIST_STROKE of its height
     unless within STROKE_BAND of it, cropped again."""
-    from scipy import ndimage
     size = [max(1, round(side * WORK_HEIGHT / max(ink.shape))) for side in ink.shape]
-    ink = np.pad(resized(ink, size) if size[0] >= ink.shape[0] else max_pooled(ink, size), 8)
+    return cropped(with_mnist_stroke(np.pad(rescaled(ink, size), 8)))
+
+
+def rescaled(ink, size):
+    """float [h, w] -> float `size`: bilinear when it grows, max-pooled when it shrinks (no thin stroke fades)."""
+    return resized(ink, size) if size[0] >= ink.shape[0] else max_pooled(ink, size)
+
+
+def with_mnist_stroke(ink):
+    """Ink at WORK_HEIGHT (float [h, w] 0..1, with room around it) with its strokes brought to MNIST_STROKE of the
+    height its ink spans, unless within STROKE_BAND of it; the same shape."""
+    from scipy import ndimage
     strokes = ink > 0.5
     if strokes.any():
         width = stroke_width(strokes)
@@ -152,7 +164,7 @@ def at_mnist_stroke(ink):
             kept = thinner > 0.5
             if kept.sum() >= 0.5 * strokes.sum() and ndimage.label(kept)[1] <= ndimage.label(strokes)[1]:
                 ink = thinner
-    return cropped(ink)
+    return ink
 
 
 def cropped(ink, level=0.05):
@@ -312,9 +324,10 @@ class FoundDigits:
     images: torch.Tensor
     boxes: list
     lines: list
+    probabilities: torch.Tensor = None  # float [N, 10] when the line reader read them, else None: classify the images
 
 
-def find_digits(source, classify, invert="auto", name=None, detector=None):
+def find_digits(source, classify, invert="auto", name=None, detector=None, read_lines=None):
     """A photo or drawing of a number (a path or PIL image) -> FoundDigits, left to right, line by line.
 
     `classify` (uint8 digits [M, 28, 28] -> probabilities [M, 10]) helps decide which marks hold touching digits
@@ -326,6 +339,15 @@ def find_digits(source, classify, invert="auto", name=None, detector=None):
     """
     name = image_name(source, name)
     stretched, ink, ruled, marks = find_marks(source, invert, name)
+    if read_lines is not None:
+        lines = writing_lines(marks, ink)
+        rows = [line_digits(line, frames) for line, frames in zip(lines, read_lines([line.image for line in lines]),
+                                                                  strict=True)]
+        if len(marks) > 1 or ruled or len(rows[0]) > 1:
+            digits = [(k, mark, p) for k, row in enumerate(rows) for mark, p in row]
+            return FoundDigits(torch.stack([mark_digit(mark, ink) for _, mark, _ in digits]),
+                               [mark.box_ltrb for _, mark, _ in digits], [k for k, _, _ in digits],
+                               torch.stack([p for _, _, p in digits]))
     if len(marks) == 1 and not ruled:
         alone, box = digit_ink(stretched, name)                          # preprocess_image's path from here
         return FoundDigits(mnist_digit(alone)[None], [box], [0])
@@ -333,6 +355,60 @@ def find_digits(source, classify, invert="auto", name=None, detector=None):
     digits = [(k, mark) for k, row in enumerate(rows) for mark in row]
     images = torch.stack([mark_digit(mark, ink) for _, mark in digits])
     return FoundDigits(images, [mark.box_ltrb for _, mark in digits], [k for k, _ in digits])
+
+
+# The line reader's input (models.LineReader): a line of writing at WORK_HEIGHT with MNIST's stroke width, then scaled
+# to fill LINE_HEIGHT less LINE_MARGIN above and below it, with LINE_MARGIN beside it (writing.digit_lines makes its
+# training lines so).
+LINE_HEIGHT = 32
+LINE_MARGIN = 3
+
+
+@dataclass
+class Line:
+    """A line of writing: its ink as the line reader reads it (float [LINE_HEIGHT, W] 0..1), its mark on the page (all
+    its pixels), and the line image's pixels per page pixel."""
+    image: torch.Tensor
+    mark: "Mark"
+    scale: float
+
+
+def writing_lines(marks, ink):
+    """[Line] of a page's marks (find_marks; ink: the page's, above_threshold's 0..1), top line first."""
+    return [line_of(functools.reduce(Mark.joined, row), ink) for row in reading_lines(marks)]
+
+
+def line_of(mark, ink):
+    """The Line of the mark of a whole line."""
+    work = rescaled(mark.ink(ink), (WORK_HEIGHT, max(1, round(mark.width * WORK_HEIGHT / mark.height))))
+    work = with_mnist_stroke(np.pad(work, 8))[8:-8, 8:-8]
+    scale = (LINE_HEIGHT - 2 * LINE_MARGIN) / mark.height
+    image = np.pad(resized(work, (LINE_HEIGHT - 2 * LINE_MARGIN, max(1, round(mark.width * scale)))), LINE_MARGIN)
+    return Line(torch.from_numpy(image / max(float(image.max()), 1e-3)), mark, scale)
+
+
+def line_digits(line, frames):
+    """What the line reader read on a line: [(the digit's Mark, its probabilities float [10])], left to right.
+
+    frames: the reader's probabilities per frame, float [T, 11] (class 0 the blank, k + 1 the digit k). A digit owns
+    the line's pixels from halfway to the digit before it to halfway to the one after; its probabilities are its
+    surest frame's. A line always gets a digit: if the reader reads none, its frame least sure of a blank says one.
+    """
+    spans = LineReader.decode(frames[None], torch.tensor([line.image.shape[1]]))[0]
+    if not spans:
+        frame = int(frames[:, 0].argmin())
+        spans = [(int(frames[frame, 1:].argmax()), frame, frame)]
+    edges = [LineReader.STRIDE * (last + 1 + first) / 2 for (_, _, last), (_, first, _) in
+             zip(spans, spans[1:], strict=False)]
+    bounds = [-math.inf, *edges, math.inf]
+    columns = (np.arange(line.mark.width) + 0.5) * line.scale + LINE_MARGIN  # each page column's centre, in the line
+    digits = []
+    for (_, first, last), start, stop in zip(spans, bounds, bounds[1:], strict=False):
+        part = line.mark.part(line.mark.pixels & ((columns >= start) & (columns < stop))[None])
+        if part is not None:
+            surest = frames[first + int(frames[first:last + 1, 0].argmin())]
+            digits.append((part, surest[1:] / surest[1:].sum()))
+    return digits
 
 
 def mark_digit(mark, ink):

@@ -23,12 +23,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import checkpoints
 import cli
 import data
 from augmentation import TTA_VARIANTS
+from models import LINE_READER, LineReader
 from photos import boxed_photo, find_digits, find_images, preprocess_image
 
 
@@ -90,7 +92,8 @@ class DigitReader:
     digits that the models trained on, from the record each checkpoint keeps: no accuracy on those is a fair score.
     """
 
-    def __init__(self, weights=None, device="auto", precision="auto", tta=1, seed=42, batch_size=data.EVAL_BATCH_SIZE):
+    def __init__(self, weights=None, device="auto", precision="auto", tta=1, seed=42, batch_size=data.EVAL_BATCH_SIZE,
+                 line_reader=None):
         self.device = device if isinstance(device, torch.device) else data.pick_device(device)
         self.precision = data.pick_precision(precision, self.device)
         self.variants = tta_variants(tta)
@@ -101,7 +104,20 @@ class DigitReader:
         self.records = [checkpoint.get("trained_on") for _, checkpoint in found]  # None: saved before records
         detectors = [checkpoints.load_pair_detector(path, self.device, checkpoint) for path, checkpoint in found]
         self.pair_detectors = [detector for detector in detectors if detector is not None]
+        self.line_reader = self.find_line_reader(line_reader, found)
         self.seed, self.batch_size = seed, batch_size
+
+    def find_line_reader(self, path, found):
+        """The models.LineReader that reads whole numbers: from `path` (a checkpoint of train_reader.py, or one that
+        carries a reader) when given, else the first checkpoint's that carries one, else the released model's; None
+        when none has one (then the marks are cut apart by rules)."""
+        if path is not None:
+            return checkpoints.load_line_reader(path, self.device, checkpoints.load(path))
+        released = checkpoints.RELEASED_MODEL
+        if released.is_file() and not any(cli.same_file(source, released) for source, _ in found):
+            found = [*found, (released, checkpoints.load(released))]
+        readers = (checkpoints.load_line_reader(source, self.device, checkpoint) for source, checkpoint in found)
+        return next((reader for reader in readers if reader is not None), None)
 
     @property
     def paths(self):
@@ -117,8 +133,9 @@ class DigitReader:
         """A photo or drawing of a whole number (path or PIL image) -> Number: its digits found (find_digits), left to
         right and line by line, each read as one digit."""
         found = find_digits(source, self.probabilities, invert, name,
-                            self.read_pairs if self.pair_detectors else None)
-        probs = self.probabilities(found.images)
+                            self.read_pairs if self.pair_detectors else None,
+                            self.read_lines if self.line_reader is not None else None)
+        probs = self.probabilities(found.images) if found.probabilities is None else found.probabilities
         labels = probs.argmax(1)
         words = ["".join(str(int(labels[i])) for i, line in enumerate(found.lines) if line == k)
                  for k in range(found.lines[-1] + 1)]
@@ -136,6 +153,16 @@ class DigitReader:
         digits = mnist_like(digits)
         return ensemble_probabilities(self.ensemble, digits.to(self.device), self.variants, self.precision, self.seed,
                                       self.batch_size).cpu()
+
+    @torch.inference_mode()
+    def read_lines(self, lines):
+        """The line reader's probabilities per frame, [float [T, 11]] on the CPU, for lines of writing as
+        photos.line_of makes them ([float [LINE_HEIGHT, W]], T = W // LineReader.STRIDE), read in one batch."""
+        width = max(line.shape[1] for line in lines)
+        x = torch.stack([F.pad(line, (0, width - line.shape[1])) for line in lines])[:, None]  # [B, 1, 32, W]
+        with data.autocast(self.device, self.precision):
+            frames = torch.softmax(self.line_reader(x.to(self.device)).float(), -1).cpu()     # [B, T, 11]
+        return [read[:max(1, line.shape[1] // LineReader.STRIDE)] for read, line in zip(frames, lines, strict=True)]
 
     @torch.inference_mode()
     def read_pairs(self, fields):
@@ -261,6 +288,9 @@ def parse_args(argv=None):
     images.add_argument("--number", action="store_true",
                         help="with --images: read each image as a whole number, its digits left to right and line by "
                              "line (a second line after a space)")
+    images.add_argument("--line-reader", help="with --number or --demo: read lines of writing with this line reader "
+                                              "(train_reader.py's checkpoint; default: the models' own, else the "
+                                              "released model's)")
     images.add_argument("--show-preprocessed", help="with --images: save the 28x28 images the model saw to this folder "
                                                     "(with --number, each digit and the photo with numbered boxes)")
     add_reader_arguments(parser, tta=len(TTA_VARIANTS), weights="models/ for a CSV or --export; for --images and "
@@ -309,7 +339,8 @@ def add_reader_arguments(parser, tta, weights):
 
 def reader_for(args):
     """The DigitReader the command line asks for."""
-    return DigitReader(args.weights, args.device, args.precision, args.tta, args.seed, args.batch_size)
+    return DigitReader(args.weights, args.device, args.precision, args.tta, args.seed, args.batch_size,
+                       getattr(args, "line_reader", None))
 
 
 def predict_images(args, reader):
@@ -435,6 +466,8 @@ def find_checkpoints(paths):
             raise cli.UserError(f"{path}: no complete checkpoint (*.pth) in this folder; train first or pass "
                                 "--weights FILE")
         for candidate, checkpoint in candidates:
+            if path.is_dir() and checkpoint["arch"] == LINE_READER:   # a folder's line reader reads no single digit
+                continue
             if checkpoints.is_complete(checkpoint):
                 found.append((candidate, checkpoint))
             else:
@@ -471,8 +504,8 @@ def default_weights():
 NOT_WITH_DEMO = ("--images", "--number", "--invert", "--show-preprocessed", "--data", "--data-dir", "--test-csv",
                  "--labels", "--out", "--save-probs", "--batch-size")
 # --export writes a graph of the models alone: prediction's options have nothing to act on
-NOT_WITH_EXPORT = ("--images", "--number", "--invert", "--show-preprocessed", "--test-csv", "--labels", "--out",
-                   "--save-probs", "--demo", "--tta")
+NOT_WITH_EXPORT = ("--images", "--number", "--line-reader", "--invert", "--show-preprocessed", "--test-csv",
+                   "--labels", "--out", "--save-probs", "--demo", "--tta")
 
 
 def changed_options(parser, args, flags):
@@ -483,7 +516,8 @@ def changed_options(parser, args, flags):
 
 def check_paths(args):
     """Before any work: outputs writable and distinct from every input (test CSV, labels, weights, images)."""
-    inputs = {"--weights": checkpoints.checkpoint_files(args.weights), "--images": args.images or []}
+    inputs = {"--weights": checkpoints.checkpoint_files(args.weights), "--images": args.images or [],
+              "--line-reader": [args.line_reader] if args.line_reader else []}
     if args.images is None and args.data == "csv":
         inputs.update({"--test-csv": [args.test_csv], "--labels": [args.labels]})
     cli.check_outputs({"--out": [args.out] if args.out else [],

@@ -108,13 +108,14 @@ def load_fonts(paths, size=RENDER_SIZE):
 
 
 def digit_ink(font, digit, pen=0.0):
-    """float [h, w] in 0..1: `digit` drawn in `font` (white on black), cropped to its ink. pen > 0 thickens the strokes
-    by that share of the digit's height, pen < 0 thins them (a broad or a fine pen)."""
+    """float [h, w] in 0..1: `digit` (or a number, "4096", in the typeface's own spacing) drawn in `font` (white on
+    black), cropped to its ink. pen > 0 thickens the strokes by that share of the ink's height, pen < 0 thins them (a
+    broad or a fine pen)."""
     from PIL import Image, ImageDraw
     from scipy import ndimage
-    size = round(font.size)
-    canvas = Image.new("L", (2 * size, 2 * size), 0)
-    ImageDraw.Draw(canvas).text((size // 2, size // 2), str(digit), font=font, fill=255)
+    size, text = round(font.size), str(digit)
+    canvas = Image.new("L", ((len(text) + 1) * size, 2 * size), 0)
+    ImageDraw.Draw(canvas).text((size // 2, size // 2), text, font=font, fill=255)
     ink = np.asarray(canvas, dtype=np.float32) / 255
     ink = photos.cropped(ink)
     if pen:

@@ -15,7 +15,6 @@ It prints a table: accuracy per source, each dev typeface (worst first) and the 
 set chooses recipes and settings; it never trains. Each photo is drawn from a generator seeded by --seed and its
 source (and typeface), so the same command makes the same photos.
 """
-import io
 import sys
 import time
 import zlib
@@ -23,42 +22,14 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
-from scipy import ndimage
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import cli  # noqa: E402
 import typefaces  # noqa: E402
+import writing  # noqa: E402
 from augmentation import TTA_VARIANTS  # noqa: E402
-
-
-def phone_photo(ink, rng, height=None, turn=8.0):
-    """JPEG bytes of `ink` (float [h, w] in 0..1, cropped to the digit) written on paper and photographed: the digit
-    `height` px tall (default: 28-150), turned up to `turn` degrees either way, blurred a little, in dark ink of some
-    shade on light tinted paper under a lighting gradient, with noise."""
-    height = rng.uniform(28, 150) if height is None else height
-    ink = np.clip(ndimage.zoom(ink, height / ink.shape[0], order=1), 0, 1)
-    ink = np.clip(ndimage.rotate(ink, rng.uniform(-turn, turn), order=1), 0, 1)
-    ink = ndimage.gaussian_filter(ink, rng.uniform(0.3, 1.2))                      # focus and motion, in pixels
-    margin = int(rng.uniform(0.3, 0.8) * height) + 2
-    ink = np.pad(ink, margin)
-    rows, columns = ink.shape
-    paper = np.array([0.93, 0.91, 0.85]) + rng.uniform(-0.08, 0.05, 3)
-    pen = rng.uniform(0.0, 0.35) + np.array([0.0, 0.0, 0.1]) * rng.uniform(0, 2)     # black to grey, or blue
-    strength = rng.uniform(0.75, 1.0)                                               # how dark the ink lies
-    angle = rng.uniform(0, 2 * np.pi)
-    yy, xx = np.mgrid[0:rows, 0:columns]
-    ramp = np.cos(angle) * xx + np.sin(angle) * yy
-    light = 1 - rng.uniform(0, 0.3) * (ramp - ramp.min()) / max(np.ptp(ramp), 1)
-    alpha = (ink * strength)[..., None]
-    page = (paper * (1 - alpha) + pen * alpha) * light[..., None] + rng.normal(0, rng.uniform(0.01, 0.04),
-                                                                                (rows, columns, 3))
-    buffer = io.BytesIO()
-    Image.fromarray((np.clip(page, 0, 1) * 255).round().astype(np.uint8)).save(buffer, "JPEG",
-                                                                                quality=int(rng.integers(60, 96)))
-    return buffer.getvalue()
 
 
 def uci_photos(seed):
@@ -66,7 +37,7 @@ def uci_photos(seed):
     from sklearn.datasets import load_digits
     digits = load_digits()
     rng = np.random.default_rng([seed, 0])
-    return [(phone_photo(image / 16, rng, height=64, turn=0), int(label), "uci")
+    return [(writing.phone_photo(image / 16, rng, height=64, turn=0), int(label), "uci")
             for image, label in zip(digits.images[::2], digits.target[::2], strict=True)]
 
 
@@ -78,7 +49,7 @@ def typeface_photos(families, fonts, per_digit, seed):
         for digit in range(10):
             for _ in range(per_digit):
                 ink = typefaces.digit_ink(fonts[family], digit, pen=rng.uniform(-0.02, 0.04))
-                photos.append((phone_photo(ink, rng), digit, family))
+                photos.append((writing.phone_photo(ink, rng), digit, family))
     return photos
 
 

@@ -39,6 +39,8 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--weights", nargs="+", help="default: as --images (the released model unless CNN_best_model.pth)")
     p.add_argument("--data-dir", default=data.DEFAULT_DATA_DIR, help="folder holding MNIST/raw (env MNIST_DATA_DIR)")
+    p.add_argument("--line-reader", help="as --number's --line-reader (default: the models' own, else the released "
+                                         "model's)")
     p.add_argument("--split", choices=["train", "test"], default="train",
                    help="whose digits: tune on train, report on test")
     p.add_argument("--count", type=int, default=200, help="numbers per condition")
@@ -60,7 +62,7 @@ def main():
     from predict_tta import DigitReader
 
     images, labels = data.load_mnist(args.data_dir, args.split)
-    reader = DigitReader(args.weights, tta=args.tta)
+    reader = DigitReader(args.weights, tta=args.tta, line_reader=args.line_reader)
     if args.fit_pairs:
         return fit_pairs(args, reader, images, labels)
     if args.split == "train":

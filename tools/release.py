@@ -21,6 +21,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
+
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import checkpoints  # noqa: E402
@@ -51,6 +53,8 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", help="the finished fp32 checkpoint of the release run")
     p.add_argument("--pair-detector", help="instead, add this pair detector to the released model")
+    p.add_argument("--line-reader", help="instead, add this line reader (train_reader.py's finished checkpoint) to the "
+                                         "released model")
     p.add_argument("--data-dir", default=data.DEFAULT_DATA_DIR, help="folder holding MNIST/raw")
     p.add_argument("--command", required=True, help="the command that trained it")
     p.add_argument("--commit", required=True, help="the commit it was trained at")
@@ -60,6 +64,8 @@ def main():
     args = p.parse_args()
     if args.pair_detector:
         return add_pair_detector(args)
+    if args.line_reader:
+        return add_line_reader(args)
     if args.checkpoint is None or args.training_seconds is None:
         p.error("--checkpoint and --training-seconds are required (or --pair-detector)")
 
@@ -145,6 +151,54 @@ def add_pair_detector(args):
         **({"remark": args.remark} if args.remark else {})}
     cli.write_json(checkpoints.RELEASE_MANIFEST, manifest)
     print(f"added the pair detector to {target} ({manifest['bytes'] / 1e6:.1f} MB, sha256 "
+          f"{manifest['sha256'][:16]}...) and {checkpoints.RELEASE_MANIFEST}")
+
+
+def add_line_reader(args):
+    """The released model with the line reader added in fp16, its digit weights untouched; the fp16 reader must read
+    the reader's validation lines exactly as the fp32 one does, or nothing is written; the manifest updated."""
+    import train_reader
+    from models import LINE_READER, LineReader
+    target, candidate = checkpoints.RELEASED_MODEL, checkpoints.RELEASED_MODEL.with_name("candidate.pth")
+    cli.check_outputs({"weights/": [target, candidate, checkpoints.RELEASE_MANIFEST]},
+                      {"--line-reader": [args.line_reader]})
+    released, trained = checkpoints.load(target), checkpoints.load(args.line_reader)
+    if not checkpoints.is_complete(trained) or trained["arch"] != LINE_READER:
+        sys.exit(f"{args.line_reader}: not a finished line reader (train_reader.py); nothing written")
+    settings = trained["settings"]
+    images, labels = data.load_mnist(args.data_dir, "train")
+    _, val = data.stratified_split(labels, settings["split"]["val_fraction"], settings["split"]["seed"])
+    batches = train_reader.validation_lines((images[val], labels[val]), settings["val_lines"], settings["seed"],
+                                            settings["batch_size"])
+    checkpoints.save(candidate, {**released, "line_reader": half_precision(trained["model_state"])})
+    try:
+        readers = [checkpoints.load_line_reader(path, "cpu", checkpoints.load(path))
+                   for path in (args.line_reader, candidate)]
+    except BaseException:
+        candidate.unlink()
+        raise
+    with torch.inference_mode():
+        read = [[LineReader.decode(reader(lines), widths) for lines, _, _, widths in batches] for reader in readers]
+    differ = sum(a != b for full, half in zip(*read, strict=True) for a, b in zip(full, half, strict=True))
+    count = sum(len(lines) for lines, _, _, _ in batches)
+    print(f"fp16 line reader against fp32, both at fp32, on {count} validation lines: {differ} read differently")
+    if differ:
+        candidate.unlink()
+        sys.exit("parity check failed (allowed: 0 lines); nothing written")
+    candidate.replace(target)
+    manifest = cli.read_json(checkpoints.RELEASE_MANIFEST)
+    manifest.update(sha256=hashlib.sha256(target.read_bytes()).hexdigest(), bytes=target.stat().st_size)
+    manifest["line_reader"] = {
+        "what": "models.LineReader: reads each line of writing for --number (where its digits are, and which)",
+        "command": args.command, "commit": args.commit, "machine": machine(),
+        "training_seconds": round(args.training_seconds) if args.training_seconds else None,
+        "validation_lines_right": round(trained["metrics"]["val_accuracy"], 4),
+        "validation_lines": count, "epoch": trained["epoch"],
+        "precision": "fp16 weights, fp32 BatchNorm statistics; loaded into fp32",
+        "parity": {"lines_read_differently": differ, "lines": count},
+        **({"remark": args.remark} if args.remark else {})}
+    cli.write_json(checkpoints.RELEASE_MANIFEST, manifest)
+    print(f"added the line reader to {target} ({manifest['bytes'] / 1e6:.1f} MB, sha256 "
           f"{manifest['sha256'][:16]}...) and {checkpoints.RELEASE_MANIFEST}")
 
 
