@@ -37,7 +37,7 @@ import typefaces
 import writing
 from models import LINE_READER, LineReader, count_parameters
 
-RECIPE = {"epochs": 40, "steps": 800, "batch_size": 64, "lr": 2e-3, "weight_decay": 1e-4, "warmup_epochs": 0.5,
+RECIPE = {"epochs": 24, "steps": 800, "batch_size": 64, "lr": 2e-3, "weight_decay": 1e-4, "warmup_epochs": 0.5,
           "ema_decay": 0.999, "clip": 5.0, "seed": 42, "val_lines": 2000}
 RELEASED_SPLIT = {"val_fraction": 0.1, "seed": 42}   # the released model's: its training digits, its validation digits
 
