@@ -10,8 +10,7 @@ cannot run code.
     precision, metrics {"val_loss", "val_accuracy"}, settings (what defines the run), versions
     complete       True once the run that writes it has finished
     trained_on     optional: the record of the images the model trained on (see image_hashes); older files lack it
-    pair_detector  optional: the state_dict of a models.PairDetector, for --number (the released model has one)
-    line_reader    optional: the state_dict of a models.LineReader, for --number (read instead of cutting marks)
+    line_reader    optional: the state_dict of a models.LineReader, for --number (the released model has one)
 
 Beside NAME.pth (their names in one place, below): NAME.history.json (one record per epoch), and while training runs,
 NAME.resume.pth (the exact state to resume from), NAME.lock (held for the run's life) and, for a --budget run,
@@ -32,7 +31,7 @@ import torch
 
 from cli import UserError, atomic_path, brief, quoted, read_json, same_file, write_json
 from data import NUM_PIXELS, place_model
-from models import LINE_READER, MODELS, LineReader, PairDetector, build_model
+from models import LINE_READER, MODELS, LineReader, build_model
 
 # ----------------------------------------------------------------------------- the checkpoint format
 
@@ -94,9 +93,8 @@ def check_checkpoint_fields(path, checkpoint):
     if not isinstance(epoch, int) or isinstance(epoch, bool) or epoch < 0:
         raise UserError(f"{path}: epoch must be a whole number, found {quoted(epoch)}")
     check_state_dict(path, checkpoint["model_state"])
-    for carried in ("pair_detector", "line_reader"):
-        if carried in checkpoint:
-            check_state_dict(path, checkpoint[carried])
+    if "line_reader" in checkpoint:
+        check_state_dict(path, checkpoint["line_reader"])
     record = checkpoint.get("trained_on")
     if record is not None and not (torch.is_tensor(record) and record.dtype == torch.int64 and record.dim() == 1
                                    and bool((record[1:] > record[:-1]).all())):
@@ -127,19 +125,6 @@ def load_model(path, device, checkpoint=None):
         reason = brief(error, lambda lines: lines[1 if len(lines) > 1 else 0])  # the first says which class failed
         raise UserError(f"{path}: weights do not fit the {arch} architecture ({reason})") from None
     return place_model(model, device).eval(), checkpoint
-
-
-def load_pair_detector(path, device, checkpoint):
-    """The checkpoint's models.PairDetector in eval mode, or None when it has none."""
-    if "pair_detector" not in checkpoint:
-        return None
-    detector = PairDetector()
-    try:
-        detector.load_state_dict(checkpoint["pair_detector"])
-    except RuntimeError as error:
-        raise UserError(f"{path}: its pair detector does not fit models.PairDetector "
-                        f"({brief(error, lambda lines: lines[1 if len(lines) > 1 else 0])})") from None
-    return detector.to(device).eval()
 
 
 def load_line_reader(path, device, checkpoint):

@@ -1,5 +1,5 @@
-"""The three digit classifiers, the registry that builds them by name, and the pair detector the released model
-carries for --number (PairDetector: does a mark hold two touching digits, and which two).
+"""The three digit classifiers, the registry that builds them by name, and the line reader the released model
+carries for --number (LineReader: which digits a line of writing holds, and where).
 
 Every classifier takes a normalized batch [B, 1, 28, 28] and returns logits [B, 10].
 `python models.py` prints the parameter count of each (the README table comes from it).
@@ -143,40 +143,6 @@ class WideCNN(nn.Module):
 
     def forward(self, x):
         return self.head(self.features(x))
-
-
-class PairDetector(nn.Module):
-    """Whether a mark of ink holds two touching digits, not one, and which two: (log-odds [B], the left and the right
-    digit's logits [B, 2, 10]) from the mark at its own aspect ratio, float [B, 1, 32, 64] in 0..1 (photos.pair_field).
-
-    `--number` asks it whether to cut a wide mark in two, and where: the cut whose parts the digit classifier reads
-    as this reads the pair. A digit classifier sees each mark squeezed into MNIST's 20x20 box and reads two touching
-    digits with as much sureness as one; this sees the mark's shape as written. It is trained on marks found on pages
-    of MNIST training digits (tools/number_pages.py --fit-pairs) and travels in the released model's file beside
-    the digit classifier, which it leaves as it is.
-    """
-
-    def __init__(self, width=32):
-        super().__init__()
-        self.features = nn.Sequential(
-            conv_bn(1, width, nn.GELU), conv_bn(width, width, nn.GELU), nn.MaxPool2d(2),          # 32x16x32
-            conv_bn(width, 2 * width, nn.GELU), conv_bn(2 * width, 2 * width, nn.GELU), nn.MaxPool2d(2),  # 64x8x16
-            conv_bn(2 * width, 4 * width, nn.GELU), nn.MaxPool2d(2),                              # 128x4x8
-        )
-        self.head = nn.Sequential(
-            nn.Flatten(),                                    # 1024: the columns kept, the rows averaged
-            nn.Linear(4 * width * 8, 64), nn.GELU(), nn.Dropout(0.3),
-            nn.Linear(64, 1),
-        )
-        self.reader = nn.Sequential(                         # the digits' shapes need the rows too
-            nn.Conv2d(4 * width, width, 1), nn.Flatten(),    # [B, 32, 4, 8] -> 1024: small, for the 8 MB file
-            nn.Linear(width * 4 * 8, 128), nn.GELU(), nn.Dropout(0.3),
-            nn.Linear(128, 2 * 10),
-        )
-
-    def forward(self, x):
-        features = self.features(x)                          # [B, 128, 4, 8]
-        return self.head(features.mean(2)).squeeze(1), self.reader(features).view(-1, 2, 10)
 
 
 class LineReader(nn.Module):

@@ -3,9 +3,9 @@
 MNIST's recipe, which every image goes through before a model sees it: white ink on black, the digit's bounding box
 scaled to fit 20x20 keeping its aspect ratio, then placed in a 28x28 field with its centre of mass at the centre.
 In this file: reading an image file safely (size limits, EXIF, transparency), one digit (preprocess_image), finding
-the image files a command names, then the digits of a whole number (find_digits: lines of writing, marks, touching
-digits cut apart, with the fitted weights that decide it), and the photo with its digits' boxes drawn. Models and
-their weights are not here: find_digits asks a classifier (and a pair detector) it is given.
+the image files a command names, then the digits of a whole number (find_digits: marks, lines of writing and the
+line reader's input, the digits it reads on them), and the photo with its digits' boxes drawn. Models' weights are
+not here: find_digits asks a line reader it is given.
 """
 import contextlib
 import functools
@@ -110,6 +110,12 @@ def digit_ink(stretched, name):
     mask = joined_ink(stretched)
     if (mask & (stretched > INK_THRESHOLD)).sum() < MIN_INK_PIXELS:
         raise UserError(f"{name}: {NO_DIGIT}")
+    return own_ink(stretched, mask)
+
+
+def own_ink(stretched, mask):
+    """(the ink under `mask` (bool [H, W]), cropped to it, each pixel weighed against the ink near it, its strokes of
+    MNIST's width; the mask's box (left, top, right, bottom), the ends exclusive)."""
     rows, columns = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
     top, bottom, left, right = rows[0], rows[-1] + 1, columns[0], columns[-1] + 1
     ink = against_local_ink(np.where(mask, stretched, 0)[top:bottom, left:right])
@@ -289,10 +295,10 @@ def find_images(paths):
 
 # ----------------------------------------------------------------------------- the digits of a number in a photo
 
-# The usual recipe: threshold the page once, label the ink's connected components, join the pieces of one digit,
-# drop specks and ruled lines, split digits that touch, order them left to right and line by line, then give each
-# digit MNIST's preprocessing on its own, its contrast stretched to its own darkest ink. Lengths are in units of the
-# writing's height, measured from the page.
+# Threshold the page once, label the ink's connected components, join the pieces of one digit, drop specks and ruled
+# lines, order the marks in lines of writing; then the line reader (models.LineReader) reads each line, deciding
+# where its digits are, and each digit's own pixels are read as a photo of it alone would be, the image the digit
+# classifier sees. Lengths are in units of the writing's height, measured from the page.
 
 MAX_DIGITS = 64            # more digit-sized marks than this is not a number
 FAINT_INK = 0.12           # smoothed ink above this joins the pieces of a digit (below INK_THRESHOLD)
@@ -303,18 +309,6 @@ JOIN_HEIGHT = 1.3
 SMALL, NEAR, JOIN_WIDTH = 0.5, 0.3, 1.2   # fragments: under half a height tall, joined within 0.3 heights
 JOIN_SHARE = 0.25          # two fragments over each other share this much of the narrower's columns (a 5's bar leans)
 FLAT = 0.8                 # a fragment this many heights wide that joins nothing is a digit written flat
-SPLIT_ASPECT = 0.6         # marks this wide for their height may hold touching digits
-CUT_CANDIDATES = 16        # cuts tried across the middle 60% of a mark's width,
-CUT_SLANTS = (-0.27, 0, 0.27)  # each upright and slanted 15 degrees either way
-# Two logistic models fitted on numbers of MNIST training digits (python tools/number_pages.py --fit-split
-# --data-dir ../shared/data): which cut of a mark is right, from cut_candidates' features, and whether the mark holds
-# two digits, from split_features at that cut (bias first; its threshold chosen on other training numbers). With a
-# pair detector (models.PairDetector: the released model has one), they are CUT_WEIGHTS_PAIR and SPLIT_WEIGHTS_PAIR,
-# which weigh its reading of the mark too (split_features).
-CUT_WEIGHTS = (0.252, 0.393, 0.350, 0.292, -7.236, -0.309, 0.023, 0.616, -1.265, 1.470)
-SPLIT_WEIGHTS = (-8.078, 7.221, -0.266, 0.550, -1.983, -0.951, -0.140, 4.299, 0.247, 1.128)
-CUT_WEIGHTS_PAIR = (-3.037, -3.217, 1.375, 1.462, 0.742, -0.102, 0.412, -0.232, -0.255, -0.470, 7.123)
-SPLIT_WEIGHTS_PAIR = (-2.021, 0.089, -0.182, -0.348, -0.398, -0.171, -0.359, 0.250, -0.299, 0.398, 1.330, -0.046)
 
 
 @dataclass
@@ -324,37 +318,30 @@ class FoundDigits:
     images: torch.Tensor
     boxes: list
     lines: list
-    probabilities: torch.Tensor = None  # float [N, 10] when the line reader read them, else None: classify the images
+    probabilities: torch.Tensor = None  # float [N, 10] as the line reader read them; None for one digit alone
 
 
-def find_digits(source, classify, invert="auto", name=None, detector=None, read_lines=None):
+def find_digits(source, read_lines, invert="auto", name=None):
     """A photo or drawing of a number (a path or PIL image) -> FoundDigits, left to right, line by line.
 
-    `classify` (uint8 digits [M, 28, 28] -> probabilities [M, 10]) helps decide which marks hold touching digits
-    and where to cut them, and the pair `detector` (marks as pair_field gives them, uint8 [M, 32, 64] -> (log-odds [M]
-    that each holds two touching digits, the probabilities [M, 2, 10] of its left and right digit if it does); None
-    for models without one) too. A photo in which one mark is found, with no ruled line removed, gives exactly
-    preprocess_image's digit: one digit alone reads as --images reads it. No digit, or more than MAX_DIGITS, is one
+    `read_lines` reads lines of writing as line_of makes them ([float [LINE_HEIGHT, W]] -> the line reader's
+    probabilities per frame, [float [T, 11]]): it decides where each line's digits are, and reads them. A photo of
+    one mark that the reader reads as one digit, with no ruled line removed, gives exactly preprocess_image's digit
+    and no probabilities: one digit alone reads as --images reads it. No digit, or more than MAX_DIGITS marks, is one
     line (UserError).
     """
     name = image_name(source, name)
     stretched, ink, ruled, marks = find_marks(source, invert, name)
-    if read_lines is not None:
-        lines = writing_lines(marks, ink)
-        rows = [line_digits(line, frames) for line, frames in zip(lines, read_lines([line.image for line in lines]),
-                                                                  strict=True)]
-        if len(marks) > 1 or ruled or len(rows[0]) > 1:
-            digits = [(k, mark, p) for k, row in enumerate(rows) for mark, p in row]
-            return FoundDigits(torch.stack([mark_digit(mark, ink) for _, mark, _ in digits]),
-                               [mark.box_ltrb for _, mark, _ in digits], [k for k, _, _ in digits],
-                               torch.stack([p for _, _, p in digits]))
-    if len(marks) == 1 and not ruled:
+    lines = writing_lines(marks, ink)
+    rows = [line_digits(line, frames) for line, frames in zip(lines, read_lines([line.image for line in lines]),
+                                                              strict=True)]
+    if len(marks) == 1 and not ruled and len(rows[0]) == 1:
         alone, box = digit_ink(stretched, name)                          # preprocess_image's path from here
         return FoundDigits(mnist_digit(alone)[None], [box], [0])
-    rows = [split_touching(row, ink, classify, detector) for row in reading_lines(marks)]
-    digits = [(k, mark) for k, row in enumerate(rows) for mark in row]
-    images = torch.stack([mark_digit(mark, ink) for _, mark in digits])
-    return FoundDigits(images, [mark.box_ltrb for _, mark in digits], [k for k, _ in digits])
+    digits = [(k, mark, p) for k, row in enumerate(rows) for mark, p in row]
+    return FoundDigits(torch.stack([number_digit(mark, stretched) for _, mark, _ in digits]),
+                       [mark.box_ltrb for _, mark, _ in digits], [k for k, _, _ in digits],
+                       torch.stack([p for _, _, p in digits]))
 
 
 # The line reader's input (models.LineReader): a line of writing at WORK_HEIGHT with MNIST's stroke width, then scaled
@@ -391,16 +378,15 @@ def line_digits(line, frames):
     """What the line reader read on a line: [(the digit's Mark, its probabilities float [10])], left to right.
 
     frames: the reader's probabilities per frame, float [T, 11] (class 0 the blank, k + 1 the digit k). A digit owns
-    the line's pixels from halfway to the digit before it to halfway to the one after; its probabilities are its
-    surest frame's. A line always gets a digit: if the reader reads none, its frame least sure of a blank says one.
+    the line's pixels up to the column of least ink between its frames and the next digit's (digit_edges); its
+    probabilities are its surest frame's. A line always gets a digit: if the reader reads none, its frame least sure
+    of a blank says one.
     """
     spans = LineReader.decode(frames[None], torch.tensor([line.image.shape[1]]))[0]
     if not spans:
         frame = int(frames[:, 0].argmin())
         spans = [(int(frames[frame, 1:].argmax()), frame, frame)]
-    edges = [LineReader.STRIDE * (last + 1 + first) / 2 for (_, _, last), (_, first, _) in
-             zip(spans, spans[1:], strict=False)]
-    bounds = [-math.inf, *edges, math.inf]
+    bounds = [-math.inf, *digit_edges(spans, line.image), math.inf]
     columns = (np.arange(line.mark.width) + 0.5) * line.scale + LINE_MARGIN  # each page column's centre, in the line
     digits = []
     for (_, first, last), start, stop in zip(spans, bounds, bounds[1:], strict=False):
@@ -411,15 +397,27 @@ def line_digits(line, frames):
     return digits
 
 
-def mark_digit(mark, ink):
-    """uint8 [28, 28]: the digit of one mark on a page (ink: the page's, above_threshold's 0..1), stretched to its own
-    darkest pixel (so a digit written fainter than the page's darkest reads as it would alone) and its strokes brought
-    to MNIST's width, as preprocess_image brings a photo's. Its ink is the page's thresholded ink, not digit_ink's
-    weighed against the ink near it: weighed so, the parts of touching digits cut apart read worse (131 against 136 of
-    150 touching training numbers, docs/measurements.md)."""
-    level = np.where(mark.pixels, ink[mark.box], 0)
-    level = np.where(level > 0, INK_THRESHOLD + (1 - INK_THRESHOLD) * level, 0)  # the page's level before the threshold
-    return mnist_digit(at_mnist_stroke(above_threshold(level / level.max())))
+def digit_edges(spans, image):
+    """Where each digit of a line ends and the next begins, in the line image's columns (float): the column between
+    the middles of their frames that holds the least ink (of several, the one nearest halfway), so that a gap or the
+    place where two digits touch divides them. spans: LineReader.decode's (digit, first frame, last frame)."""
+    profile = image.sum(0).numpy()                                       # ink per column [W]
+    edges = []
+    for (_, _, last), (_, first, _) in zip(spans, spans[1:], strict=False):
+        columns = np.arange(LineReader.STRIDE * last + LineReader.STRIDE // 2,
+                            min(LineReader.STRIDE * first + LineReader.STRIDE // 2, len(profile) - 1) + 1)
+        halfway = (columns[0] + columns[-1]) / 2
+        edges.append(columns[np.lexsort((np.abs(columns - halfway), profile[columns]))[0]] + 0.5)
+    return edges
+
+
+def number_digit(mark, stretched):
+    """uint8 [28, 28]: one digit of a number as a photo of it alone is read (digit_ink's steps), from its own pixels of
+    the page's ink stretched over the paper: its faint strokes kept, each pixel weighed against the ink near it (so a
+    digit written fainter than its neighbours reads as it would alone), MNIST's stroke width, MNIST's recipe."""
+    own = np.where(mark.pixels, stretched[mark.box], 0)
+    mask = joined_ink(own)
+    return mnist_digit(own_ink(own, mask if mask.any() else own > 0)[0])
 
 
 def find_marks(source, invert="auto", name=None):
@@ -527,13 +525,6 @@ class Mark:
             pixels[mark.top - top:mark.bottom - top, mark.left - left:mark.right - left] |= mark.pixels
         return Mark(pixels, (slice(top, bottom), slice(left, right)))
 
-    def cut(self, column, slant):
-        """(left part, right part) of this mark cut along a line through `column` at mid-height, leaning right by
-        `slant` px per px upwards; None for a part without pixels."""
-        ys, xs = np.mgrid[0:self.height, 0:self.width]
-        left = xs < column + slant * (self.height / 2 - ys)
-        return self.part(self.pixels & left), self.part(self.pixels & ~left)
-
     def part(self, pixels):
         """The mark made of these of its pixels (bool, its box's shape), its box cut down to them; None for none."""
         if not pixels.any():
@@ -618,117 +609,6 @@ def reading_lines(marks):
         else:
             lines.append({"marks": [mark], "bottom": mark.bottom})
     return [sorted(line["marks"], key=lambda m: (m.left + m.right) / 2) for line in lines]
-
-
-def split_touching(marks, ink, classify, detector=None):
-    """A line's marks, with those that hold touching digits cut into them (split_mark), each judged against the
-    typical height of the line's other marks (its own when it is alone)."""
-    heights = np.array([mark.height for mark in marks])
-    return [digit for k, mark in enumerate(marks)
-            for digit in split_mark(mark, ink, classify, np.median(np.delete(heights, k)) if len(marks) > 1
-                                    else mark.height, detector)]
-
-
-def split_mark(mark, ink, classify, height, detector=None):
-    """[mark], or its digits when it holds touching ones: cut at its best cut (best_cut) when a logistic model of
-    the cut's features says the mark holds two digits (SPLIT_WEIGHTS; with a pair detector SPLIT_WEIGHTS_PAIR, which
-    weighs its reading of the mark too). Without a detector each part is tried again; with one the two parts are
-    final: its cut leaves a part wider than a digit more often, and the parts tried again split more single digits
-    than they found third digits (docs/measurements.md)."""
-    features, parts = best_cut(mark, ink, classify, height, detector)
-    if parts is None:
-        return [mark]
-    weights = SPLIT_WEIGHTS if detector is None else SPLIT_WEIGHTS_PAIR
-    if np.dot(weights[1:], features) + weights[0] <= 0:
-        return [mark]
-    if detector is not None:
-        return list(parts)
-    return [digit for part in parts for digit in split_mark(part, ink, classify, height)]
-
-
-def best_cut(mark, ink, classify, height, detector=None):
-    """(split_features at the cut that CUT_WEIGHTS rank first among cut_candidates (CUT_WEIGHTS_PAIR with a pair
-    detector), that cut's (left part, right part)); (None, None) when the mark has no cuts to try."""
-    cuts = cut_candidates(mark, ink, classify, height, detector)
-    if cuts is None:
-        return None, None
-    weights = CUT_WEIGHTS if cuts.odds is None else CUT_WEIGHTS_PAIR
-    best = int(np.argmax(cuts.features @ np.asarray(weights)))
-    return split_features(mark, height, cuts, best), cuts.parts[best]
-
-
-@dataclass
-class Cuts:
-    """The ways to cut one mark in two, as cut_candidates tried them, C of them."""
-    parts: list              # [(left part, right part)]: Marks
-    whole: np.ndarray        # float64 [10]: the classifier's probabilities for the whole mark
-    part_probs: np.ndarray   # float64 [C, 2, 10]: its probabilities for each cut's two parts
-    features: np.ndarray     # float64 [C, 10], or [C, 11] with a pair detector: what CUT_WEIGHTS weigh
-    odds: float | None       # the pair detector's log-odds that the mark holds two digits; None without one
-
-
-def mark_cuts(mark):
-    """[(place, slant, (left part, right part))]: the mark cut at CUT_CANDIDATES places across its middle 60% (as a
-    share of its width), each upright and slanted (CUT_SLANTS); cuts that leave a part empty are left out."""
-    return [(place, slant, parts) for place in np.linspace(0.2, 0.8, CUT_CANDIDATES) for slant in CUT_SLANTS
-            if None not in (parts := mark.cut(place * mark.width, slant))]
-
-
-def cut_candidates(mark, ink, classify, height, detector=None):
-    """Cuts: the ways to cut a mark at least SPLIT_ASPECT as wide as it is tall in two, at CUT_CANDIDATES places
-    across its middle 60%, each upright and slanted (CUT_SLANTS); None for a narrower mark. Each cut's features: for
-    each part how sure the classifier is (log-odds) and by how much over its second choice (log-ratio); how far the
-    cut lies from the middle and whether it slants; the parts' heights and widths for the line's `height`; with a pair
-    `detector` (as find_digits takes it), the log-probability that the parts read as the detector reads the mark's two
-    digits."""
-    if mark.width < SPLIT_ASPECT * mark.height:
-        return None
-    cuts = mark_cuts(mark)
-    if not cuts:
-        return None
-    parts = [pair for _, _, pair in cuts]
-    images = torch.stack([mnist_digit(mark.ink(ink))] + [mnist_digit(part.ink(ink)) for pair in parts for part in pair])
-    probs = np.asarray(classify(images), dtype=np.float64).clip(1e-6, 1 - 1e-6)   # [1 + 2C, 10]
-    whole, part_probs = probs[0], probs[1:].reshape(len(parts), 2, 10)
-    second, first = np.moveaxis(np.sort(part_probs, -1)[..., -2:], -1, 0)           # [C, 2] each
-    where = np.array([(abs(place - 0.5), slant != 0) for place, slant, _ in cuts], dtype=np.float64)
-    sizes = np.array([(part.height, part.width) for pair in parts for part in pair]).reshape(len(parts), 4) / height
-    features = np.column_stack([logit(first), np.log(first / second), where, sizes])
-    if detector is None:
-        return Cuts(parts, whole, part_probs, features, None)
-    odds, digits = detector(pair_field(mark.ink(ink))[None])                        # [1], [1, 2, 10]
-    agree = np.log((part_probs * np.asarray(digits[0], dtype=np.float64)).sum(-1).clip(1e-12)).sum(-1)   # [C]
-    return Cuts(parts, whole, part_probs, np.column_stack([features, agree]), float(odds[0]))
-
-
-def split_features(mark, height, cuts, k):
-    """float [9] for SPLIT_WEIGHTS at the k-th of `cuts`: the mark's width for the line's `height` and for its own; how
-    sure the classifier is of the whole (log-odds) and by how much over its second choice (log-ratio); of both parts
-    together and of the less sure part (log-odds); the smaller part's height for the line's; the parts' smaller and
-    summed log-ratios. With a pair detector, float [11] for SPLIT_WEIGHTS_PAIR: then its log-odds for the mark and
-    how well the cut's parts agree with its reading."""
-    second, first = np.sort(cuts.whole)[-2:]
-    part_second, part_first = np.sort(cuts.part_probs[k], -1)[:, -2:].T              # [2] each
-    margins = np.log(part_first / part_second)
-    features = np.array([np.log(mark.width / height), np.log(mark.width / mark.height), logit(first),
-                         np.log(first / second), logit(part_first.prod()), logit(part_first.min()),
-                         min(part.height for part in cuts.parts[k]) / height, margins.min(), margins.sum()])
-    return features if cuts.odds is None else np.append(features, [cuts.odds, cuts.features[k, -1]])
-
-
-def pair_field(ink, height=32, width=64):
-    """The ink of a mark, cropped to it (float [h, w] 0..1) -> uint8 [32, 64]: as large as fits 28 rows and 60
-    columns, its aspect ratio kept (where mnist_digit squeezes a wide mark into a digit's box), centred."""
-    scale = min((height - 4) / ink.shape[0], (width - 4) / ink.shape[1])
-    fitted = fit_in_box(ink, round(max(ink.shape) * scale))
-    top, left = (height - fitted.shape[0]) // 2, (width - fitted.shape[1]) // 2
-    field = np.zeros((height, width), dtype=np.float32)
-    field[top:top + fitted.shape[0], left:left + fitted.shape[1]] = fitted
-    return torch.from_numpy(np.round(field * 255).astype(np.uint8))
-
-
-def logit(p):
-    return np.log(p / (1 - p))
 
 
 # ----------------------------------------------------------------------------- the boxes found, drawn

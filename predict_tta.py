@@ -102,15 +102,13 @@ class DigitReader:
         self.ensemble = [(checkpoints.load_model(path, self.device, checkpoint)[0], checkpoint["normalization"], path)
                          for path, checkpoint in found]   # [(model, normalization, path)]
         self.records = [checkpoint.get("trained_on") for _, checkpoint in found]  # None: saved before records
-        detectors = [checkpoints.load_pair_detector(path, self.device, checkpoint) for path, checkpoint in found]
-        self.pair_detectors = [detector for detector in detectors if detector is not None]
         self.line_reader = self.find_line_reader(line_reader, found)
         self.seed, self.batch_size = seed, batch_size
 
     def find_line_reader(self, path, found):
         """The models.LineReader that reads whole numbers: from `path` (a checkpoint of train_reader.py, or one that
         carries a reader) when given, else the first checkpoint's that carries one, else the released model's; None
-        when none has one (then the marks are cut apart by rules)."""
+        when none has one (then read_number is refused in one line)."""
         if path is not None:
             return checkpoints.load_line_reader(path, self.device, checkpoints.load(path))
         released = checkpoints.RELEASED_MODEL
@@ -130,12 +128,18 @@ class DigitReader:
         return probs.argmax(1), probs
 
     def read_number(self, source, invert="auto", name=None):
-        """A photo or drawing of a whole number (path or PIL image) -> Number: its digits found (find_digits), left to
-        right and line by line, each read as one digit."""
-        found = find_digits(source, self.probabilities, invert, name,
-                            self.read_pairs if self.pair_detectors else None,
-                            self.read_lines if self.line_reader is not None else None)
-        probs = self.probabilities(found.images) if found.probabilities is None else found.probabilities
+        """A photo or drawing of a whole number (path or PIL image) -> Number: its lines of writing found and read by
+        the line reader (find_digits), left to right and line by line, each digit's probabilities the mean of the
+        reader's and the classifier's (and its TTA's) on the digit's image; one digit alone is read as predict reads
+        it."""
+        if self.line_reader is None:
+            raise cli.UserError(f"reading a whole number needs a line reader, and neither the models nor "
+                                f"{checkpoints.RELEASED_MODEL} carry one: copy weights/ from the repository, or give "
+                                "--line-reader")
+        found = find_digits(source, self.read_lines, invert, name)
+        probs = self.probabilities(found.images)
+        if found.probabilities is not None:     # the reader's and the classifier's readings, each digit's in the mean
+            probs = (found.probabilities + probs) / 2
         labels = probs.argmax(1)
         words = ["".join(str(int(labels[i])) for i, line in enumerate(found.lines) if line == k)
                  for k in range(found.lines[-1] + 1)]
@@ -163,20 +167,6 @@ class DigitReader:
         with data.autocast(self.device, self.precision):
             frames = torch.softmax(self.line_reader(x.to(self.device)).float(), -1).cpu()     # [B, T, 11]
         return [read[:max(1, line.shape[1] // LineReader.STRIDE)] for read, line in zip(frames, lines, strict=True)]
-
-    @torch.inference_mode()
-    def read_pairs(self, fields):
-        """For marks uint8 [N, 32, 64] as photos.pair_field makes them: (the log-odds float32 [N] that each holds two
-        touching digits, not one; the probabilities float32 [N, 2, 10] of its left and right digit if it does), on
-        the CPU: the means over the checkpoints that carry a pair detector (models.PairDetector)."""
-        x = data.to_unit_float(fields.to(self.device))                       # [N, 1, 32, 64] in 0..1
-        odds, probs = torch.zeros(len(x), device=self.device), torch.zeros(len(x), 2, 10, device=self.device)
-        for detector in self.pair_detectors:
-            with data.autocast(self.device, self.precision):
-                pair, digits = detector(x)
-            odds += pair.float()
-            probs += torch.softmax(digits.float(), -1)
-        return (odds / len(self.pair_detectors)).cpu(), (probs / len(self.pair_detectors)).cpu()
 
     def trained_on(self, digits):
         """How many of these MNIST-like digits [N, 28, 28] the models trained on: {"images": of the N, any model,

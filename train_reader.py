@@ -14,7 +14,8 @@ The recipe, RECIPE below (each value is a flag)
                   --steps steps each
     EMA           of the weights, decay 0.999: validated, saved and released
 Validation: --val-lines lines of the held-out digits, the same every epoch; the best epoch by whole lines read right
-(greedy decoding) is kept. How it reads photographed numbers: the README (Whole numbers) and tools/number_pages.py.
+(greedy decoding) is kept. The released model's reader is this recipe with --typefaces 20 (tools/release.py
+--line-reader adds it); how it reads photographed numbers: the README (Whole numbers).
 
     python train_reader.py --data-dir ../shared/data --checkpoint reader.pth --typefaces 20
     python train_reader.py --epochs 1 --steps 20 --val-lines 64 --checkpoint /tmp/r.pth   # a quick smoke run

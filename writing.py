@@ -47,10 +47,12 @@ MAX_LINE_DIGITS = 10
 CLOSE = (-0.2, 0.1)  # gaps between neighbours' ink, in writing heights, for half the lines: overlapping by a third of
 WIDE = (0.1, 0.8)    # a digit (about 0.6 of a height wide) to a little apart; for the other half, well apart
 DIGIT_HEIGHT = (0.7, 1.0)  # each digit's own height, in the tallest possible one's
-BASELINE = 0.12      # each digit's bottom moves up or down by up to this share of the height
+BASELINE = 0.35      # each digit's bottom moves up or down by up to a share of the height, drawn per line up to this
 SLANT = 0.3          # the line's slant, horizontal pixels per vertical one either way
 TURN = 6.0           # each digit's own rotation, degrees either way
 ASPECT = (0.85, 1.15)  # each digit's width as written, against MNIST's
+FLAT = 0.04          # the share of digits (not 1s) written flat: FLAT_HEIGHT of their height, FLAT_WIDTH of it wide,
+FLAT_HEIGHT, FLAT_WIDTH = (0.45, 0.7), (1.4, 2.2)   # in the middle of the line (a wide 5 or 2)
 
 
 def ink_boxes(images):
@@ -67,9 +69,9 @@ def digit_lines(images, labels, count, generator):
     lengths int64 [count], widths int64 [count] of each line's own ink before the padding to W).
 
     Each line: 1 to MAX_LINE_DIGITS digits drawn from `images` (uint8 [N, 28, 28], MNIST-like, `labels` [N]), each
-    at its own height and baseline, turned a little and written narrower or wider, spaced from overlapping to wide
-    apart, the line slanted, then the pen (finer or broader), focus or resolution, faint ink, noise, specks and a
-    stray piece of ruled line. Every random number comes from `generator` (a CPU torch.Generator).
+    at its own height and baseline, turned a little and written narrower or wider (a few flat), spaced from
+    overlapping to wide apart, the line slanted, then the pen (finer or broader), focus or resolution, faint ink,
+    noise, specks and a stray piece of ruled line. Every random number comes from `generator` (a CPU torch.Generator).
     """
     rand = lambda *shape: torch.rand(shape, generator=generator)             # noqa: E731
     boxes = ink_boxes(images)
@@ -80,12 +82,17 @@ def digit_lines(images, labels, count, generator):
     height = DIGIT_HEIGHT[0] + (DIGIT_HEIGHT[1] - DIGIT_HEIGHT[0]) * rand(count, MAX_LINE_DIGITS)
     aspect = (box[..., 3] - box[..., 2]) / (box[..., 1] - box[..., 0])
     width = height * aspect * (ASPECT[0] + (ASPECT[1] - ASPECT[0]) * rand(count, MAX_LINE_DIGITS))
+    flat = (rand(count, MAX_LINE_DIGITS) < FLAT) & (labels[picks] != 1)
+    squash = torch.where(flat, FLAT_HEIGHT[0] + (FLAT_HEIGHT[1] - FLAT_HEIGHT[0]) * rand(count, MAX_LINE_DIGITS), 1)
+    width = torch.where(flat, height * (FLAT_WIDTH[0] + (FLAT_WIDTH[1] - FLAT_WIDTH[0]) * rand(count, MAX_LINE_DIGITS)),
+                        width)
     close = rand(count, 1) < 0.5
     gap = torch.where(close, CLOSE[0] + (CLOSE[1] - CLOSE[0]) * rand(count, MAX_LINE_DIGITS),
                       WIDE[0] + (WIDE[1] - WIDE[0]) * rand(count, MAX_LINE_DIGITS))
     gap[:, 0] = 0
     left = torch.cumsum(gap, 1) + torch.cumsum(width, 1) - width           # each digit's left edge
-    bottom = 1 + BASELINE * (2 * rand(count, MAX_LINE_DIGITS) - 1)
+    bottom = 1 + BASELINE * rand(count, 1) * (2 * rand(count, MAX_LINE_DIGITS) - 1) - height * (1 - squash) / 2
+    height = height * squash
     top = bottom - height
     slant = SLANT * (2 * rand(count) - 1)
     turn = torch.deg2rad(TURN * (2 * rand(count, MAX_LINE_DIGITS) - 1))

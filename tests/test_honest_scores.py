@@ -44,37 +44,38 @@ def test_the_released_model_is_its_manifests_file_and_records_its_training_image
     assert manifest["parity"]["labels_differ"] == 0 and manifest["parity"]["max_probability_difference"] <= 1e-3
 
 
-def test_adding_a_pair_detector_to_the_released_model_leaves_its_digit_weights_as_they_are(tmp_path, monkeypatch):
+def test_adding_a_line_reader_to_the_released_model_leaves_its_digit_weights_as_they_are(tmp_path, monkeypatch,
+                                                                                          mnist_dir):
     import argparse
 
     import release
-    from models import PairDetector
+    run_script("train_reader.py", "--data-dir", mnist_dir, "--epochs", "1", "--steps", "2", "--batch-size", "8",
+               "--val-lines", "24", "--limit", "300", "--precision", "fp32", cwd=tmp_path)
     shutil.copytree(checkpoints.RELEASED_MODEL.parent, tmp_path / "weights")
     monkeypatch.setattr(checkpoints, "RELEASED_MODEL", tmp_path / "weights" / checkpoints.RELEASED_MODEL.name)
     monkeypatch.setattr(checkpoints, "RELEASE_MANIFEST", tmp_path / "weights" / checkpoints.RELEASE_MANIFEST.name)
     before = checkpoints.load(checkpoints.RELEASED_MODEL)
-    detector = PairDetector().state_dict()
-    fitted = {"pair_detector": detector, "for": str(checkpoints.RELEASED_MODEL), "marks": 12, "held_out": 3,
-              "held_out_misjudged": 1, "held_out_pairs": 2, "held_out_pairs_misread": 0}
-    checkpoints.save(tmp_path / "pairs.pth", {**fitted, "for": str(tmp_path / "pairs.pth")})
-    with pytest.raises(SystemExit, match="pairs.pth: trained on the digits of .*pairs.pth, not of .*vgg_mnist.pth"):
-        release.add_pair_detector(argparse.Namespace(pair_detector=tmp_path / "pairs.pth", command="fit it",
-                                                     commit="abc1234", remark=""))
+    trained = checkpoints.load(tmp_path / "line_reader.pth")
+    options = dict(line_reader=tmp_path / "line_reader.pth", data_dir=mnist_dir, command="python train_reader.py",
+                   commit="abc1234", training_seconds=12.3, remark="")
+    unfinished = {**trained, "complete": False}
+    checkpoints.save(tmp_path / "unfinished.pth", unfinished)
+    with pytest.raises(SystemExit, match="unfinished.pth: not a finished line reader"):
+        release.add_line_reader(argparse.Namespace(**{**options, "line_reader": tmp_path / "unfinished.pth"}))
+    release.add_line_reader(argparse.Namespace(**options))
     assert not (tmp_path / "weights" / "candidate.pth").exists()
-    checkpoints.save(tmp_path / "pairs.pth", fitted)
-    release.add_pair_detector(argparse.Namespace(pair_detector=tmp_path / "pairs.pth", command="fit it",
-                                                 commit="abc1234", remark=""))
     after = checkpoints.load(checkpoints.RELEASED_MODEL)       # its new SHA-256 is the manifest's
     assert all(torch.equal(tensor, after["model_state"][name]) for name, tensor in before["model_state"].items())
-    stored = after["pair_detector"]
-    assert stored["head.1.weight"].dtype == torch.float16 and stored["features.0.1.running_var"].dtype == torch.float32
-    assert all(torch.equal(tensor.to(stored[name].dtype), stored[name]) for name, tensor in detector.items())
+    stored = after["line_reader"]
+    assert stored["classes.weight"].dtype == torch.float16 and stored["features.0.1.running_var"].dtype == torch.float32
+    assert all(torch.equal(tensor.to(stored[name].dtype), stored[name])
+               for name, tensor in trained["model_state"].items())
+    assert "pair_detector" not in after                          # what the reader replaces
     manifest = json.loads(checkpoints.RELEASE_MANIFEST.read_text())
-    assert manifest["pair_detector"]["held_out_misjudged"] == "1 of 3"
-    assert manifest["pair_detector"]["held_out_pairs_misread"] == "0 of 2"
-    assert manifest["pair_detector"]["commit"] == "abc1234"
-    assert manifest["mnist_test_accuracy"] == json.loads((ROOT / "weights" / "manifest.json").read_text())[
-        "mnist_test_accuracy"]
+    assert manifest["line_reader"]["parity"] == {"lines_read_differently": 0, "lines": 24}
+    assert manifest["line_reader"]["commit"] == "abc1234" and manifest["line_reader"]["training_seconds"] == 12
+    assert "pair_detector" not in manifest and manifest["mnist_test_accuracy"] == json.loads(
+        (ROOT / "weights" / "manifest.json").read_text())["mnist_test_accuracy"]
 
 
 def test_a_photo_is_read_on_a_fresh_clone_with_the_released_model(tmp_path, photo):

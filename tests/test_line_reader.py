@@ -75,6 +75,15 @@ def test_a_lines_digits_own_its_columns_between_their_frames():
     assert [part.box_ltrb for part, _ in read] == [(4, 2, 14, 18), (24, 2, 30, 18), (44, 2, 56, 18)]
     assert [int(p.argmax()) for _, p in read] == [5, 2, 9]
     assert all(float(p.sum()) == pytest.approx(1) for _, p in read)
+    # a flat digit (page columns 4-39) and a 1 after a gap: the edge is in the gap, not halfway between their frames
+    ink = np.zeros((20, 60), dtype=np.float32)
+    ink[8:14, 4:40] = ink[2:18, 44:48] = 1
+    mark = photos.Mark(ink > 0, (slice(0, 20), slice(0, 60)))
+    image = torch.zeros(photos.LINE_HEIGHT, 66)
+    image[:, photos.LINE_MARGIN:photos.LINE_MARGIN + 60] = torch.from_numpy(ink.sum(0))   # the ink of each column
+    wide = photos.Line(image, mark, scale=1.0)
+    read = photos.line_digits(wide, frames(0, 6, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2, 0, 0, 0, 0))
+    assert [part.box_ltrb for part, _ in read] == [(4, 8, 40, 14), (44, 2, 48, 18)]
     # nothing read at all: the frame least sure of a blank still says a digit
     silent = frames(*[0] * 15)
     silent[7] = torch.tensor([0.4, 0.0, 0.6, *[0.0] * 8])

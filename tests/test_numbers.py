@@ -1,4 +1,5 @@
-"""Whole numbers: finding the digits of a photo (photos.find_digits), DigitReader.read_number and --images --number."""
+"""Whole numbers: DigitReader.read_number (the marks of a photo, its lines of writing, the line reader's digits) and
+--images --number, on generated pages and on cases built by hand."""
 import io
 
 import numpy as np
@@ -15,15 +16,6 @@ import cli
 import data
 import photos
 from predict_tta import DigitReader
-
-
-def whole_only(digits):
-    """A model sure of the first digit it is shown and unsure of the rest: asked about a mark and its cuts
-    (photos.cut_candidates shows the whole mark first), it keeps every mark whole. For the cases built by hand."""
-    probs = torch.full((len(digits), 10), 0.1)
-    probs[0] = 0.001
-    probs[0, 0] = 0.991
-    return probs
 
 
 @pytest.fixture(scope="module")
@@ -71,21 +63,21 @@ def test_generated_numbers_are_read_at_small_sizes(reader, mnist_test):
     assert len(misread) <= 1, misread
 
 
-def test_digits_are_ordered_left_to_right_and_line_by_line(mnist_test):
+def test_digits_are_ordered_left_to_right_and_line_by_line(reader, mnist_test):
     images, labels = mnist_test
     eight, three, one, four = (images[int(np.flatnonzero(labels == d)[0])] for d in (8, 3, 1, 4))
     # pasted right to left, and the right digit a little higher: still read left to right
-    found = photos.find_digits(page((eight, (200, 20)), (three, (40, 40))), whole_only)
-    assert found.lines == [0, 0] and 40 <= found.boxes[0][0] < found.boxes[0][2] <= 96
+    found = reader.read_number(page((eight, (200, 20)), (three, (40, 40))))
+    assert found.text == "38" and found.lines == [0, 0] and 40 <= found.boxes[0][0] < found.boxes[0][2] <= 96
     assert 200 <= found.boxes[1][0] < found.boxes[1][2] <= 256
-    two_lines = photos.find_digits(page((one, (150, 150)), (four, (40, 10)), (eight, (40, 150)), (three, (150, 10)),
-                                        size=(260, 240)), whole_only)
-    assert two_lines.lines == [0, 0, 1, 1]
+    two_lines = reader.read_number(page((one, (150, 150)), (four, (40, 10)), (eight, (40, 150)), (three, (150, 10)),
+                                        size=(260, 240)))
+    assert two_lines.text == "43 81" and two_lines.lines == [0, 0, 1, 1]
     assert two_lines.boxes[0][0] < two_lines.boxes[1][0] and two_lines.boxes[2][0] < two_lines.boxes[3][0]
     assert max(b[3] for b in two_lines.boxes[:2]) < min(b[1] for b in two_lines.boxes[2:])
 
 
-def test_pieces_of_one_digit_are_joined():
+def test_pieces_of_one_digit_are_joined(reader):
     paper = Image.new("L", (300, 140), "white")
     pen = ImageDraw.Draw(paper)
     pen.line([(60, 40), (60, 70), (85, 68), (92, 85), (85, 102), (58, 104)], fill=0, width=6)  # a 5's body
@@ -94,14 +86,14 @@ def test_pieces_of_one_digit_are_joined():
     pen.line([(190, 40), (190, 110)], fill=0, width=6)
     pen.line([(250, 40), (250, 70)], fill=0, width=6)                 # a 1 broken in the middle
     pen.line([(250, 74), (250, 104)], fill=0, width=6)
-    found = photos.find_digits(paper, whole_only)
-    assert len(found.boxes) == 3
+    found = reader.read_number(paper)
+    assert found.text == "541"
     assert found.boxes[0][1] <= 28 and found.boxes[0][3] >= 106       # the 5 with its bar
     assert found.boxes[1][0] <= 158 and found.boxes[1][2] >= 192      # the 4's two strokes
     assert found.boxes[2][1] <= 40 and found.boxes[2][3] >= 104       # the 1's two pieces, joined
 
 
-def test_a_digit_broken_across_its_middle_and_one_written_flat_are_kept():
+def test_a_digit_broken_across_its_middle_and_one_written_flat_are_kept(reader):
     """Both are made of marks under half the writing's height: two over each other, a digit tall together, are one
     digit, however far apart (a small 5 too, its bar leaning off its body); a mark that joins nothing is a digit when
     it is about as wide as the writing is tall and beside the others, not over one (a bar too long to join its digit),
@@ -115,8 +107,8 @@ def test_a_digit_broken_across_its_middle_and_one_written_flat_are_kept():
     pen.line([(390, 50), (310, 50), (310, 70), (390, 70), (390, 85), (310, 85)], fill=0, width=6)  # a 5, flat
     pen.line([(440, 50), (440, 110)], fill=0, width=6)                # a 1 under a long bar, too wide to join it
     pen.line([(430, 30), (545, 30)], fill=0, width=6)
-    found = photos.find_digits(paper, whole_only)
-    assert len(found.boxes) == 5, found.boxes
+    found = reader.read_number(paper)
+    assert len(found.boxes) == 5, (found.text, found.boxes)
     assert found.boxes[4][1] >= 45                                     # the 1, its bar dropped
     assert found.boxes[2][1] <= 30 and found.boxes[2][3] >= 110       # the 3's halves, joined
     assert found.boxes[3][0] <= 310 and found.boxes[3][2] >= 390      # the flat 5, kept
@@ -128,8 +120,8 @@ def test_a_digit_broken_across_its_middle_and_one_written_flat_are_kept():
     pen.line([(180, 50), (260, 50)], fill=0, width=6)
     pen.line([(180, 70), (260, 70), (260, 85), (180, 85)], fill=0, width=6)
     pen.line([(276, 30), (294, 30), (262, 110)], fill=0, width=6)
-    found = photos.find_digits(paper, whole_only)
-    assert len(found.boxes) == 4, found.boxes
+    found = reader.read_number(paper)
+    assert len(found.boxes) == 4, (found.text, found.boxes)
     assert found.boxes[2][0] <= 180 and found.boxes[2][2] >= 260      # kept: over none of the others
 
     paper = Image.new("L", (340, 140), "white")                       # a small 5 whose bar leans off its body
@@ -138,62 +130,36 @@ def test_a_digit_broken_across_its_middle_and_one_written_flat_are_kept():
         pen.line([(left, 30), (left + 30, 30), (left + 10, 110)], fill=0, width=6)
     pen.line([(256, 60), (290, 60)], fill=0, width=6)                 # shares a third of its columns with the body
     pen.line([(240, 66), (240, 80), (262, 80), (268, 92), (262, 104), (238, 104)], fill=0, width=6)
-    found = photos.find_digits(paper, whole_only)
-    assert len(found.boxes) == 3, found.boxes
+    found = reader.read_number(paper)
+    assert len(found.boxes) == 3, (found.text, found.boxes)
     assert found.boxes[2][1] <= 58 and found.boxes[2][3] >= 106       # bar and body, joined
 
 
-def test_touching_digits_are_split(reader, mnist_test):
+def test_touching_digits_are_read_apart(reader, mnist_test):
     images, labels = mnist_test
     picks = [int(np.flatnonzero(labels == d)[3]) for d in (2, 0, 7)]
     two, zero, seven = (images[k] for k in picks)
     # the 2 and the 0 overlap by 4 px (2 at 28 px): one blob of ink
     photo = page((two, (40, 30)), (zero, (40 + 36, 30)), (seven, (200, 30)))
-    assert len(photos.find_digits(photo, whole_only).boxes) == 2       # the parts read unsure: the blob stays whole
-    number = reader.read_number(photo)                                # the model's readings choose the cut
-    assert len(number.boxes) == 3 and number.text.endswith("07"), number.text
+    number = reader.read_number(photo)
+    assert number.text == "207" and len(number.boxes) == 3
     (left, _, right, _), (left0, _, right0, _) = number.boxes[:2]
     assert 40 <= left < right <= left0 + 6 and right0 <= 76 + 56
 
 
-def test_a_pair_detector_decides_whether_touching_digits_are_cut_and_where(reader, mnist_test, monkeypatch):
+def test_a_line_of_touching_digits_is_read_right_with_its_boxes_in_order(reader, mnist_test):
+    """Six digits 56 px tall, 34 px apart: the wide ones' ink (about 40 px) overlaps its neighbours'."""
     images, labels = mnist_test
-    two, zero, seven = (images[int(np.flatnonzero(labels == d)[3])] for d in (2, 0, 7))
-    photo = page((two, (40, 30)), (zero, (40 + 36, 30)), (seven, (200, 30)))    # a blob of ink and a 7, as above
-    asked = []
-
-    def pair(odds, left, right):
-        def read(fields):     # each mark the page gives that is wide enough to be cut: the blob first
-            asked.append(fields)
-            digits = torch.zeros(len(fields), 2, 10)
-            digits[:, 0, left] = digits[:, 1, right] = 1
-            return torch.full((len(fields),), odds if len(asked) == 1 else -5.0), digits
-        asked.clear()
-        return read
-    # only the detector's odds count: cut when it says the mark holds two digits
-    monkeypatch.setattr(photos, "SPLIT_WEIGHTS_PAIR", (0.0,) * 10 + (1.0, 0.0))
-    assert len(photos.find_digits(photo, reader.probabilities, detector=pair(-5.0, 2, 0)).boxes) == 2
-    blob, marks_asked = asked[0], len(asked)           # the mark at its own aspect: wider than tall, as written
-    assert blob.shape == (1, 32, 64) and blob.dtype == torch.uint8 and all(len(fields) == 1 for fields in asked)
-    rows, columns = np.flatnonzero(blob[0].amax(1)), np.flatnonzero(blob[0].amax(0))
-    assert rows[-1] - rows[0] + 1 in (27, 28, 29) and 40 <= columns[-1] - columns[0] + 1 <= 60
-    # only its reading of the pair chooses the cut: the one whose parts the classifier reads as it does
-    monkeypatch.setattr(photos, "CUT_WEIGHTS_PAIR", (0.0,) * 10 + (1.0,))
-    chosen = {}
-    for left, right in ((2, 0), (1, 1)):
-        found = photos.find_digits(photo, reader.probabilities, detector=pair(5.0, left, right))
-        assert len(found.boxes) == 3 and len(asked) == marks_asked and torch.equal(asked[0], blob)  # parts not asked
-        chosen[left, right] = found.boxes[:2]
-        read = reader.probabilities(found.images[:2]).argmax(1).tolist()
-        assert read == [2, 0] or (left, right) == (1, 1), read
-    assert chosen[2, 0] != chosen[1, 1]
-    # the released model has a detector, and read_number asks it
-    assert len(reader.pair_detectors) == 1
-    odds, digits = reader.read_pairs(torch.stack([blob[0], torch.zeros(32, 64, dtype=torch.uint8)]))
-    assert odds.shape == (2,) and odds.dtype == torch.float32 and bool(torch.isfinite(odds).all())
-    assert digits.shape == (2, 2, 10) and torch.allclose(digits.sum(-1), torch.ones(2, 2))
-    monkeypatch.setattr(reader, "read_pairs", pair(5.0, 2, 0))
-    assert len(reader.read_number(photo).boxes) == 3 and asked
+    digits = [images[int(np.flatnonzero(labels == d)[5])] for d in (3, 0, 4, 8, 5, 9)]
+    lefts = [20 + 34 * k for k in range(6)]
+    number = reader.read_number(page(*[(digit, (left, 30)) for digit, left in zip(digits, lefts, strict=True)],
+                                     size=(300, 120)))
+    assert number.text == "304859", number.text
+    assert number.lines == [0] * 6 and number.probabilities.shape == (6, 10) and number.images.shape == (6, 28, 28)
+    centres = [(left + right) / 2 for left, _, right, _ in number.boxes]
+    assert centres == sorted(centres)
+    for centre, left in zip(centres, lefts, strict=True):           # each box on its own digit's 56 px
+        assert left + 8 <= centre <= left + 48, (centres, lefts)
 
 
 def test_ruled_lines_are_removed_and_specks_dropped(reader, mnist_test):
@@ -203,12 +169,11 @@ def test_ruled_lines_are_removed_and_specks_dropped(reader, mnist_test):
         photo = page(*[(digit, (40 + 90 * k, 30)) for k, digit in enumerate(digits)], line=row)
         speckled = np.asarray(photo).copy()
         speckled[10, 10] = speckled[100, 300] = speckled[12, 200:202] = 0
-        found = photos.find_digits(Image.fromarray(speckled), whole_only)
-        assert len(found.boxes) == 3 and all(right - left < 60 for left, _, right, _ in found.boxes), row
-        assert reader.read_number(Image.fromarray(speckled)).text == "471"
+        found = reader.read_number(Image.fromarray(speckled))
+        assert found.text == "471" and all(right - left < 60 for left, _, right, _ in found.boxes), row
 
 
-def test_a_lone_noise_pixel_is_paper_not_ink(mnist_test):
+def test_a_lone_noise_pixel_is_paper_not_ink(reader, mnist_test):
     """A half-dark pixel alone is above the ink threshold but too faint once smoothed to join any digit's ink: it
     must stay paper, not take the page's paper (label 0 of the faint ink) into the ink with it (a 4-digit page
     read as "no digit found")."""
@@ -216,17 +181,17 @@ def test_a_lone_noise_pixel_is_paper_not_ink(mnist_test):
     digits = [images[int(np.flatnonzero(labels == d)[1])] for d in (4, 7, 1)]
     noisy = np.asarray(page(*[(digit, (40 + 90 * k, 30)) for k, digit in enumerate(digits)])).copy()
     noisy[10, 10] = 128
-    found = photos.find_digits(Image.fromarray(noisy), whole_only)
+    found = reader.read_number(Image.fromarray(noisy))
     assert len(found.boxes) == 3 and all(right - left < 60 for left, _, right, _ in found.boxes), found.boxes
 
 
-def test_a_faint_digit_beside_a_dark_one_is_stretched_as_if_alone(mnist_test):
+def test_a_faint_digit_beside_a_dark_one_is_stretched_as_if_alone(reader, mnist_test):
     """Each digit's contrast is stretched to its own darkest ink, as preprocess_image stretches a photo of one digit:
     a digit written faint beside a dark one is not dimmed by the page's darker ink (it was, to a fifth of its ink)."""
     images, labels = mnist_test
     three = images[int(np.flatnonzero(labels == 3)[0])]
     faint = (three.float() * 0.45).round().to(torch.uint8)            # a grey pen: 45% of the dark one's contrast
-    found = photos.find_digits(page((three, (40, 30)), (faint, (160, 30))), whole_only)
+    found = reader.read_number(page((three, (40, 30)), (faint, (160, 30))))
     alone = photos.preprocess_image(page((faint, (160, 30)))).float()
     assert len(found.boxes) == 2 and found.images[1].max() >= 250
     assert found.images[1].float().sum() >= 0.9 * alone.sum(), (found.images[1].float().sum(), alone.sum())

@@ -18,7 +18,7 @@ import checkpoints
 import cli
 import data
 from data import UserError
-from models import PairDetector, build_model
+from models import LineReader, build_model
 import photos
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -54,15 +54,15 @@ def test_checkpoint_fields_are_checked_when_loaded(tmp_path, changes, message):
     assert message in str(caught.value) and "\n" not in str(caught.value)
 
 
-def test_a_pair_detector_that_does_not_fit_is_one_line(tmp_path):
+def test_a_line_reader_that_does_not_fit_is_one_line(tmp_path):
     from predict_tta import DigitReader
-    detector = PairDetector().state_dict()
-    checkpoints.save(tmp_path / "m.pth", checkpoint(pair_detector=detector))
-    assert len(DigitReader(tmp_path / "m.pth", device="cpu").pair_detectors) == 1
-    cases = [(checkpoint(pair_detector={**detector, "head.1.weight": torch.zeros(64, 512)}),
-              "its pair detector does not fit models.PairDetector (size mismatch for head.1.weight"),
-             (checkpoint(pair_detector={**detector, "head.4.bias": torch.tensor([float("inf")])}),
-              "the weights are not finite (head.4.bias holds NaN or Inf)")]
+    reader = LineReader().state_dict()
+    checkpoints.save(tmp_path / "m.pth", checkpoint(line_reader=reader))
+    assert isinstance(DigitReader(tmp_path / "m.pth", device="cpu").line_reader, LineReader)
+    cases = [(checkpoint(line_reader={**reader, "classes.weight": torch.zeros(11, 64)}),
+              "its line reader does not fit models.LineReader (size mismatch for classes.weight"),
+             (checkpoint(line_reader={**reader, "classes.bias": torch.full((11,), float("inf"))}),
+              "the weights are not finite (classes.bias holds NaN or Inf)")]
     for broken, message in cases:
         checkpoints.save(tmp_path / "m.pth", broken)
         with pytest.raises(UserError) as caught:

@@ -11,8 +11,8 @@ Two sources, the dev set's (tools/dev_set.py: nothing ever trains on them), made
              photos (the dev set's UCI photos, written as a number)
 Each number is read whole, as --number reads a photo, and each of its digits alone on a photo like it, as --images
 reads one: the table gives the numbers read whole and right, those with the right count of digits, and those whose
-every digit alone reads right (the ceiling that reading digits sets). Seeded by --seed: the same command makes the
-same photos.
+every digit alone reads right (the ceiling that reading digits sets), and the time --number took per number. Seeded
+by --seed: the same command makes the same photos.
 """
 import sys
 import time
@@ -76,11 +76,11 @@ def pad_to(ink, height):
 
 
 def read_numbers(reader, numbers, folder):
-    """[(text read whole, the digits read one by one)] for the numbers, each photo written to `folder` and read back
-    as --number and --images read files."""
+    """([(text read whole, the digits read one by one)], the milliseconds each whole number took) for the numbers,
+    each photo written to `folder` and read back as --number and --images read files."""
     import torch
     folder.mkdir(parents=True, exist_ok=True)
-    read = []
+    read, times = [], []
     for k, (number, text, alone, source) in enumerate(numbers):
         path = folder / f"{source}_{k:05d}_{text}.jpg"
         path.write_bytes(number)
@@ -90,8 +90,11 @@ def read_numbers(reader, numbers, folder):
             digit_path.write_bytes(photo)
             digits.append(reader.digits(digit_path)[0])
         one_by_one = "".join(map(str, reader.probabilities(torch.stack(digits)).argmax(1).tolist()))
-        read.append((reader.read_number(path).text, one_by_one))
-    return read
+        start = time.perf_counter()
+        whole = reader.read_number(path).text
+        times.append(1000 * (time.perf_counter() - start))
+        read.append((whole, one_by_one))
+    return read, times
 
 
 def table(numbers, read):
@@ -126,8 +129,9 @@ def main():
                    help="where the typefaces are cached (env TYPEFACES_DIR)")
     p.add_argument("--scratch", default=Path("/tmp") / "digit-dev-numbers", help="folder the photos are written to")
     args = p.parse_args()
-    from predict_tta import DigitReader
+    import torch
 
+    from predict_tta import DigitReader
     cli.check_output_folder("--scratch", args.scratch)
     numbers = uci_numbers(args.uci, args.digits, args.seed) if "uci" in args.sources else []
     if "typefaces" in args.sources:
@@ -135,10 +139,11 @@ def main():
         numbers += typeface_numbers(typefaces.DEV_FAMILIES, fonts, args.per_face, args.digits, args.seed)
     reader = DigitReader(args.weights, tta=args.tta, line_reader=args.line_reader)
     start = time.perf_counter()
-    read = read_numbers(reader, numbers, Path(args.scratch))
-    how = "the line reader" if reader.line_reader is not None else "cut rules"
-    print(f"{len(numbers)} numbers in {args.scratch}; {', '.join(map(str, reader.paths))} with {how}, TTA {args.tta}, "
-          f"device {reader.device}, precision {reader.precision}; read in {time.perf_counter() - start:.0f}s")
+    read, times = read_numbers(reader, numbers, Path(args.scratch))
+    print(f"{len(numbers)} numbers in {args.scratch}; {', '.join(map(str, reader.paths))}, TTA {args.tta}, device "
+          f"{reader.device}, precision {reader.precision}, {torch.get_num_threads()} threads; read in "
+          f"{time.perf_counter() - start:.0f}s; a whole number (--number) in {np.median(times):.0f} ms (median; "
+          f"90th percentile {np.percentile(times, 90):.0f} ms)")
     print(table(numbers, read))
 
 

@@ -8,10 +8,12 @@ MNIST's 10,000 test images: the copy, loaded back into the fp32 model and predic
 the fp32 checkpoint gives, and no probability may differ by more than 1e-3; otherwise nothing is written. The
 manifest records the file's SHA-256 (checked whenever the file is loaded), how it was made, and its test accuracy.
 
-    python tools/release.py --pair-detector /tmp/pair_detector.pth --commit 1234abc --command "python tools/..."
+    python tools/release.py --line-reader ~/runs/reader/seed42.pth --data-dir ../shared/data --commit 1234abc \
+        --training-seconds 7000 --command "python train_reader.py ..."
 
-adds a pair detector (tools/number_pages.py --fit-pairs) to the released model instead, in fp16 like the rest: its
-digit weights stay as they are, byte for byte, and so does every digit it reads; the manifest records the detector.
+adds a line reader (train_reader.py) to the released model instead, in fp16 like the rest, after a parity check on
+the reader's validation lines (every line read the same at fp16); its digit weights stay as they are, byte for byte,
+and so does every digit it reads; the manifest records the reader.
 """
 import argparse
 import hashlib
@@ -52,7 +54,6 @@ def machine():
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", help="the finished fp32 checkpoint of the release run")
-    p.add_argument("--pair-detector", help="instead, add this pair detector to the released model")
     p.add_argument("--line-reader", help="instead, add this line reader (train_reader.py's finished checkpoint) to the "
                                          "released model")
     p.add_argument("--data-dir", default=data.DEFAULT_DATA_DIR, help="folder holding MNIST/raw")
@@ -62,12 +63,10 @@ def main():
     p.add_argument("--remark", default="",
                    help="anything a reader of the figures should know (e.g. other work beside it)")
     args = p.parse_args()
-    if args.pair_detector:
-        return add_pair_detector(args)
     if args.line_reader:
         return add_line_reader(args)
     if args.checkpoint is None or args.training_seconds is None:
-        p.error("--checkpoint and --training-seconds are required (or --pair-detector)")
+        p.error("--checkpoint and --training-seconds are required (or --line-reader)")
 
     target = checkpoints.RELEASED_MODEL
     candidate = target.with_name("candidate.pth")
@@ -121,39 +120,6 @@ def main():
           f"{accuracy:.4f}, and {checkpoints.RELEASE_MANIFEST}")
 
 
-def add_pair_detector(args):
-    """The released model with the pair detector added in fp16, its digit weights untouched; the manifest updated."""
-    target, candidate = checkpoints.RELEASED_MODEL, checkpoints.RELEASED_MODEL.with_name("candidate.pth")
-    cli.check_outputs({"weights/": [target, candidate, checkpoints.RELEASE_MANIFEST]},
-                      {"--pair-detector": [args.pair_detector]})
-    released = checkpoints.load(target)
-    fitted = checkpoints.read(args.pair_detector, ("pair_detector", "for", "marks", "held_out",
-                                                   "held_out_misjudged", "held_out_pairs",
-                                                   "held_out_pairs_misread"))
-    if not cli.same_file(fitted["for"], target):         # numbers of the digits it did not train on tune and measure
-        sys.exit(f"{args.pair_detector}: trained on the digits of {fitted['for']}, not of {target}; nothing written")
-    checkpoints.save(candidate, {**released, "pair_detector": half_precision(fitted["pair_detector"])})
-    try:
-        checkpoints.load_pair_detector(candidate, "cpu", checkpoints.load(candidate))   # it loads, or one line
-    except BaseException:
-        candidate.unlink()
-        raise
-    candidate.replace(target)
-    manifest = cli.read_json(checkpoints.RELEASE_MANIFEST)
-    manifest.update(sha256=hashlib.sha256(target.read_bytes()).hexdigest(), bytes=target.stat().st_size)
-    manifest["pair_detector"] = {
-        "what": "models.PairDetector: does a mark hold two touching digits, and which (for --number: whether to "
-                "cut, and where)",
-        "command": args.command, "commit": args.commit, "machine": machine(), "marks": fitted["marks"],
-        "held_out_misjudged": f"{fitted['held_out_misjudged']} of {fitted['held_out']}",
-        "held_out_pairs_misread": f"{fitted['held_out_pairs_misread']} of {fitted['held_out_pairs']}",
-        "precision": "fp16 weights, fp32 BatchNorm statistics; loaded into fp32",
-        **({"remark": args.remark} if args.remark else {})}
-    cli.write_json(checkpoints.RELEASE_MANIFEST, manifest)
-    print(f"added the pair detector to {target} ({manifest['bytes'] / 1e6:.1f} MB, sha256 "
-          f"{manifest['sha256'][:16]}...) and {checkpoints.RELEASE_MANIFEST}")
-
-
 def add_line_reader(args):
     """The released model with the line reader added in fp16, its digit weights untouched; the fp16 reader must read
     the reader's validation lines exactly as the fp32 one does, or nothing is written; the manifest updated."""
@@ -170,7 +136,8 @@ def add_line_reader(args):
     _, val = data.stratified_split(labels, settings["split"]["val_fraction"], settings["split"]["seed"])
     batches = train_reader.validation_lines((images[val], labels[val]), settings["val_lines"], settings["seed"],
                                             settings["batch_size"])
-    checkpoints.save(candidate, {**released, "line_reader": half_precision(trained["model_state"])})
+    kept = {name: value for name, value in released.items() if name != "pair_detector"}   # what the reader replaces
+    checkpoints.save(candidate, {**kept, "line_reader": half_precision(trained["model_state"])})
     try:
         readers = [checkpoints.load_line_reader(path, "cpu", checkpoints.load(path))
                    for path in (args.line_reader, candidate)]
@@ -188,6 +155,7 @@ def add_line_reader(args):
     candidate.replace(target)
     manifest = cli.read_json(checkpoints.RELEASE_MANIFEST)
     manifest.update(sha256=hashlib.sha256(target.read_bytes()).hexdigest(), bytes=target.stat().st_size)
+    manifest.pop("pair_detector", None)
     manifest["line_reader"] = {
         "what": "models.LineReader: reads each line of writing for --number (where its digits are, and which)",
         "command": args.command, "commit": args.commit, "machine": machine(),
