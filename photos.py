@@ -349,6 +349,7 @@ def find_digits(source, read_lines, invert="auto", name=None):
 # training lines so).
 LINE_HEIGHT = 32
 LINE_MARGIN = 3
+EDGE_FRAMES = 2  # a digit's first frame is this close to where it begins (digit_edges)
 
 
 @dataclass
@@ -378,7 +379,7 @@ def line_digits(line, frames):
     """What the line reader read on a line: [(the digit's Mark, its probabilities float [10])], left to right.
 
     frames: the reader's probabilities per frame, float [T, 11] (class 0 the blank, k + 1 the digit k). A digit owns
-    the line's pixels up to the column of least ink between its frames and the next digit's (digit_edges); its
+    the line's pixels up to the column of least ink just before the next digit's frames (digit_edges); its
     probabilities are its surest frame's. A line always gets a digit: if the reader reads none, its frame least sure
     of a blank says one.
     """
@@ -398,16 +399,17 @@ def line_digits(line, frames):
 
 
 def digit_edges(spans, image):
-    """Where each digit of a line ends and the next begins, in the line image's columns (float): the column between
-    the middles of their frames that holds the least ink (of several, the one nearest halfway), so that a gap or the
-    place where two digits touch divides them. spans: LineReader.decode's (digit, first frame, last frame)."""
+    """Where each digit of a line ends and the next begins, in the line image's columns (float): the column of least
+    ink (the rightmost of several) from EDGE_FRAMES frames before the next digit's first frame to the middle of that
+    frame. The reader says a digit on its first columns, so the gap or the place where two digits touch lies just
+    before its frames (chosen on numbers of training digits and the dev numbers: docs/measurements.md, The line
+    reader). spans: LineReader.decode's (digit, first frame, last frame)."""
     profile = image.sum(0).numpy()                                       # ink per column [W]
-    edges = []
+    stride, edges = LineReader.STRIDE, []
     for (_, _, last), (_, first, _) in zip(spans, spans[1:], strict=False):
-        columns = np.arange(LineReader.STRIDE * last + LineReader.STRIDE // 2,
-                            min(LineReader.STRIDE * first + LineReader.STRIDE // 2, len(profile) - 1) + 1)
-        halfway = (columns[0] + columns[-1]) / 2
-        edges.append(columns[np.lexsort((np.abs(columns - halfway), profile[columns]))[0]] + 0.5)
+        start = max(stride * (last + 1), stride * (first - EDGE_FRAMES))
+        columns = np.arange(start, max(start, min(stride * first + stride // 2, len(profile) - 1)) + 1)
+        edges.append(columns[np.lexsort((-columns, profile[columns]))[0]] + 0.5)
     return edges
 
 

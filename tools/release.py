@@ -11,9 +11,9 @@ manifest records the file's SHA-256 (checked whenever the file is loaded), how i
     python tools/release.py --line-reader ~/runs/reader/seed42.pth --data-dir ../shared/data --commit 1234abc \
         --training-seconds 7000 --command "python train_reader.py ..."
 
-adds a line reader (train_reader.py) to the released model instead, in fp16 like the rest, after a parity check on
-the reader's validation lines (every line read the same at fp16); its digit weights stay as they are, byte for byte,
-and so does every digit it reads; the manifest records the reader.
+adds a line reader (train_reader.py) to the released model instead, in fp32 as trained (in fp16 its GRU reads some
+lines differently); the digit weights stay as they are, byte for byte, and so does every digit they read; the
+manifest records the reader.
 """
 import argparse
 import hashlib
@@ -23,7 +23,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import torch
 
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -121,37 +120,23 @@ def main():
 
 
 def add_line_reader(args):
-    """The released model with the line reader added in fp16, its digit weights untouched; the fp16 reader must read
-    the reader's validation lines exactly as the fp32 one does, or nothing is written; the manifest updated."""
-    import train_reader
-    from models import LINE_READER, LineReader
+    """The released model with the line reader added as it was trained, in fp32 (in fp16 its GRU read 8 of 2,000
+    validation lines differently), its digit weights untouched; the pair detector of older releases dropped; the
+    manifest updated."""
+    from models import LINE_READER
     target, candidate = checkpoints.RELEASED_MODEL, checkpoints.RELEASED_MODEL.with_name("candidate.pth")
     cli.check_outputs({"weights/": [target, candidate, checkpoints.RELEASE_MANIFEST]},
                       {"--line-reader": [args.line_reader]})
     released, trained = checkpoints.load(target), checkpoints.load(args.line_reader)
     if not checkpoints.is_complete(trained) or trained["arch"] != LINE_READER:
         sys.exit(f"{args.line_reader}: not a finished line reader (train_reader.py); nothing written")
-    settings = trained["settings"]
-    images, labels = data.load_mnist(args.data_dir, "train")
-    _, val = data.stratified_split(labels, settings["split"]["val_fraction"], settings["split"]["seed"])
-    batches = train_reader.validation_lines((images[val], labels[val]), settings["val_lines"], settings["seed"],
-                                            settings["batch_size"])
     kept = {name: value for name, value in released.items() if name != "pair_detector"}   # what the reader replaces
-    checkpoints.save(candidate, {**kept, "line_reader": half_precision(trained["model_state"])})
+    checkpoints.save(candidate, {**kept, "line_reader": trained["model_state"]})
     try:
-        readers = [checkpoints.load_line_reader(path, "cpu", checkpoints.load(path))
-                   for path in (args.line_reader, candidate)]
+        checkpoints.load_line_reader(candidate, "cpu", checkpoints.load(candidate))      # it loads, or one line
     except BaseException:
         candidate.unlink()
         raise
-    with torch.inference_mode():
-        read = [[LineReader.decode(reader(lines), widths) for lines, _, _, widths in batches] for reader in readers]
-    differ = sum(a != b for full, half in zip(*read, strict=True) for a, b in zip(full, half, strict=True))
-    count = sum(len(lines) for lines, _, _, _ in batches)
-    print(f"fp16 line reader against fp32, both at fp32, on {count} validation lines: {differ} read differently")
-    if differ:
-        candidate.unlink()
-        sys.exit("parity check failed (allowed: 0 lines); nothing written")
     candidate.replace(target)
     manifest = cli.read_json(checkpoints.RELEASE_MANIFEST)
     manifest.update(sha256=hashlib.sha256(target.read_bytes()).hexdigest(), bytes=target.stat().st_size)
@@ -160,10 +145,8 @@ def add_line_reader(args):
         "what": "models.LineReader: reads each line of writing for --number (where its digits are, and which)",
         "command": args.command, "commit": args.commit, "machine": machine(),
         "training_seconds": round(args.training_seconds) if args.training_seconds else None,
-        "validation_lines_right": round(trained["metrics"]["val_accuracy"], 4),
-        "validation_lines": count, "epoch": trained["epoch"],
-        "precision": "fp16 weights, fp32 BatchNorm statistics; loaded into fp32",
-        "parity": {"lines_read_differently": differ, "lines": count},
+        "epoch": trained["epoch"], "validation_lines_right": round(trained["metrics"]["val_accuracy"], 4),
+        "validation_lines": trained["settings"]["val_lines"], "precision": "fp32, as trained",
         **({"remark": args.remark} if args.remark else {})}
     cli.write_json(checkpoints.RELEASE_MANIFEST, manifest)
     print(f"added the line reader to {target} ({manifest['bytes'] / 1e6:.1f} MB, sha256 "
