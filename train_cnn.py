@@ -24,6 +24,7 @@ main; below one banner, the budget planner. The loop keeps the whole data set on
 once per epoch. The files a run keeps beside its checkpoint (lock, settings check, exact resume) are
 checkpoints.py's; train_kfold.py trains its jobs with the same functions.
 """
+import contextlib
 import copy
 import io
 import math
@@ -450,6 +451,14 @@ def load_splits(args, device):
 
 def main(argv=None):
     args = parse_args(argv)
+    with training_session(args) as (device, precision, checkpoint):
+        train_and_report(args, device, precision, checkpoint)
+
+
+@contextlib.contextmanager
+def training_session(args):
+    """(device, precision, checkpoint path) for a training script's run, its outputs checked before any work and its
+    checkpoint locked for the run's life (train_reader.py's main too)."""
     if args.use_deterministic_algorithms:
         data.use_deterministic_algorithms()
     device = data.pick_device(args.device)
@@ -458,7 +467,7 @@ def main(argv=None):
     cli.check_outputs({"--checkpoint": checkpoints.training_files(checkpoint)},
                       {"--train-csv": [args.train_csv] if args.data == "csv" else []})
     with checkpoints.checkpoint_lock(checkpoint):
-        train_and_report(args, device, precision, checkpoint)
+        yield device, precision, checkpoint
 
 
 def train_and_report(args, device, precision, checkpoint):

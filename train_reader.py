@@ -25,7 +25,6 @@ are checkpoints.py's; the optimizer, schedule and EMA are train_cnn.py's.
 """
 import math
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -218,14 +217,7 @@ FLAGS = ("epochs", "steps", "seed", "lr", "batch_size", "weight_decay", "clip", 
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.use_deterministic_algorithms:
-        data.use_deterministic_algorithms()
-    device = data.pick_device(args.device)
-    precision = data.pick_precision(args.precision, device)
-    checkpoint = Path(args.checkpoint)
-    cli.check_outputs({"--checkpoint": checkpoints.training_files(checkpoint)},
-                      {"--train-csv": [args.train_csv] if args.data == "csv" else []})
-    with checkpoints.checkpoint_lock(checkpoint):
+    with train_cnn.training_session(args) as (device, precision, checkpoint):
         existing = checkpoints.existing_checkpoint(checkpoint, args.retrain)
         pool, val_pool = digit_pools(args)
         settings = {"arch": LINE_READER, "data": checkpoints.data_fingerprint(*pool), "split": RELEASED_SPLIT,
