@@ -63,10 +63,14 @@ def validation_lines(val_pool, count, seed, batch_size):
 
 # ----------------------------------------------------------------------------- the step and the validation
 
-def ctc_loss(model, lines, digits, lengths, widths, precision):
-    """The mean CTC loss per line of a batch (lines float [B, 1, 32, W] on the model's device)."""
+def line_logits(model, lines, precision):
+    """The reader's logits [B, T, 11] for lines float [B, 1, 32, W] on the model's device."""
     with data.autocast(lines.device, precision):
-        logits = model(lines)                                                # [B, T, 11]
+        return model(lines)
+
+
+def ctc_loss(logits, digits, lengths, widths):
+    """The mean CTC loss per line of a batch, from its logits [B, T, 11]."""
     log_probs = F.log_softmax(logits.float(), -1).transpose(0, 1)          # [T, B, 11], as ctc_loss takes it
     frames = torch.div(widths, LineReader.STRIDE, rounding_mode="floor").clamp(max=log_probs.shape[0])
     return F.ctc_loss(log_probs, digits + 1, frames, lengths, blank=0, reduction="mean", zero_infinity=True)
@@ -81,7 +85,8 @@ def train_one_epoch(model, pool, training, settings):
     for _ in range(settings["steps"]):
         lines, digits, lengths, widths = writing.digit_lines(*pool, settings["batch_size"],
                                                              training.generators["lines"])
-        loss = ctc_loss(model, lines.to(device), digits.to(device), lengths, widths, settings["precision"])
+        loss = ctc_loss(line_logits(model, lines.to(device), settings["precision"]), digits.to(device), lengths,
+                        widths)
         training.optimizer.zero_grad(set_to_none=True)
         training.scaler.scale(loss).backward()
         training.scaler.unscale_(training.optimizer)                        # clip the true gradients
@@ -104,11 +109,10 @@ def validate(model, batches, precision):
     device = next(model.parameters()).device
     loss_sum = right = errors = digits_total = lines_total = 0
     for lines, digits, lengths, widths in batches:
-        loss_sum += ctc_loss(model, lines.to(device), digits.to(device), lengths, widths, precision).item() * len(lines)
-        with data.autocast(device, precision):
-            logits = model(lines.to(device)).float().cpu()
+        logits = line_logits(model, lines.to(device), precision)
+        loss_sum += ctc_loss(logits, digits.to(device), lengths, widths).item() * len(lines)
         truths = torch.split(digits, lengths.tolist())
-        for k, read in enumerate(LineReader.decode(logits, widths)):
+        for k, read in enumerate(LineReader.decode(logits.float().cpu(), widths)):
             truth = truths[k].tolist()
             said = [digit for digit, _, _ in read]
             right += said == truth
