@@ -1,12 +1,14 @@
-"""Shared test helpers: synthetic IDX/CSV files, the real MNIST location, and running the scripts."""
+"""Shared test helpers: synthetic IDX/CSV files, the real MNIST location, running the scripts, and killing a run."""
 import contextlib
 import gzip
 import importlib
 import io
 import os
+import signal
 import struct
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -90,6 +92,19 @@ def run_script(script, *args, cwd, check=True):
     if check and result.returncode != 0:
         raise AssertionError(f"{script} exited {result.returncode}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}")
     return result
+
+
+def killed_once_saved(command, *files, cwd=None):
+    """Start `command` (its words) as a process and kill it (SIGKILL) as soon as all `files` exist, or when it ends or
+    300 s pass; whether they all existed: a run killed after it saved, for tests of resuming."""
+    process = subprocess.Popen([str(word) for word in command], cwd=cwd, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not all(path.exists() for path in files) and process.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    return all(path.exists() for path in files)
 
 
 def assert_user_error(result, *fragments):

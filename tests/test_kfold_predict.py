@@ -1,15 +1,13 @@
 """Pipeline B end to end on a few hundred real MNIST images: k-fold training, resume, torchrun, TTA prediction."""
 import json
-import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import ROOT, assert_user_error, run_script
+from conftest import ROOT, assert_user_error, killed_once_saved, run_script
 
 import checkpoints
 import data
@@ -178,15 +176,9 @@ def test_predict_user_errors(trained, tmp_path):
 def test_killed_kfold_resumes_the_interrupted_fold_and_skips_finished_ones(kaggle_dir, tmp_path):
     args = [sys.executable, str(ROOT / "train_kfold.py"), "--train-csv", kaggle_dir / "train.csv", "--archs", "widecnn",
             "--n-folds", "2", "--epochs", "3", "--batch-size", "32", "--out", tmp_path / "models"]
-    process = subprocess.Popen(list(map(str, args)), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     fold0_done = tmp_path / "models" / "widecnn_fold0.oof.npz"
     fold1_resume = tmp_path / "models" / "widecnn_fold1.resume.pth"
-    deadline = time.time() + 300
-    while not (fold0_done.exists() and fold1_resume.exists()) and process.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    assert fold0_done.exists() and fold1_resume.exists(), "the run ended before fold 1 saved an epoch"
+    assert killed_once_saved(args, fold0_done, fold1_resume), "the run ended before fold 1 saved an epoch"
 
     result = subprocess.run(list(map(str, args)), capture_output=True, text=True, check=True)
     assert "[widecnn fold 0] complete, skipped" in result.stdout

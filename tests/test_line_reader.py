@@ -1,13 +1,11 @@
 """The line reader: its synthetic lines (writing.py), its decoding, a line's digits on a page, and its training."""
-import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, run_script
+from conftest import ROOT, killed_once_saved, run_script
 
 import checkpoints
 import cli
@@ -119,15 +117,9 @@ def test_a_killed_reader_run_resumes_exactly(tmp_path, mnist_dir):
     run_script("train_reader.py", *args, cwd=tmp_path / "straight")
     folder = tmp_path / "killed"
     folder.mkdir()
-    process = subprocess.Popen([sys.executable, str(ROOT / "train_reader.py"), *map(str, args)], cwd=folder,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     resume_file = folder / "line_reader.resume.pth"
-    deadline = time.time() + 300
-    while not resume_file.exists() and process.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    assert resume_file.exists(), "the run ended before its first epoch was saved"
+    assert killed_once_saved([sys.executable, ROOT / "train_reader.py", *args], resume_file, cwd=folder), \
+        "the run ended before its first epoch was saved"
     resumed = run_script("train_reader.py", *args, cwd=folder)
     assert "resuming line_reader.pth after epoch" in resumed.stdout
     losses = lambda folder: [(r["train_loss"], r["val_loss"]) for r in cli.read_json(  # noqa: E731

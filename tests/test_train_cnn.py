@@ -1,14 +1,12 @@
 """End-to-end runs of pipeline A on a few hundred real MNIST images, and its error paths."""
 import json
 import shutil
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
-from conftest import ROOT, assert_user_error, run_script, synthetic_mnist
+from conftest import ROOT, assert_user_error, killed_once_saved, run_script, synthetic_mnist
 
 import checkpoints
 import data
@@ -65,15 +63,9 @@ def test_killed_run_resumes_where_it_stopped_and_matches_an_uninterrupted_run(tm
 
     folder = tmp_path / "killed"
     folder.mkdir()
-    process = subprocess.Popen([sys.executable, str(ROOT / "train_cnn.py"), *map(str, args)], cwd=folder,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     resume_file = folder / "CNN_best_model.resume.pth"
-    deadline = time.time() + 300
-    while not resume_file.exists() and process.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    assert resume_file.exists(), "the run ended before its first epoch was saved"
+    assert killed_once_saved([sys.executable, ROOT / "train_cnn.py", *args], resume_file, cwd=folder), \
+        "the run ended before its first epoch was saved"
     assert checkpoints.load(folder / "CNN_best_model.pth")["complete"] is False
 
     resumed = run_script("train_cnn.py", *args, cwd=folder)
