@@ -26,13 +26,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import cli  # noqa: E402
+import dev_set  # noqa: E402
 import photos  # noqa: E402
 import typefaces  # noqa: E402
 import writing  # noqa: E402
-from augmentation import TTA_VARIANTS  # noqa: E402
-
-UCI_HEIGHT = 64  # px: a UCI digit's photo, as tools/dev_set.py makes it
-
+from dev_set import UCI_HEIGHT  # noqa: E402
 
 def typeface_numbers(families, fonts, per_face, digit_counts, seed):
     """[(JPEG of the number, its text, [JPEG of each digit alone], source)] for `per_face` numbers in each family."""
@@ -63,8 +61,8 @@ def uci_numbers(count, digit_counts, seed):
         for ink in inks[1:]:
             gap = np.zeros((UCI_HEIGHT, round(rng.uniform(0.1, 0.6) * UCI_HEIGHT)))
             row = np.hstack([pad_to(row, UCI_HEIGHT), gap, pad_to(ink, UCI_HEIGHT)])
-        number = writing.phone_photo(pad_to(row, UCI_HEIGHT), rng, height=UCI_HEIGHT, turn=0)
-        alone = [writing.phone_photo(images[k], rng, height=UCI_HEIGHT, turn=0) for k in chosen]
+        number = dev_set.uci_photo(pad_to(row, UCI_HEIGHT), rng)
+        alone = [dev_set.uci_photo(images[k], rng) for k in chosen]
         numbers.append((number, "".join(str(labels[k]) for k in chosen), alone, "uci"))
     return numbers
 
@@ -113,21 +111,13 @@ def table(numbers, read):
 
 
 def main():
-    p = cli.Parser(__doc__)
-    p.add_argument("--weights", nargs="+", help="default: as --images (CNN_best_model.pth when here, else the released "
-                                                "model)")
+    p = dev_set.parser(__doc__, "digit-dev-numbers")
     p.add_argument("--line-reader", help="as --number's --line-reader (default: the models' own, else the released "
                                          "model's)")
-    p.add_argument("--sources", nargs="+", choices=["uci", "typefaces"], default=["uci", "typefaces"])
     p.add_argument("--digits", nargs="+", type=cli.positive_int, default=[4],
                    help="digits per number, drawn from these")
     p.add_argument("--per-face", type=cli.positive_int, default=10, help="numbers in each dev typeface")
     p.add_argument("--uci", type=cli.positive_int, default=280, help="numbers of UCI digits")
-    p.add_argument("--tta", type=cli.positive_int, default=len(TTA_VARIANTS), help="as --images (its default)")
-    p.add_argument("--seed", type=cli.seed_int, default=0)
-    p.add_argument("--typefaces-dir", default=typefaces.DEFAULT_CACHE,
-                   help="where the typefaces are cached (env TYPEFACES_DIR)")
-    p.add_argument("--scratch", default=Path("/tmp") / "digit-dev-numbers", help="folder the photos are written to")
     args = p.parse_args()
     import torch
 

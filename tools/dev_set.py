@@ -32,13 +32,21 @@ import writing  # noqa: E402
 from augmentation import TTA_VARIANTS  # noqa: E402
 
 
+UCI_HEIGHT = 64  # px: a UCI digit's photo
+
+
 def uci_photos(seed):
-    """[(JPEG bytes, label, "uci")] for UCI's even-indexed digits, each upscaled to a 64 px photo."""
+    """[(JPEG bytes, label, "uci")] for UCI's even-indexed digits, each upscaled to a UCI_HEIGHT px photo."""
     from sklearn.datasets import load_digits
     digits = load_digits()
     rng = np.random.default_rng([seed, 0])
-    return [(writing.phone_photo(image / 16, rng, height=64, turn=0), int(label), "uci")
+    return [(uci_photo(image / 16, rng), int(label), "uci")
             for image, label in zip(digits.images[::2], digits.target[::2], strict=True)]
+
+
+def uci_photo(ink, rng):
+    """JPEG bytes: a UCI digit's ink (float [h, w] 0..1) as a photo UCI_HEIGHT px tall, upright."""
+    return writing.phone_photo(ink, rng, height=UCI_HEIGHT, turn=0)
 
 
 def typeface_photos(families, fonts, per_digit, seed):
@@ -87,18 +95,25 @@ def table(photos, read):
     return "\n".join(lines)
 
 
-def main():
-    p = cli.Parser(__doc__)
+def parser(description, scratch):
+    """The flags the dev-set tools share (this one and tools/dev_numbers.py): which models, which sources, TTA, seed,
+    the typefaces' cache, and the scratch folder (default /tmp/`scratch`)."""
+    p = cli.Parser(description)
     p.add_argument("--weights", nargs="+", help="default: as --images (CNN_best_model.pth when here, else the released "
                                                 "model)")
     p.add_argument("--sources", nargs="+", choices=["uci", "typefaces"], default=["uci", "typefaces"])
-    p.add_argument("--per-digit", type=cli.positive_int, default=6, help="photos of each digit in each typeface")
-    p.add_argument("--limit", type=cli.positive_int, help="read only the first N photos of each source: a quick look")
     p.add_argument("--tta", type=cli.positive_int, default=len(TTA_VARIANTS), help="as --images (its default)")
     p.add_argument("--seed", type=cli.seed_int, default=0)
     p.add_argument("--typefaces-dir", default=typefaces.DEFAULT_CACHE,
                    help="where the typefaces are cached (env TYPEFACES_DIR)")
-    p.add_argument("--scratch", default=Path("/tmp") / "digit-dev-set", help="folder the photos are written to")
+    p.add_argument("--scratch", default=Path("/tmp") / scratch, help="folder the photos are written to")
+    return p
+
+
+def main():
+    p = parser(__doc__, "digit-dev-set")
+    p.add_argument("--per-digit", type=cli.positive_int, default=6, help="photos of each digit in each typeface")
+    p.add_argument("--limit", type=cli.positive_int, help="read only the first N photos of each source: a quick look")
     args = p.parse_args()
     from predict_tta import DigitReader
 
